@@ -1,0 +1,50 @@
+# SEA: label pipeline and trainer. `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS ?= dev,tensorboard
+CONFIG ?= configs/extract.yaml
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint labels submit train-pretrain train-finetune bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv, install the project and fetch the hash-checked 2of12 list
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m wordlist fetch
+	touch $@
+
+demo: $(STAMP) ## sample set + tiny models: label extraction, summary printed (output in demo_out/)
+	$(PY) -m pipeline demo --out demo_out
+
+test: $(STAMP) lint ## lint, then the whole test suite
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
+
+labels: $(STAMP) ## label extraction: CONFIG=configs/extract.yaml ARGS='key=value ...'
+	$(PY) -m pipeline extract --config $(CONFIG) $(ARGS)
+
+submit: $(STAMP) ## submit label extraction to a Ray cluster (RAY_ADDRESS=...) -- not built yet
+	@echo "make submit: Ray submission is not built yet (issue 4)"; exit 1
+
+train-pretrain: $(STAMP) ## SEA stage-1 pretraining -- not built yet
+	@echo "make train-pretrain: not built yet (issue 5)"; exit 1
+
+train-finetune: $(STAMP) ## stage-2 instruction tuning -- not built yet
+	@echo "make train-finetune: not built yet (issue 6)"; exit 1
+
+bench: $(STAMP) ## benchmarks -> BENCHMARKS.md -- not built yet
+	@echo "make bench: not built yet (issue 7)"; exit 1
+
+clean: ## remove demo output and caches (keeps .venv)
+	rm -rf demo_out .pytest_cache .ruff_cache

@@ -1,0 +1,60 @@
+"""Command line: ``python -m pipeline {extract,demo,tiny} ...`` (also ``sea-pipeline``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import ConfigError, ExtractConfig, describe, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("extract", help="label every image's patches; write shards")
+    ex.add_argument("--config", help="YAML config (see configs/extract.yaml)")
+    ex.add_argument("--help-config", action="store_true", help="list every config key")
+    ex.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    demo = sub.add_parser("demo", help="sample set + tiny model + labels, with a summary")
+    demo.add_argument("--out", default="demo_out", help="where the demo writes everything")
+    demo.add_argument("--images", type=int, default=48)
+    tiny = sub.add_parser("tiny", help="save a tiny random encoder as an open_clip local dir")
+    tiny.add_argument("kind", choices=["clip", "siglip", "vitb16"])
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "extract":
+        if args.help_config:
+            print("\n".join(describe(ExtractConfig)))
+            return 0
+        from pipeline.encoders import WeightsNotFound
+        from pipeline.extract import RunMismatch
+        from pipeline.runner import run
+
+        try:
+            cfg = load_config(ExtractConfig, args.config, args.overrides)
+            summary = run(cfg)
+        except (ConfigError, WeightsNotFound, RunMismatch, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["complete"] else 1
+    if args.cmd == "demo":
+        from pipeline.demo_run import run_demo
+
+        return run_demo(args.out, args.images)
+    if args.cmd == "tiny":
+        from pipeline.tiny import save_tiny
+
+        print(save_tiny(args.kind, args.out, args.seed))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""A small synthetic sample set in LLaVA-Pretrain's layout, for the demo and the tests.
+
+Each image is a few coloured shapes on a background; its caption names them
+("a red circle and a blue square on a green background"), so the tiny trainer has a
+caption that depends on the image.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220),
+           "yellow": (240, 220, 40), "black": (10, 10, 10), "white": (245, 245, 245),
+           "orange": (250, 140, 20), "purple": (140, 40, 170)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def _draw(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    bg = rng.choice(list(COLOURS))
+    img = Image.new("RGB", (size, size), COLOURS[bg])
+    d = ImageDraw.Draw(img)
+    parts = []
+    for _ in range(rng.randint(1, 3)):
+        colour = rng.choice([c for c in COLOURS if c != bg])
+        shape = rng.choice(SHAPES)
+        r = rng.randint(size // 8, size // 3)
+        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if shape == "circle":
+            d.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle(box, fill=COLOURS[colour])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+        parts.append(f"a {colour} {shape}")
+    caption = " and ".join(parts) + f" on a {bg} background"
+    return img, caption
+
+
+def make_sample(out_dir: str | Path, n: int = 48, size: int = 96, seed: int = 0) -> Path:
+    """Write ``n`` images under ``out_dir/images/<shard>/`` and ``out_dir/sample.json``."""
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        img, caption = _draw(rng, size)
+        rel = f"{i // 100:05d}/{i:09d}.jpg"
+        path = out / "images" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=95)
+        items.append({
+            "id": f"{i:09d}",
+            "image": rel,
+            "conversations": [
+                {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
+                {"from": "gpt", "value": caption},
+            ],
+        })
+    (out / "sample.json").write_text(json.dumps(items, indent=1))
+    return out / "sample.json"

@@ -1,0 +1,167 @@
+"""Loading open_clip encoders: a built-in name with a pretrained tag, a checkpoint file, or a
+``local-dir:`` folder. Never downloads unless asked to; a missing weight file is an error that
+says what to fetch and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class WeightsNotFound(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedEncoder:
+    model: torch.nn.Module  # the whole open_clip model (visual + text towers), eval mode
+    preprocess: object  # open_clip's own validation transform for this model
+    tokenizer: object
+    name: str
+    weights_tag: str  # pretrained tag, 'file', or 'local-dir'
+    weights_sha256: str | None  # of the checkpoint file when weights come from a file
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+
+    def identity(self) -> dict:
+        return {
+            "encoder": self.name,
+            "weights_tag": self.weights_tag,
+            "weights_sha256": self.weights_sha256,
+            "image_size": list(self.image_size),
+            "grid": list(self.grid),
+        }
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def _hf_cached_weights(pretrained_cfg: dict, cache_dir: str | None) -> str | None:
+    """Path of a tag's weights in the Hugging Face cache, without touching the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = pretrained_cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    # 'org/repo/' names the repo's default file; 'org/repo/file.bin' names a file.
+    model_id, filename = os.path.split(hub)
+    names = [filename] if filename else []
+    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+              "open_clip_pytorch_model.bin"]
+    if filename.endswith(".bin"):
+        names.insert(0, filename[:-4] + ".safetensors")
+    for name in names:
+        found = try_to_load_from_cache(model_id, name, cache_dir=cache_dir)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _missing_weights_message(model: str, tag: str, cfg: dict) -> str:
+    hub = cfg.get("hf_hub", "").rstrip("/")
+    return (
+        f"weights for {model} / '{tag}' are not on this machine and downloads are off "
+        f"(encoder.allow_download=false). On a machine with network access run\n"
+        f"  python -c \"import open_clip; open_clip.create_model('{model}', pretrained='{tag}')\"\n"
+        f"which fills the Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME), then copy "
+        f"that cache here; or download the checkpoint from https://huggingface.co/{hub} and pass "
+        f"encoder.pretrained=/path/to/open_clip_model.safetensors. "
+        f"Or set encoder.allow_download=true."
+    )
+
+
+def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
+                       cache_dir: str | None = None) -> tuple[str | None, str, dict]:
+    """Return (checkpoint path or None, weights tag, preprocess overrides) for a model spec."""
+    import open_clip
+
+    if model.startswith("local-dir:"):
+        return None, "local-dir", {}
+    if model.startswith("hf-hub:"):
+        if not allow_download:
+            raise WeightsNotFound(f"{model}: hf-hub models need encoder.allow_download=true")
+        return None, "hf-hub", {}
+    if not pretrained:
+        return None, "random", {}
+    if os.path.isfile(pretrained):
+        return pretrained, "file", {}
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise WeightsNotFound(
+            f"'{pretrained}' is neither a file nor a known tag for {model} (tags: {tags})")
+    pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    path = _hf_cached_weights(cfg, cache_dir)
+    if path is None:
+        if not allow_download:
+            raise WeightsNotFound(_missing_weights_message(model, pretrained, cfg))
+        path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    return path, pretrained, pp
+
+
+def load_encoder(model: str, pretrained: str | None = None, allow_download: bool = False,
+                 cache_dir: str | None = None, device: str | torch.device = "cpu") -> LoadedEncoder:
+    import open_clip
+
+    from pipeline import tiny
+
+    tiny.register_if_needed(model)
+    ckpt, tag, pp = resolve_checkpoint(model, pretrained, allow_download, cache_dir)
+    kwargs = {"force_preprocess_cfg": pp} if pp else {}
+    if model.startswith(("local-dir:", "hf-hub:")):
+        m, _, preprocess = open_clip.create_model_and_transforms(model, device=device, **kwargs)
+    else:
+        m, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=ckpt, device=device, **kwargs)
+    m.eval().requires_grad_(False)
+    sha = None
+    if model.startswith("local-dir:"):
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        found = _find_checkpoint_in_dir(Path(model[len("local-dir:"):]))
+        sha = file_sha256(found) if found else None
+        name = _local_dir_name(model)
+    else:
+        sha = file_sha256(ckpt) if ckpt else None
+        name = model
+    tokenizer = open_clip.get_tokenizer(model)
+    from pipeline.dense import patch_grid
+
+    size = _image_size(m.visual)
+    return LoadedEncoder(model=m, preprocess=preprocess, tokenizer=tokenizer, name=name,
+                         weights_tag=tag, weights_sha256=sha, image_size=size,
+                         grid=patch_grid(m.visual, size))
+
+
+def _image_size(visual) -> tuple[int, int]:
+    size = getattr(visual, "image_size", None)
+    if size is None:
+        size = visual.trunk.patch_embed.img_size
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def _local_dir_name(model: str) -> str:
+    """A local dir's model name: the ``name`` in its config if any, else the folder name."""
+    path = Path(model[len("local-dir:"):])
+    cfg = json.loads((path / "open_clip_config.json").read_text())
+    return cfg.get("name", path.name)

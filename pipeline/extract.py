@@ -1,0 +1,199 @@
+"""Planning and the local (in-process) runner for label extraction.
+
+A run is identified by its shard metadata plus the chunking and a hash of the input list
+(``run.json`` in the output directory). Chunk i always holds input records
+[i*chunk_size, (i+1)*chunk_size), so a rerun with the same identity plans only the chunks
+without a done marker; a rerun with another identity is refused, naming what differs,
+unless ``run.overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import shards
+from pipeline.config import ExtractConfig, config_hash
+from pipeline.data import Record, records_from_folder, records_from_json
+from pipeline.stages import Decoder, Labeler, label_batches, write_chunk
+
+RUN_FILE = "run.json"
+ERRORS_FILE = "errors.jsonl"
+
+
+class RunMismatch(ValueError):
+    pass
+
+
+def load_records(cfg: ExtractConfig) -> list[Record]:
+    if cfg.input.json:
+        recs = records_from_json(cfg.input.json)
+    else:
+        if not Path(cfg.input.image_root).is_dir():
+            raise FileNotFoundError(f"input.image_root {cfg.input.image_root} is not a folder")
+        recs = records_from_folder(cfg.input.image_root)
+    return recs[: cfg.input.limit] if cfg.input.limit is not None else recs
+
+
+def input_hash(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.image_id.encode() + b"\0" + r.path.encode() + b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class Plan:
+    out_dir: Path
+    records: list[Record]
+    chunks: list[tuple[int, int]]  # (start, end) per chunk index
+    todo: list[int]
+    identity: dict
+    config_hash: str
+
+    def chunk_records(self, index: int) -> list[Record]:
+        s, e = self.chunks[index]
+        return self.records[s:e]
+
+
+def run_identity(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> dict:
+    ident = {k: v for k, v in metadata.items() if k != "package_version"}
+    ident.update({"chunk_size": cfg.run.chunk_size, "input_sha256": input_hash(records),
+                  "input_count": len(records), "image_root": str(Path(cfg.input.image_root))})
+    return ident
+
+
+def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> Plan:
+    out = Path(cfg.run.output)
+    ident = run_identity(cfg, metadata, records)
+    chash = config_hash(ident)
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        diffs = [k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)]
+        if diffs and not cfg.run.overwrite:
+            k = diffs[0]
+            raise RunMismatch(
+                f"{out} holds a run made with other settings: '{k}' was {old.get(k)!r}, now "
+                f"{ident.get(k)!r} ({len(diffs)} field(s) differ: {', '.join(diffs)}). Use "
+                f"another run.output, or run.overwrite=true to replace it")
+        if diffs:
+            clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tmp*"):  # leftovers of a killed writer
+        stale.unlink()
+    shards.write_json_atomic(run_file, ident)
+    cs = cfg.run.chunk_size
+    chunks = [(s, min(s + cs, len(records))) for s in range(0, len(records), cs)]
+    done = shards.list_done(out)
+    todo = [i for i in range(len(chunks)) if i not in done]
+    return Plan(out, records, chunks, todo, ident, chash)
+
+
+def clear_run(out: Path) -> None:
+    for pattern in ("shard-*.parquet", "shard-*.done", ".shard-*", shards.MANIFEST, ERRORS_FILE,
+                    RUN_FILE):
+        for p in out.glob(pattern):
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+
+
+def finish_run(plan: Plan, metadata: dict) -> dict:
+    """Manifest and errors.jsonl from the done markers (so a resumed run gets both whole)."""
+    manifest = shards.write_manifest(plan.out_dir, plan.config_hash, metadata, len(plan.chunks))
+    done = shards.list_done(plan.out_dir)
+    tmp = plan.out_dir / f".{ERRORS_FILE}.tmp"
+    with open(tmp, "w") as f:
+        for i in sorted(done):
+            for err in done[i].get("error_list", []):
+                f.write(json.dumps({"chunk": i, **err}) + "\n")
+    tmp.replace(plan.out_dir / ERRORS_FILE)
+    return manifest
+
+
+def prefetch_batches(decoder: Decoder, records: list[Record], batch_size: int, workers: int):
+    """Decode in threads, in input order, at most two batches ahead (bounded memory)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        window: deque = deque()
+        it = iter(range(0, len(records), batch_size))
+
+        def submit_next() -> bool:
+            s = next(it, None)
+            if s is None:
+                return False
+            window.append([pool.submit(decoder, r) for r in records[s:s + batch_size]])
+            return True
+
+        for _ in range(2):
+            submit_next()
+        while window:
+            futures = window.popleft()
+            submit_next()
+            yield [f.result() for f in futures]
+
+
+def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
+              labeler: Labeler | None) -> dict:
+    rows = manifest["rows"]
+    errors = sum(s["errors"] for s in manifest["shards"])
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    meta = manifest["metadata"]
+    out = {
+        "output": str(plan.out_dir),
+        "images_in_input": len(plan.records),
+        "images_labelled": rows,
+        "images_failed": errors,
+        "chunks": len(plan.chunks),
+        "chunks_done": len(manifest["shards"]),
+        "complete": manifest["complete"],
+        "grid": meta["grid"],
+        "patches_per_image": meta["grid"][0] * meta["grid"][1],
+        "top_n": meta["top_n"],
+        "bytes_per_image": round(total_bytes / rows, 1) if rows else None,
+        "seconds": round(seconds, 2),
+        "images_processed_this_run": images_this_run,
+        "images_per_second": round(images_this_run / seconds, 2) if seconds > 0 else None,
+    }
+    if labeler is not None:
+        t = labeler.timings
+        out.update({"encode_seconds": round(t.encode, 2), "search_seconds": round(t.search, 2),
+                    "text_seconds": round(labeler.text_seconds, 2),
+                    "text_cache_hit": labeler.text_cache_hit, "device": str(labeler.device),
+                    "search_backend": labeler.index.backend if labeler.index else "torch"})
+    return out
+
+
+def run_local(cfg: ExtractConfig, labeler: Labeler | None = None) -> dict:
+    """Label every missing chunk in this process; returns the run summary."""
+    labeler = labeler or Labeler(cfg, progress=cfg.run.progress)  # fails fast without weights
+    records = load_records(cfg)
+    metadata = labeler.metadata()
+    plan = plan_run(cfg, metadata, records)
+    decoder = Decoder(cfg.input.image_root, labeler.preprocess, cfg.input.max_pixels)
+    from tqdm.auto import tqdm
+
+    todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)
+    bar = tqdm(total=todo_images, desc="labelling", unit="img", disable=not cfg.run.progress)
+    t0 = time.perf_counter()
+    for index in plan.todo:
+        recs = plan.chunk_records(index)
+        errors: list[dict] = []
+
+        def counted(batches):
+            for b in batches:
+                yield b
+                bar.update(len(b))
+
+        decoded = counted(prefetch_batches(decoder, recs, cfg.run.batch_size,
+                                           cfg.run.decode_workers))
+        write_chunk(plan.out_dir, index, metadata, label_batches(decoded, labeler, errors),
+                    errors=errors, row_group_size=cfg.run.row_group_size)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    manifest = finish_run(plan, metadata)
+    return summarize(plan, manifest, seconds, todo_images, labeler)

@@ -1,0 +1,200 @@
+"""The pipeline's named stages, shared by the local runner and the Ray runner:
+
+  read    ``Decoder``: record -> preprocessed tensor, or the reason it cannot be used
+  encode  ``Labeler.encode``: images -> per-patch joint-space features (normalised)
+  search  ``Labeler.search``: features -> top-n word ids and signed scores
+  write   ``write_chunk``: rows of one chunk -> shard (temp name, rename, done marker)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import dense, search, shards
+from pipeline.config import ExtractConfig
+from pipeline.data import BadImage, Record, load_rgb, resolve_inside
+
+
+def package_version() -> str:
+    try:
+        return version("sea-align")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Decoded:
+    record: Record
+    image: torch.Tensor | None
+    error: str | None = None
+
+
+class Decoder:
+    """Stage ``read``. Holds only the transform: cheap to copy into worker processes."""
+
+    def __init__(self, image_root: str, preprocess, max_pixels: int):
+        self.image_root = image_root
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+
+    def __call__(self, record: Record) -> Decoded:
+        try:
+            path = resolve_inside(self.image_root, record.path)
+            img = load_rgb(path, self.max_pixels)
+            return Decoded(record, self.preprocess(img))
+        except BadImage as e:
+            return Decoded(record, None, str(e))
+        except Exception as e:  # a transform failing on a strange image must not stop a run
+            return Decoded(record, None, f"preprocess failed: {type(e).__name__}: {e}")
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage: the hook the benchmarks read."""
+
+    encode: float = 0.0
+    search: float = 0.0
+    images: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Labeler:
+    """Stages ``encode`` and ``search``: the encoder, word matrix and index, loaded once."""
+
+    def __init__(self, cfg: ExtractConfig, device: str | torch.device | None = None,
+                 progress: bool = True):
+        from pipeline.encoders import load_encoder
+        from pipeline.textemb import load_or_encode
+        from wordlist import load_wordlist
+
+        self.cfg = cfg
+        self.device = pick_device(device or cfg.run.device)
+        self.encoder = load_encoder(cfg.encoder.model, cfg.encoder.pretrained,
+                                    cfg.encoder.allow_download, cfg.encoder.cache_dir,
+                                    device=self.device)
+        self.wordlist = load_wordlist(cfg.labels.wordlist)
+        if len(self.wordlist) >= shards.SENTINEL:
+            raise ValueError(f"word list has {len(self.wordlist)} entries; uint16 ids allow at "
+                             f"most {shards.SENTINEL - 1}")
+        self.visual = self.encoder.model.visual
+        self.kind = dense.dense_kind(self.visual, cfg.labels.mode)
+        self.sign = dense.SIGN[cfg.labels.mode]
+        t0 = time.perf_counter()
+        text, self.text_cache, self.text_cache_hit = load_or_encode(
+            self.encoder, self.wordlist, cfg.labels.templates, cfg.labels.text_cache_dir,
+            cfg.labels.text_batch_size, self.device, progress)
+        self.text_seconds = time.perf_counter() - t0
+        self.text = torch.from_numpy(text).to(self.device)
+        self.index = None
+        if self.kind != "surgery":
+            self.index = search.WordIndex(text, cfg.labels.search_backend, self.device)
+        self.timings = Timings()
+        self.preprocess = self.encoder.preprocess
+
+    def metadata(self) -> dict:
+        c = self.cfg.labels
+        ident = self.encoder.identity()
+        return {
+            "schema_version": shards.SCHEMA_VERSION,
+            "encoder": ident["encoder"],
+            "weights_tag": ident["weights_tag"],
+            "weights_sha256": ident["weights_sha256"],
+            "dense_features": self.kind,
+            "mode": c.mode,
+            "score_sign": self.sign,
+            "templates": list(c.templates),
+            "wordlist_sha256": self.wordlist.sha256,
+            "wordlist_size": len(self.wordlist),
+            "top_n": c.top_n,
+            "min_score": c.min_score,
+            "image_size": list(self.encoder.image_size),
+            "grid": list(self.encoder.grid),
+            "package_version": package_version(),
+        }
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor):
+        """(B, 3, H, W) -> (normalised patches (B, P, D) float32, normalised global or None)."""
+        t0 = time.perf_counter()
+        with self._autocast():
+            patches, glob = dense.patch_features(self.visual, images.to(self.device),
+                                                 self.kind, self.cfg.labels.surgery_depth)
+        patches = F.normalize(patches.float(), dim=-1)
+        glob = F.normalize(glob.float(), dim=-1) if glob is not None else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.timings.encode += time.perf_counter() - t0
+        return patches, glob
+
+    @torch.inference_mode()
+    def search(self, patches: torch.Tensor, glob: torch.Tensor | None):
+        """-> (ids (B, P, n) uint16, scores (B, P, n) float16) numpy."""
+        t0 = time.perf_counter()
+        b, p, _ = patches.shape
+        n = self.cfg.labels.top_n
+        if self.kind == "surgery":
+            s, i = search.surgery_topk(patches, glob, self.text, n)
+        else:
+            s, i = self.index.search(self.sign * patches.reshape(b * p, -1), n)
+        ids, scores = search.finalize(s, i, self.cfg.labels.min_score, n)
+        self.timings.search += time.perf_counter() - t0
+        self.timings.images += b
+        return ids.reshape(b, p, n), scores.reshape(b, p, n)
+
+    def __call__(self, images: torch.Tensor):
+        return self.search(*self.encode(images))
+
+
+def write_chunk(out_dir: Path, index: int, metadata: dict, batches, errors: list[dict],
+                row_group_size: int) -> dict:
+    """Stage ``write``: stream LabelBatches into shard ``index``; done marker last."""
+    path = Path(out_dir) / shards.shard_name(index)
+    writer = shards.ShardWriter(path, metadata, row_group_size)
+    try:
+        for b in batches:
+            writer.write(b)
+        rows = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    done = {"index": index, "rows": rows, "bytes": path.stat().st_size,
+            "errors": len(errors), "error_list": errors}
+    shards.write_json_atomic(Path(out_dir) / shards.done_name(index), done)
+    return done
+
+
+def label_batches(decoded_batches, labeler: Labeler, errors: list[dict]):
+    """Encode + search each decoded batch; yields LabelBatches, collects bad images."""
+    grid = tuple(labeler.encoder.grid)
+    for batch in decoded_batches:
+        good = [d for d in batch if d.image is not None]
+        errors.extend({"image_id": d.record.image_id, "path": d.record.path, "reason": d.error}
+                      for d in batch if d.image is None)
+        if not good:
+            continue
+        ids, scores = labeler(torch.stack([d.image for d in good]))
+        yield shards.LabelBatch([d.record.image_id for d in good], [d.record.path for d in good],
+                                grid, ids, scores)
+
+
+def kept_per_patch(ids: np.ndarray) -> float:
+    return float((ids != shards.SENTINEL).sum(-1).mean()) if ids.size else 0.0

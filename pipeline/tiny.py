@@ -1,0 +1,109 @@
+"""Tiny random encoders for tests and the demo, saved as open_clip ``local-dir:`` folders so
+they load through exactly the same code as real weights.
+
+- ``clip``: an open_clip VisionTransformer (class token, ``ln_post``, ``proj``) and a causal
+  text tower with the real CLIP BPE tokenizer (bundled with open_clip, no download).
+- ``siglip``: a timm ViT trunk with an attention-pool (``map``) head and no class token, as
+  SigLIP, with the same text tower.
+- ``vitb16``: ViT-B/16's vision shape (random weights) with a small text tower, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_TIMM_NAME = "sea_tiny_siglip_vit"
+
+_TEXT_SMALL = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+
+CONFIGS = {
+    "clip": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 32,
+                       "patch_size": 8},
+        "text_cfg": _TEXT_SMALL,
+    },
+    "siglip": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "timm_model_name": TINY_TIMM_NAME,
+                       "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "linear"},
+        "text_cfg": _TEXT_SMALL,
+    },
+    "vitb16": {
+        "embed_dim": 512,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2,
+                     "layers": 2},
+    },
+}
+
+
+def register_if_needed(model: str) -> None:
+    """Register the tiny timm trunk with timm before open_clip asks for it by name.
+
+    Done lazily (not at import) so importing the package has no side effects.
+    """
+    if not model.startswith("local-dir:"):
+        return
+    cfg_path = Path(model[len("local-dir:"):]) / "open_clip_config.json"
+    if cfg_path.is_file() and TINY_TIMM_NAME in cfg_path.read_text():
+        _register_timm()
+
+
+def _register_timm() -> None:
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if timm.is_model(TINY_TIMM_NAME):
+        return
+
+    def sea_tiny_siglip_vit(pretrained=False, **kwargs):
+        # SigLIP's layout: no class token, attention-pool head ('map'), final norm in trunk.
+        args = dict(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=2,
+                    class_token=False, global_pool="map")
+        args.update(kwargs)
+        return VisionTransformer(**args)
+
+    sea_tiny_siglip_vit.__name__ = TINY_TIMM_NAME
+    register_model(sea_tiny_siglip_vit)
+
+
+def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
+    """Build a random model of ``kind`` with a fixed seed, save it as an open_clip local dir,
+    and return the ``local-dir:`` model string. Idempotent: an existing folder is reused.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    weights = out / "open_clip_model.safetensors"
+    spec = f"local-dir:{out}"
+    if weights.is_file():
+        return spec
+    cfg = json.loads(json.dumps(CONFIGS[kind]))
+    if kind == "siglip":
+        _register_timm()
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"tiny-{kind}-seed{seed}"
+    (out / "open_clip_config.json").write_text(json.dumps({
+        "name": name,
+        "model_cfg": cfg,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                           "std": [0.26862954, 0.26130258, 0.27577711]},
+    }, indent=2))
+    torch.manual_seed(seed)
+    open_clip.factory._MODEL_CONFIGS[name] = cfg  # only to build it once; loading uses the dir
+    try:
+        model = open_clip.create_model(name)
+    finally:
+        open_clip.factory._MODEL_CONFIGS.pop(name, None)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(weights)
+    return spec
+
