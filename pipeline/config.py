@@ -147,7 +147,10 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}' is not key=value")
         key, raw = item.split("=", 1)
         # YAML parsing lets `n=10`, `flag=true`, `templates=[a, b]` mean what they look like.
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
         _set_path(tree, key.strip(), value)
     return tree
 

@@ -73,8 +73,8 @@ def check_metadata(meta: dict, expect: dict, where: str = "shard") -> None:
     for key, want in expect.items():
         got = meta.get(key, "<missing>")
         if _normalise(got) != _normalise(want):
-            raise ShardMismatch(
-                f"{where}: metadata field '{key}' is {got!r} but {want!r} was expected")
+            raise ShardMismatch(f"{where}: metadata field '{key}' is {_normalise(got)!r} but "
+                                f"{_normalise(want)!r} was expected")
 
 
 @dataclass

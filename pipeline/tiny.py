@@ -65,8 +65,11 @@ def _register_timm() -> None:
         # SigLIP's layout: no class token, attention-pool head ('map'), final norm in trunk.
         args = dict(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=2,
                     class_token=False, global_pool="map")
-        args.update(kwargs)
-        return VisionTransformer(**args)
+        skip = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # timm factory plumbing
+        args.update({k: v for k, v in kwargs.items() if k not in skip})
+        model = VisionTransformer(**args)
+        model.pretrained_cfg = model.default_cfg = {"input_size": (3, 64, 64)}
+        return model
 
     sea_tiny_siglip_vit.__name__ = TINY_TIMM_NAME
     register_model(sea_tiny_siglip_vit)

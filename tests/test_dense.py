@@ -1,0 +1,129 @@
+"""Each per-patch mode against an independent computation on a tiny model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import dense
+from pipeline.encoders import load_encoder
+
+
+@pytest.fixture(scope="module")
+def clip_visual(tiny_clip):
+    return load_encoder(tiny_clip).model.visual
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_raw_tokens_equal_open_clip_output_tokens_times_proj(clip_visual, images):
+    clip_visual.output_tokens = True
+    try:
+        pooled, tokens = clip_visual(images)  # open_clip's own forward: tokens after ln_post
+    finally:
+        clip_visual.output_tokens = False
+    patches, glob = dense.clip_patch_features(clip_visual, images, "raw")
+    torch.testing.assert_close(patches, tokens @ clip_visual.proj, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(glob, pooled, rtol=1e-5, atol=1e-5)
+
+
+def _reference_surgery(visual, x, depth):
+    """CLIP Surgery's VisionTransformer, transcribed from its reference code (qkv split by
+    reshape/permute, the dual path carried as a list through the blocks). Kept batch-first:
+    the reference's LND layout is only a transpose."""
+    x = visual._embeds(x)
+    blocks = list(visual.transformer.resblocks)
+    n = len(blocks)
+
+    def attention(blk, t):  # the reference `Attention.forward` on (B, N, C)
+        B, N, C = t.shape
+        H = blk.attn.num_heads
+        qkv = F.linear(t, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+        qkv = qkv.reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scale = (C // H) ** -0.5
+        attn_ori = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        k = v
+        q = k
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        x_ori = (attn_ori @ v).transpose(1, 2).reshape(B, N, C)
+        xx = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return [blk.attn.out_proj(xx), blk.attn.out_proj(x_ori)]
+
+    for i, blk in enumerate(blocks):
+        if i < n - depth:  # single path before the surgery blocks
+            x = x + blk.attn(blk.ln_1(x), blk.ln_1(x), blk.ln_1(x), need_weights=False)[0]
+            x = x + blk.mlp(blk.ln_2(x))
+        elif isinstance(x, list):
+            x, x_ori = x
+            x_res, x_ori_res = attention(blk, blk.ln_1(x_ori))
+            x_ori = x_ori + x_ori_res
+            x_ori = x_ori + blk.mlp(blk.ln_2(x_ori))
+            x = [x + x_res, x_ori]  # skip ffn for the new path
+        else:  # start of dual path
+            x_res, x_ori_res = attention(blk, blk.ln_1(x))
+            x_ori = x + x_ori_res
+            x_ori = x_ori + blk.mlp(blk.ln_2(x_ori))
+            x = [x + x_res, x_ori]
+    x, x_ori = x
+    x = x.clone()
+    x[:, 0] = x_ori[:, 0]  # cls token from the original path
+    return visual.ln_post(x) @ visual.proj
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_surgery_path_matches_reference_transcription(clip_visual, images, depth):
+    want = _reference_surgery(clip_visual, images, depth)
+    patches, glob = dense.clip_patch_features(clip_visual, images, "surgery", surgery_depth=depth)
+    torch.testing.assert_close(patches, want[:, 1:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(glob, want[:, 0], rtol=1e-4, atol=1e-5)
+    # the class token comes from the unchanged path: the model's own image embedding
+    torch.testing.assert_close(glob, clip_visual(images), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_surgery_depth_zero_is_raw(clip_visual, images):
+    a, _ = dense.clip_patch_features(clip_visual, images, "surgery", surgery_depth=0)
+    b, _ = dense.clip_patch_features(clip_visual, images, "raw")
+    torch.testing.assert_close(a, b)
+
+
+def _feature_surgery_literal(image_features, text_features):
+    """CLIP Surgery's `clip_feature_surgery` (no redundant_feats), element-wise as written."""
+    prob = image_features[:, :1, :] @ text_features.t()
+    prob = (prob * 2).softmax(-1)
+    w = prob / prob.mean(-1, keepdim=True)
+    b, n_t, n_i, c = (image_features.shape[0], text_features.shape[0],
+                      image_features.shape[1], image_features.shape[2])
+    feats = image_features.reshape(b, n_i, 1, c) * text_features.reshape(1, 1, n_t, c)
+    feats = feats * w.reshape(1, 1, n_t, 1)
+    redundant = feats.mean(2, keepdim=True)
+    return (feats - redundant).sum(-1)
+
+
+def test_surgery_closed_form_equals_per_word_formula():
+    g = torch.Generator().manual_seed(3)
+    feats = F.normalize(torch.randn(1, 1 + 12, 8, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=-1)
+    want = _feature_surgery_literal(feats, text)[:, 1:]
+    got = dense.surgery_scores(feats[:, 1:], feats[:, 0], text)
+    torch.testing.assert_close(got, want)
+
+
+@torch.no_grad()
+def test_siglip_value_path_is_the_pool_head_on_one_patch(tiny_siglip):
+    visual = load_encoder(tiny_siglip).model.visual
+    trunk = visual.trunk
+    img = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ours, _ = dense.siglip_patch_features(visual, img)
+    tokens = trunk.forward_features(img)
+    assert tokens.shape[1] == 64  # no class token
+    for i in (0, 17, 63):
+        # the model's real head (attention pool + fc_norm + head + open_clip proj), fed one patch:
+        # softmax over a single key is 1, so the pooled output is that patch's value path
+        want = visual.head(trunk.forward_head(tokens[:, i:i + 1]))
+        torch.testing.assert_close(ours[:, i], want, rtol=1e-5, atol=1e-5)
