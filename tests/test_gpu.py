@@ -2,7 +2,6 @@
 
 Skipped where no CUDA device is present (our CI machines have none)."""
 
-import numpy as np
 import pytest
 import torch
 

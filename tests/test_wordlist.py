@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from wordlist import DEFAULT_SHA256, WordListError, load_wordlist, parse_words
 def test_default_list_is_hash_checked_and_deduplicated():
     wl = load_wordlist()
     assert wl.sha256 == DEFAULT_SHA256
-    raw = open(wl.source, encoding="utf-8").read().splitlines()
+    raw = Path(wl.source).read_text(encoding="utf-8").splitlines()
     assert len(raw) == 41_242
     # one documented rule: the repeated 'bout' keeps its first id, so 41,241 entries
     assert len(wl) == 41_241
@@ -26,7 +27,7 @@ def test_rule_strips_skips_blanks_and_repeats():
 def test_tampered_default_is_refused(tmp_path, monkeypatch):
     src = load_wordlist().source
     bad = tmp_path / "2of12.txt"
-    bad.write_bytes(open(src, "rb").read().replace(b"aardvark", b"aardwolf"))
+    bad.write_bytes(Path(src).read_bytes().replace(b"aardvark", b"aardwolf"))
     with pytest.raises(WordListError) as e:
         load_wordlist(bad, expect_sha256=DEFAULT_SHA256)
     got = hashlib.sha256(bad.read_bytes()).hexdigest()

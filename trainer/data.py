@@ -1,0 +1,253 @@
+"""Streaming training data: label shards joined with images and LLaVA conversations.
+
+Blocks are the shards' Parquet row groups (or, without labels, fixed slices of the JSON
+list). Per epoch the block order is shuffled from (seed, epoch); global worker g of G
+(G = ranks x loader workers) takes blocks g, g+G, ...; within a window of
+``shuffle_window`` blocks the rows are shuffled again. Memory is one window of rows, never
+the shard set. Each worker cuts its own stream into micro-batches, so the number of
+batches per worker follows from the metadata alone: that is what makes the data position
+(``batches consumed``) resumable exactly (``resume_skips``).
+
+Samples whose image cannot be read are dropped from their batch and counted (``bad``).
+The first ``holdout_images`` labelled rows (manifest order) are kept out of training and
+form the alignment-evaluation set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.data import BadImage, load_rgb, resolve_inside
+from pipeline.shards import open_label_set
+from trainer.prompts import build_sample
+
+
+@dataclass(frozen=True)
+class Block:
+    shard: int  # index into the shard list, -1 for JSON slices
+    group: int  # row group index, or slice start in the JSON list
+    rows: int  # rows used (after ``skip``)
+    first_row: int  # global row index (manifest order) of the first row used
+    skip: int = 0  # leading rows of the group left out (held out for evaluation)
+
+
+def load_conversations(json_path: str) -> tuple[list[dict], dict[str, int]]:
+    with open(json_path, encoding="utf-8") as f:
+        data = json.load(f)
+    index = {}
+    for i, item in enumerate(data):
+        key = str(item.get("id", item.get("image", i)))
+        index.setdefault(key, i)
+    return data, index
+
+
+class SampleSource:
+    """Everything a worker needs to turn a block into samples; picklable."""
+
+    def __init__(self, cfg, tokenizer, preprocess, fmt: str, expect: dict | None = None,
+                 max_pixels: int = 89_478_485):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.fmt = fmt
+        self.max_pixels = max_pixels
+        self.top_n = None
+        self.items, self.index = load_conversations(cfg.json)
+        if cfg.shards:
+            self.meta, self.shards = open_label_set(cfg.shards, expect)
+            self.top_n = self.meta["top_n"]
+            self.blocks = []
+            row = 0
+            for s, path in enumerate(self.shards):
+                md = pq.ParquetFile(path).metadata
+                for g in range(md.num_row_groups):
+                    n = md.row_group(g).num_rows
+                    self.blocks.append(Block(s, g, n, row))
+                    row += n
+        else:
+            self.meta, self.shards = None, []
+            step = cfg.shuffle_block
+            self.blocks = [Block(-1, s, min(step, len(self.items) - s), s)
+                           for s in range(0, len(self.items), step)]
+        self.total_rows = sum(b.rows for b in self.blocks)
+
+    def rows(self, block: Block) -> list[dict]:
+        """A block's rows as dicts: image_id, item (conversation), labels when present."""
+        if block.shard < 0:
+            start = block.group + block.skip
+            return [{"item": self.items[i], "row": i, "label_ids": None, "label_scores": None}
+                    for i in range(start, start + block.rows)]
+        t = pq.ParquetFile(self.shards[block.shard]).read_row_group(block.group)
+        t = t.slice(block.skip, block.rows)
+        n = self.top_n
+        ids = t.column("label_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+        sc = t.column("scores").combine_chunks().values.to_numpy(zero_copy_only=False)
+        ids = ids.reshape(t.num_rows, -1, n)
+        sc = sc.astype(np.float32).reshape(t.num_rows, -1, n)
+        out = []
+        for r, image_id in enumerate(t.column("image_id").to_pylist()):
+            i = self.index.get(image_id)
+            out.append({"item": self.items[i] if i is not None else None, "row": block.first_row + r,
+                        "label_ids": ids[r], "label_scores": sc[r], "image_id": image_id})
+        return out
+
+    def sample(self, row: dict) -> dict | None:
+        item = row["item"]
+        if item is None:
+            return None  # labelled image absent from the JSON
+        pixel = None
+        if item.get("image"):
+            try:
+                img = load_rgb(resolve_inside(self.cfg.image_root, item["image"]), self.max_pixels)
+                pixel = self.preprocess(img)
+            except BadImage:
+                return None
+        ids, labels = build_sample(item, self.tokenizer, self.fmt, has_image=pixel is not None)
+        out = {"pixel": pixel, "input_ids": ids, "labels": labels, "row": row["row"]}
+        if row["label_ids"] is not None:
+            out["label_ids"] = torch.from_numpy(row["label_ids"].astype(np.int64))
+            out["label_scores"] = torch.from_numpy(row["label_scores"])
+        return out
+
+
+def collate(samples: list[dict]) -> dict:
+    with_img = [s for s in samples if s["pixel"] is not None]
+    labelled = [s for s in with_img if "label_ids" in s]
+    batch = {
+        "input_ids": [s["input_ids"] for s in samples],
+        "labels": [s["labels"] for s in samples],
+        "has_image": [s["pixel"] is not None for s in samples],
+        "pixels": torch.stack([s["pixel"] for s in with_img]) if with_img else None,
+        "rows": [s["row"] for s in samples],
+    }
+    if labelled and len(labelled) == len(with_img):
+        batch["label_ids"] = torch.stack([s["label_ids"] for s in labelled])
+        batch["label_scores"] = torch.stack([s["label_scores"] for s in labelled])
+    return batch
+
+
+def worker_batch_counts(blocks: list[Block], micro: int, global_workers: int) -> list[int]:
+    """Micro-batches each global worker yields in one epoch (independent of the shuffle)."""
+    counts = []
+    for g in range(global_workers):
+        rows = sum(b.rows for b in blocks[g::global_workers])
+        counts.append(-(-rows // micro))
+    return counts
+
+
+def round_robin_order(counts: list[int]) -> list[int]:
+    """Which worker each successive batch comes from (torch's DataLoader skips exhausted ones)."""
+    left = list(counts)
+    order = []
+    while any(left):
+        for w in range(len(left)):
+            if left[w]:
+                order.append(w)
+                left[w] -= 1
+    return order
+
+
+def resume_skips(counts: list[int], consumed: int) -> list[int]:
+    """Batches each worker has already delivered after ``consumed`` batches in the epoch."""
+    skips = [0] * len(counts)
+    for w in round_robin_order(counts)[:consumed]:
+        skips[w] += 1
+    return skips
+
+
+class StreamDataset(IterableDataset):
+    """Yields micro-batches (already collated) for one rank; see the module docstring."""
+
+    def __init__(self, source: SampleSource, micro_batch: int, seed: int, rank: int = 0,
+                 world: int = 1, num_workers: int = 0, shuffle_window: int = 8,
+                 holdout: int = 0):
+        self.source = source
+        self.micro = micro_batch
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.num_workers = max(num_workers, 0)
+        self.window = max(shuffle_window, 1)
+        self.holdout = holdout
+        self.epoch = 0
+        self.skip = [0] * max(self.num_workers, 1)
+
+    @property
+    def train_blocks(self) -> list[Block]:
+        out = []
+        for b in self.source.blocks:
+            if b.first_row + b.rows <= self.holdout:
+                continue
+            if b.first_row < self.holdout:  # a block straddling the holdout boundary
+                cut = self.holdout - b.first_row
+                b = Block(b.shard, b.group, b.rows - cut, b.first_row + cut, b.skip + cut)
+            out.append(b)
+        return out
+
+    def _epoch_blocks(self) -> list[Block]:
+        blocks = self.train_blocks
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(blocks)
+        return blocks
+
+    def global_workers(self) -> int:
+        return self.world * max(self.num_workers, 1)
+
+    def batches_per_worker(self) -> list[int]:
+        """This rank's loader workers' batch counts, in worker order."""
+        counts = worker_batch_counts(self._epoch_blocks(), self.micro, self.global_workers())
+        w = max(self.num_workers, 1)
+        return counts[self.rank * w:(self.rank + 1) * w]
+
+    def set_position(self, epoch: int, consumed_batches: int) -> None:
+        self.epoch = epoch
+        self.skip = resume_skips(self.batches_per_worker(), consumed_batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        g = self.rank * max(self.num_workers, 1) + w
+        mine = self._epoch_blocks()[g::self.global_workers()]
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + g)
+        skip_rows = self.skip[w] * self.micro
+        pending: list[dict] = []
+        for start in range(0, len(mine), self.window):
+            rows = []
+            for b in mine[start:start + self.window]:
+                rows.extend(self.source.rows(b))
+            rng.shuffle(rows)
+            if skip_rows >= len(rows):  # already trained on: no decoding needed
+                skip_rows -= len(rows)
+                continue
+            rows, skip_rows = rows[skip_rows:], 0
+            for row in rows:
+                pending.append(row)
+                if len(pending) == self.micro:
+                    yield self._batch(pending)
+                    pending = []
+        if pending:
+            yield self._batch(pending)
+
+    def _batch(self, rows: list[dict]) -> dict:
+        samples = [s for s in (self.source.sample(r) for r in rows) if s is not None]
+        batch = collate(samples) if samples else {"input_ids": [], "rows": []}
+        batch["bad"] = len(rows) - len(samples)
+        return batch
+
+
+def holdout_rows(source: SampleSource, n: int) -> Iterator[dict]:
+    """The first n labelled rows, in manifest order (the alignment-evaluation set)."""
+    left = n
+    for b in source.blocks:
+        if left <= 0:
+            return
+        rows = source.rows(b)[:left]
+        left -= len(rows)
+        yield from rows

@@ -1,0 +1,85 @@
+"""Everything multi-process, in one place. Launch with ``torchrun``; a plain ``python`` run is
+a world of one. Nothing here runs at import."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> Dist:
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device: torch.device) -> Dist:
+    d = from_env()
+    if d.enabled and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return d
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(value: float, d: Dist, device) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / d.world
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns this rank's slice of the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+        sizes = [int(s) for s in sizes]
+        m = max(sizes)
+        padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        out = [torch.zeros_like(padded) for _ in sizes]
+        dist.all_gather(out, padded)
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank()
+        return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]]
+
+
+def gather_pairs(x: torch.Tensor, t: torch.Tensor):
+    """SEA negatives from every rank: gather visual tokens (with grad) and label features."""
+    return _GatherWithGrad.apply(x), _GatherWithGrad.apply(t.detach())

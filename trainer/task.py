@@ -1,0 +1,46 @@
+"""The training task: the MLLM and the SEA loss in one module returning a dict of losses
+(open_clip's ``TrainingTask`` shape), shared by both stages."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from trainer.model import MLLM, splice
+from trainer.sea_loss import AlignmentLoss
+
+
+class SEATask(nn.Module):
+    def __init__(self, mllm: MLLM, align: AlignmentLoss | None, weight: float, max_length: int,
+                 truncation: str = "drop", train_vision: bool = False):
+        super().__init__()
+        self.mllm = mllm
+        self.align = align
+        self.weight = weight
+        self.max_length = max_length
+        self.truncation = truncation
+        self.train_vision = train_vision
+
+    def forward(self, batch: dict, gen: torch.Generator, gather=None) -> dict:
+        m = self.mllm
+        device = m.adapter[0].weight.device
+        embed = m.llm.get_input_embeddings()
+        tokens = None
+        if batch["pixels"] is not None:
+            tokens = m.visual_tokens(batch["pixels"].to(device), self.train_vision)
+        sp = splice(embed, batch["input_ids"], batch["labels"], tokens, batch["has_image"],
+                    self.max_length, self.truncation)
+        out = m.llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                    labels=sp.labels, use_cache=False)
+        lm_loss = out.loss
+        losses = {"lm_loss": lm_loss, "dropped": int((~sp.keep).sum())}
+        align_loss = lm_loss.new_zeros(())
+        pairs = 0
+        if self.align is not None and self.weight > 0 and "label_ids" in batch and tokens is not None:
+            align_loss, pairs = self.align(tokens, embed.weight, batch["label_ids"],
+                                           batch["label_scores"], gen, gather)
+        losses.update(align_loss=align_loss, pairs=pairs,
+                      loss=lm_loss + self.weight * align_loss)
+        if self.align is not None:
+            losses["tau"] = float(self.align.tau.detach())
+        return losses
