@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,tensorboard
 CONFIG ?= configs/extract.yaml
+TRAIN_CONFIG ?= configs/pretrain.yaml
 ARGS   ?=
 
 .DEFAULT_GOAL := help
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m wordlist fetch
 	touch $@
 
-demo: $(STAMP) ## sample set + tiny models: label extraction, summary printed (output in demo_out/)
+demo: $(STAMP) ## sample set + tiny models: labels, then stage 1 with lambda 0 and 1 (output in demo_out/)
 	$(PY) -m pipeline demo --out demo_out
 
 test: $(STAMP) lint ## lint, then the whole test suite
@@ -37,8 +38,8 @@ labels: $(STAMP) ## label extraction: CONFIG=configs/extract.yaml ARGS='key=valu
 submit: $(STAMP) ## submit label extraction to a Ray cluster (RAY_ADDRESS=...) -- not built yet
 	@echo "make submit: Ray submission is not built yet (issue 4)"; exit 1
 
-train-pretrain: $(STAMP) ## SEA stage-1 pretraining -- not built yet
-	@echo "make train-pretrain: not built yet (issue 5)"; exit 1
+train-pretrain: $(STAMP) ## SEA stage 1 (adapter only): TRAIN_CONFIG=configs/pretrain.yaml ARGS='key=value ...'
+	$(PY) -m trainer pretrain --config $(TRAIN_CONFIG) $(ARGS)
 
 train-finetune: $(STAMP) ## stage-2 instruction tuning -- not built yet
 	@echo "make train-finetune: not built yet (issue 6)"; exit 1

@@ -61,3 +61,45 @@ def extract_cfg(tiny_clip, sample, text_cache, tmp_path):
             "run.progress=false", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(workdir):
+    from trainer.tiny import save_tiny_llm
+    from wordlist import load_wordlist
+
+    return save_tiny_llm(workdir / "tiny-llm", list(load_wordlist().words))
+
+
+@pytest.fixture(scope="session")
+def label_run(workdir, tiny_clip, sample, text_cache):
+    """Labels for the 24-image sample (tiny CLIP, chunks of 10 -> 3 shards)."""
+    from pipeline.config import ExtractConfig, load_config
+    from pipeline.extract import run_local
+
+    js, root = sample
+    out = workdir / "labels"
+    run_local(load_config(ExtractConfig, None, [
+        f"encoder.model={tiny_clip}", "encoder.pretrained=null", f"input.json={js}",
+        f"input.image_root={root}", f"run.output={out}", "run.chunk_size=10",
+        "run.row_group_size=4", f"labels.text_cache_dir={text_cache}", "run.progress=false"]))
+    return out
+
+
+@pytest.fixture
+def pretrain_cfg(tiny_clip, tiny_llm, sample, label_run, tmp_path):
+    from pipeline.config import load_config
+    from trainer.config import PretrainConfig
+
+    js, root = sample
+
+    def make(*overrides):
+        return load_config(PretrainConfig, None, [
+            f"vision.model={tiny_clip}", "vision.pretrained=null", f"llm.path={tiny_llm}",
+            f"data.json={js}", f"data.image_root={root}", f"data.shards={label_run}",
+            "data.holdout_images=4", "data.num_workers=0", "data.shuffle_window=2",
+            "optim.global_batch_size=4", "optim.micro_batch_size=2", "optim.epochs=1",
+            "log.eval_every=0", "log.save_every=1000", "log.progress=false",
+            "log.tensorboard=false", f"log.output={tmp_path / 'run'}", *overrides])
+
+    return make

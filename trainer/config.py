@@ -44,6 +44,7 @@ class SEAConfig:
     min_tau: float = doc(0.01, "temperature floor (keeps logits finite)")
     label_tokenization: str = doc("space", "space: tokenize ' word' (mid-sentence form) | bare: 'word'")
     gather_negatives: bool = doc(False, "multi-process: gather pairs from all ranks as negatives")
+    wordlist: str | None = doc(None, "word list file; null = 2of12 (must match the label shards)")
 
 
 @dataclasses.dataclass

@@ -179,6 +179,7 @@ class StreamDataset(IterableDataset):
         self.holdout = holdout
         self.epoch = 0
         self.skip = [0] * max(self.num_workers, 1)
+        self.rotate = 0
 
     @property
     def train_blocks(self) -> list[Block]:
@@ -207,12 +208,19 @@ class StreamDataset(IterableDataset):
         return counts[self.rank * w:(self.rank + 1) * w]
 
     def set_position(self, epoch: int, consumed_batches: int) -> None:
+        """Resume inside an epoch: each worker skips what it delivered, and since a new
+        DataLoader polls worker 0 first, loader workers are rotated so that the worker due
+        next in the interrupted run's round robin comes first."""
         self.epoch = epoch
-        self.skip = resume_skips(self.batches_per_worker(), consumed_batches)
+        counts = self.batches_per_worker()
+        self.skip = resume_skips(counts, consumed_batches)
+        order = round_robin_order(counts)
+        self.rotate = order[consumed_batches] if consumed_batches < len(order) else 0
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        w = info.id if info is not None else 0
+        n = max(self.num_workers, 1)
+        w = ((info.id if info is not None else 0) + self.rotate) % n
         g = self.rank * max(self.num_workers, 1) + w
         mine = self._epoch_blocks()[g::self.global_workers()]
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + g)

@@ -115,7 +115,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device)
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable()
-    wl = load_wordlist(getattr(cfg.sea, "wordlist", None))
+    wl = load_wordlist(cfg.sea.wordlist)
     expect = expected_label_metadata(enc, wl)
     fmt = "plain" if stage == "pretrain" else "chat"
     source = SampleSource(cfg.data, tok, enc.preprocess, fmt, expect)
