@@ -9,7 +9,7 @@ TRAIN_CONFIG ?= configs/pretrain.yaml
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint labels submit train-pretrain train-finetune bench clean
+.PHONY: help setup demo test lint labels submit ray-up ray-down train-pretrain train-finetune bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -35,8 +35,15 @@ lint: $(STAMP) ## ruff (configured in pyproject.toml)
 labels: $(STAMP) ## label extraction: CONFIG=configs/extract.yaml ARGS='key=value ...'
 	$(PY) -m pipeline extract --config $(CONFIG) $(ARGS)
 
-submit: $(STAMP) ## submit label extraction to a Ray cluster (RAY_ADDRESS=...) -- not built yet
-	@echo "make submit: Ray submission is not built yet (issue 4)"; exit 1
+submit: $(STAMP) ## ray job submit the extraction: RAY_ADDRESS=http://head:8265 CONFIG=... ARGS='...'
+	@test -n "$(RAY_ADDRESS)" || { echo "set RAY_ADDRESS=http://<head>:8265"; exit 2; }
+	$(PY) -m pipeline submit --address $(RAY_ADDRESS) --config $(CONFIG) $(ARGS)
+
+ray-up: $(STAMP) ## start a local Ray head on 127.0.0.1 (token auth; dashboard on loopback :8265)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --dashboard-port=8265
+
+ray-down: $(STAMP) ## stop the local Ray started by ray-up
+	$(VENV)/bin/ray stop
 
 train-pretrain: $(STAMP) ## SEA stage 1 (adapter only): TRAIN_CONFIG=configs/pretrain.yaml ARGS='key=value ...'
 	$(PY) -m trainer pretrain --config $(TRAIN_CONFIG) $(ARGS)

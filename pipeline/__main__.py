@@ -16,6 +16,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", help="YAML config (see configs/extract.yaml)")
     ex.add_argument("--help-config", action="store_true", help="list every config key")
     ex.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    sm = sub.add_parser("submit", help="ray job submit the extraction to a cluster")
+    sm.add_argument("--address", default=None, help="Ray dashboard address (default $RAY_ADDRESS)")
+    sm.add_argument("--config", help="YAML config inside the repository")
+    sm.add_argument("--no-wait", action="store_true", help="return once submitted")
+    sm.add_argument("--python", default="python", help="python on the cluster nodes")
+    sm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     demo = sub.add_parser("demo", help="sample set + tiny model + labels, with a summary")
     demo.add_argument("--out", default="demo_out", help="where the demo writes everything")
     demo.add_argument("--images", type=int, default=48)
@@ -44,6 +50,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(summary, indent=2))
         return 0 if summary["complete"] else 1
+    if args.cmd == "submit":
+        import os
+
+        from pipeline.submit import submit
+
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            print("error: give --address or set RAY_ADDRESS (e.g. http://127.0.0.1:8265)",
+                  file=sys.stderr)
+            return 2
+        return submit(address, args.config, args.overrides, not args.no_wait, args.python)
     if args.cmd == "demo":
         from pipeline.demo_run import run_demo
 

@@ -243,7 +243,7 @@ class RunConfig:
     device: str = doc("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
     row_group_size: int = doc(256, "rows per Parquet row group (bounds writer memory)")
     overwrite: bool = doc(False, "replace a run made with another config in the same output")
-    runner: str = doc("local", "local (in-process) | ray")
+    runner: str = doc("ray", "ray (local Ray sized to the machine, or ray.address) | local (in-process, no Ray)")
     progress: bool = doc(True, "progress bars")
 
 
@@ -251,10 +251,11 @@ class RunConfig:
 class RayConfig:
     address: str | None = doc(None, "Ray cluster address; null starts/joins a local Ray")
     num_actors: int | None = doc(None, "model actors; null = GPUs, or 1 on a CPU machine")
-    cpus_per_actor: float = doc(1.0, "CPUs reserved by each model actor")
+    cpus_per_actor: float = doc(1.0, "CPUs reserved by each model actor (Ray scheduling)")
     decode_cpus: float = doc(1.0, "CPUs per decode task")
     max_tasks_in_flight: int = doc(4, "decode batches queued per actor (backpressure)")
     max_task_retries: int = doc(3, "Ray retries of a failed task or restarted actor")
+    torch_threads: int | None = doc(None, "torch threads per model actor (null: the node's cores)")
 
 
 @dataclasses.dataclass

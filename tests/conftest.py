@@ -103,3 +103,34 @@ def pretrain_cfg(tiny_clip, tiny_llm, sample, label_run, tmp_path):
             "log.tensorboard=false", f"log.output={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture
+def bad_corpus(sample, tmp_path):
+    """Five good images plus one of each kind of unusable input: (json, root, path -> reason)."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    js, good_root = sample
+    root = tmp_path / "imgs"
+    shutil.copytree(good_root, root)
+    good = next(root.rglob("*.jpg")).read_bytes()
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("not an image at all")
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "corrupt.jpg").write_bytes(good[:20] + bytes(range(256)) * 4)
+    Image.new("RGB", (4000, 3000)).save(root / "bomb.png")  # over max_pixels=1e6 in the tests
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(good)
+    expected = {"zero.jpg": "0 bytes", "text.jpg": "cannot decode", "truncated.jpg": "cannot decode",
+                "corrupt.jpg": "cannot decode", "bomb.png": "decompression bomb",
+                "missing.jpg": "not found", "../outside.jpg": "escapes the image root",
+                str(outside): "absolute"}
+    items = json.loads(js.read_text())[:5]
+    for name in expected:
+        items.append({"id": f"bad-{name}", "image": name, "conversations": []})
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps(items))
+    return bad_json, root, expected

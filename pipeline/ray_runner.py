@@ -1,0 +1,194 @@
+"""The Ray runner: the same stages as the local runner, spread over a Ray cluster.
+
+- ``read`` runs as CPU tasks (``decode_batch``), at most ``ray.max_tasks_in_flight`` per
+  actor ahead of the model: backpressure, so memory stays bounded on any input size.
+- ``encode`` + ``search`` + ``write`` run in ``LabelActor``s, one per GPU (or one on a CPU
+  machine). Each loads the encoder, the word matrix and the index once, then labels whole
+  chunks and writes each chunk's shard itself (temp name, rename, done marker), so no label
+  data passes through the driver. The output folder must be one every node can write
+  (a shared filesystem on a multi-node cluster).
+- The driver only plans chunks, hands them out (at most two per actor), shows progress,
+  and writes the manifest. A failed task or a dead actor is retried by Ray; a dead driver is
+  simply rerun, which plans only the chunks without a done marker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+from pipeline.config import ExtractConfig, from_dict, to_dict
+from pipeline.extract import finish_run, load_records, plan_run, summarize
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def init_ray(cfg: ExtractConfig) -> bool:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray sized to the
+    machine. Returns True when this call started Ray (and so should shut it down)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    # Local: loopback dashboard is Ray's default; no dashboard at all keeps start-up light.
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    return True
+
+
+def decode_batch(decoder, records):
+    """Stage ``read`` as a Ray task: a batch of records -> Decoded (tensor or reason)."""
+    return [decoder(r) for r in records]
+
+
+class LabelActor:
+    """Stages ``encode``, ``search`` and ``write`` for whole chunks (decorated at run time so
+    importing this module needs no Ray)."""
+
+    def __init__(self, cfg_dict: dict, progress=None):
+        import torch
+
+        from pipeline.stages import Decoder, Labeler
+
+        self.cfg = from_dict(ExtractConfig, cfg_dict)
+        # Ray pins OMP threads to num_cpus; the model gets the node's cores like the local
+        # runner (decode tasks are light next to the vision tower).
+        torch.set_num_threads(self.cfg.ray.torch_threads or (os.cpu_count() or 1))
+        self.labeler = Labeler(self.cfg, progress=False)
+        ray = _ray()
+        self.decoder_ref = ray.put(Decoder(self.cfg.input.image_root, self.labeler.preprocess,
+                                           self.cfg.input.max_pixels))
+        self.decode = ray.remote(num_cpus=self.cfg.ray.decode_cpus,
+                                 max_retries=self.cfg.ray.max_task_retries)(decode_batch)
+        self.progress = progress
+
+    def metadata(self) -> dict:
+        return self.labeler.metadata()
+
+    def timings(self) -> dict:
+        t = self.labeler.timings
+        return {"encode": t.encode, "search": t.search, "images": t.images,
+                "text_seconds": self.labeler.text_seconds,
+                "text_cache_hit": self.labeler.text_cache_hit,
+                "device": str(self.labeler.device),
+                "search_backend": self.labeler.index.backend if self.labeler.index else "torch"}
+
+    def label_chunk(self, index: int, records: list, out_dir: str, metadata: dict) -> dict:
+        from pathlib import Path
+
+        from pipeline.stages import label_batches, write_chunk
+
+        ray = _ray()
+        for stale in Path(out_dir).glob(f".shard-{index:06d}.parquet.tmp*"):
+            stale.unlink(missing_ok=True)  # a previous attempt of this chunk died mid-write
+        bs = self.cfg.run.batch_size
+        ahead = max(1, self.cfg.ray.max_tasks_in_flight)
+
+        def decoded():
+            refs: deque = deque()
+            for s in range(0, len(records), bs):
+                refs.append(self.decode.remote(self.decoder_ref, records[s:s + bs]))
+                if len(refs) >= ahead:
+                    yield self._count(ray.get(refs.popleft()))
+            while refs:
+                yield self._count(ray.get(refs.popleft()))
+
+        errors: list[dict] = []
+        return write_chunk(Path(out_dir), index, metadata,
+                           label_batches(decoded(), self.labeler, errors), errors,
+                           self.cfg.run.row_group_size)
+
+    def _count(self, batch):
+        if self.progress is not None:
+            self.progress.add.remote(len(batch))
+        return batch
+
+
+class Progress:
+    def __init__(self):
+        self.n = 0
+
+    def add(self, k: int) -> None:
+        self.n += k
+
+    def get(self) -> int:
+        return self.n
+
+
+def default_actors(cfg: ExtractConfig) -> tuple[int, float]:
+    """(number of actors, GPUs per actor): one per GPU in the cluster, else one."""
+    gpus = int(_ray().cluster_resources().get("GPU", 0))
+    if cfg.ray.num_actors:
+        return cfg.ray.num_actors, (1.0 if gpus else 0.0)
+    return (gpus, 1.0) if gpus else (1, 0.0)
+
+
+def run_ray(cfg: ExtractConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from pipeline import tiny
+    from pipeline.encoders import resolve_checkpoint
+
+    # Fail fast, before any actor starts, when the weights are missing (the driver must see
+    # the same weights path or HF cache as the nodes: a shared filesystem on a cluster).
+    tiny.register_if_needed(cfg.encoder.model)
+    resolve_checkpoint(cfg.encoder.model, cfg.encoder.pretrained, cfg.encoder.allow_download,
+                       cfg.encoder.cache_dir)
+    ray = _ray()
+    started = init_ray(cfg)
+    try:
+        n_actors, gpus = default_actors(cfg)
+        retries = cfg.ray.max_task_retries
+        progress = ray.remote(num_cpus=0)(Progress).remote()
+        actor_cls = ray.remote(LabelActor).options(
+            num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus, max_restarts=retries,
+            max_task_retries=retries, max_concurrency=2)
+        cfg_dict = to_dict(cfg)
+        actors = [actor_cls.remote(cfg_dict, progress) for _ in range(n_actors)]
+        metadata = ray.get(actors[0].metadata.remote())  # also: fails fast without weights
+        records = load_records(cfg)
+        plan = plan_run(cfg, metadata, records)
+        todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)
+        bar = tqdm(total=todo_images, desc=f"labelling ({n_actors} actor(s))", unit="img",
+                   disable=not cfg.run.progress)
+        queue = deque(plan.todo)
+        inflight: dict = {}  # ref -> actor index
+        load = [0] * n_actors
+        t0 = time.perf_counter()
+        while queue or inflight:
+            for a in range(n_actors):  # at most two chunks per actor: one running, one queued
+                while queue and load[a] < 2:
+                    index = queue.popleft()
+                    ref = actors[a].label_chunk.remote(index, plan.chunk_records(index),
+                                                       str(plan.out_dir), metadata)
+                    inflight[ref] = a
+                    load[a] += 1
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in done:
+                load[inflight.pop(ref)] -= 1
+                ray.get(ref)  # re-raises a chunk that failed after Ray's retries
+            bar.n = min(ray.get(progress.get.remote()), todo_images)
+            bar.refresh()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        manifest = finish_run(plan, metadata)
+        summary = summarize(plan, manifest, seconds, todo_images, None)
+        times = ray.get([a.timings.remote() for a in actors])
+        summary.update({"runner": "ray", "actors": n_actors,
+                        "encode_seconds": round(sum(t["encode"] for t in times), 2),
+                        "search_seconds": round(sum(t["search"] for t in times), 2),
+                        "text_seconds": round(max(t["text_seconds"] for t in times), 2),
+                        "text_cache_hit": all(t["text_cache_hit"] for t in times),
+                        "device": times[0]["device"], "search_backend": times[0]["search_backend"]})
+        return summary
+    finally:
+        if started:
+            ray.shutdown()

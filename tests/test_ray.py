@@ -1,0 +1,106 @@
+"""The Ray runner on a real local Ray (not mocked)."""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards
+from pipeline.extract import run_local
+from pipeline.ray_runner import run_ray
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _same_content(a: Path, b: Path):
+    ma, mb = shards.read_manifest(a), shards.read_manifest(b)
+    assert ma["shards"] and [s["rows"] for s in ma["shards"]] == [s["rows"] for s in mb["shards"]]
+    assert ma["config_hash"] == mb["config_hash"]
+    for s in ma["shards"]:
+        ta, tb = pq.read_table(a / s["name"]), pq.read_table(b / s["name"])
+        assert ta.equals(tb), s["name"]
+        assert shards.read_metadata(a / s["name"]) == shards.read_metadata(b / s["name"])
+    assert (a / "errors.jsonl").read_text() == (b / "errors.jsonl").read_text()
+
+
+def test_ray_run_equals_in_process_run(extract_cfg, tmp_path):
+    local = run_local(extract_cfg(out=tmp_path / "local"))
+    ray_s = run_ray(extract_cfg("run.runner=ray", out=tmp_path / "ray"))
+    assert ray_s["runner"] == "ray" and ray_s["images_labelled"] == local["images_labelled"] == 24
+    _same_content(tmp_path / "local", tmp_path / "ray")
+
+
+def test_bad_corpus_through_ray(extract_cfg, bad_corpus, tmp_path):
+    from test_extract import check_bad_corpus
+
+    bad_json, root, expected = bad_corpus
+    s = run_ray(extract_cfg(f"input.json={bad_json}", f"input.image_root={root}",
+                            "input.max_pixels=1000000", "run.runner=ray", out=tmp_path / "s"))
+    check_bad_corpus(s, tmp_path / "s", expected)
+
+
+def _cli_args(cfg, out):
+    return [f"encoder.model={cfg.encoder.model}", "encoder.pretrained=null",
+            f"input.json={cfg.input.json}", f"input.image_root={cfg.input.image_root}",
+            f"run.output={out}", f"labels.text_cache_dir={cfg.labels.text_cache_dir}",
+            "run.progress=false", "run.runner=ray", "run.chunk_size=2", "run.batch_size=1"]
+
+
+def test_killed_driver_rerun_gives_the_uninterrupted_content(extract_cfg, tmp_path):
+    ref = tmp_path / "ref"
+    run_local(extract_cfg("run.chunk_size=2", "run.batch_size=1", out=ref))
+    out = tmp_path / "killed"
+    cfg = extract_cfg(out=out)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *_cli_args(cfg, out)],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("shard-*.done")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    done_at_kill = len(list(out.glob("shard-*.done")))
+    assert 0 < done_at_kill < 12, done_at_kill
+    assert not (out / "manifest.json").exists()
+    rc = subprocess.call([sys.executable, "-m", "pipeline", "extract", *_cli_args(cfg, out)],
+                         cwd=REPO, stdout=subprocess.DEVNULL)
+    assert rc == 0
+    _same_content(ref, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_start_head_and_submit_through_project_path(extract_cfg, tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    dash, gcs = _free_port(), _free_port()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={gcs}",
+                    "--num-cpus=2", "--disable-usage-stats"], env=env, check=True,
+                   capture_output=True)
+    try:
+        out = tmp_path / "submitted"
+        cfg = extract_cfg(out=out)
+        r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--address",
+                            f"http://127.0.0.1:{dash}", *_cli_args(cfg, out)[:-2]],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in (r.stdout + r.stderr)
+        m = shards.read_manifest(out)
+        assert m["complete"] and m["rows"] == 24
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
