@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,tensorboard
 CONFIG ?= configs/extract.yaml
 TRAIN_CONFIG ?= configs/pretrain.yaml
+FT_CONFIG ?= configs/finetune.yaml
+NPROC  ?= 1
 ARGS   ?=
 
 .DEFAULT_GOAL := help
@@ -45,11 +47,11 @@ ray-up: $(STAMP) ## start a local Ray head on 127.0.0.1 (token auth; dashboard o
 ray-down: $(STAMP) ## stop the local Ray started by ray-up
 	$(VENV)/bin/ray stop
 
-train-pretrain: $(STAMP) ## SEA stage 1 (adapter only): TRAIN_CONFIG=configs/pretrain.yaml ARGS='key=value ...'
-	$(PY) -m trainer pretrain --config $(TRAIN_CONFIG) $(ARGS)
+train-pretrain: $(STAMP) ## SEA stage 1 (adapter only): TRAIN_CONFIG=configs/pretrain.yaml NPROC=1 ARGS='...'
+	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m trainer pretrain --config $(TRAIN_CONFIG) $(ARGS)
 
-train-finetune: $(STAMP) ## stage-2 instruction tuning -- not built yet
-	@echo "make train-finetune: not built yet (issue 6)"; exit 1
+train-finetune: $(STAMP) ## stage 2 (LLM + adapter): FT_CONFIG=configs/finetune.yaml NPROC=1 ARGS='key=value ...'
+	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m trainer finetune --config $(FT_CONFIG) $(ARGS)
 
 bench: $(STAMP) ## benchmarks -> BENCHMARKS.md -- not built yet
 	@echo "make bench: not built yet (issue 7)"; exit 1

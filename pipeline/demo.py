@@ -62,3 +62,28 @@ def make_sample(out_dir: str | Path, n: int = 48, size: int = 96, seed: int = 0)
         })
     (out / "sample.json").write_text(json.dumps(items, indent=1))
     return out / "sample.json"
+
+
+def make_instruct_sample(sample_json: str | Path, out_json: str | Path, text_only: int = 6,
+                         seed: int = 0) -> Path:
+    """LLaVA-665k-style instruction data over the sample images: multi-turn conversations,
+    ``<image>`` at the start or the end of the first turn, and some text-only samples."""
+    rng = random.Random(seed)
+    items = []
+    for i, it in enumerate(json.loads(Path(sample_json).read_text())):
+        caption = it["conversations"][1]["value"]
+        bg = caption.rsplit(" on a ", 1)[1].replace(" background", "")
+        q1 = "What is in the picture?"
+        first = f"<image>\n{q1}" if i % 2 == 0 else f"{q1}\n<image>"
+        items.append({"id": f"inst-{it['id']}", "image": it["image"], "conversations": [
+            {"from": "human", "value": first}, {"from": "gpt", "value": caption.capitalize() + "."},
+            {"from": "human", "value": "What colour is the background?"},
+            {"from": "gpt", "value": f"It is {bg}."}]})
+    for j in range(text_only):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        items.append({"id": f"text-{j}", "conversations": [
+            {"from": "human", "value": f"What is {a} plus {b}?"},
+            {"from": "gpt", "value": f"{a} plus {b} is {a + b}."}]})
+    rng.shuffle(items)
+    Path(out_json).write_text(json.dumps(items, indent=1))
+    return Path(out_json)

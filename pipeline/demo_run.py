@@ -68,7 +68,7 @@ def _train_demo(out: Path, spec: str) -> None:
         a = r["align"]
         name = "lambda=0 (LLaVA)" if weight == 0 else "lambda=1 (SEA)"
         print(f"{name:22}{a['top1_match']:>12.4f}{a['in_labels']:>12.4f}{a['mean_cos_top1']:>12.4f}")
-    print(f"runs                  {out / 'runs'} (metrics.jsonl, checkpoints/, adapter.safetensors)")
+    print(f"runs                  {out / 'runs'} (metrics.jsonl, checkpoints/, final/ with adapter.safetensors)")
     (out / "train_summary.json").write_text(json.dumps(
         {str(k): v for k, v in results.items()}, indent=2, default=str))
 

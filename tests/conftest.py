@@ -134,3 +134,30 @@ def bad_corpus(sample, tmp_path):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text(json.dumps(items))
     return bad_json, root, expected
+
+
+@pytest.fixture(scope="session")
+def instruct_json(sample, workdir):
+    from pipeline.demo import make_instruct_sample
+
+    js, _ = sample
+    return make_instruct_sample(js, workdir / "instruct.json", text_only=4)
+
+
+@pytest.fixture
+def finetune_cfg(tiny_clip, tiny_llm, sample, instruct_json, tmp_path):
+    from pipeline.config import load_config
+    from trainer.config import FinetuneConfig
+
+    _, root = sample
+
+    def make(*overrides):
+        return load_config(FinetuneConfig, None, [
+            f"vision.model={tiny_clip}", "vision.pretrained=null", f"llm.path={tiny_llm}",
+            f"data.json={instruct_json}", f"data.image_root={root}", "data.num_workers=0",
+            "data.shuffle_block=4", "data.shuffle_window=2",
+            "optim.global_batch_size=4", "optim.micro_batch_size=2", "optim.epochs=1",
+            "optim.lr=1e-3", "log.eval_every=0", "log.save_every=1000", "log.progress=false",
+            "log.tensorboard=false", f"log.output={tmp_path / 'ft'}", *overrides])
+
+    return make

@@ -73,6 +73,11 @@ class LogConfig:
 
 
 @dataclasses.dataclass
+class DistConfig:
+    strategy: str = doc("ddp", "ddp | fsdp (shards the LLM's decoder layers; for LLMs that do not fit one device)")
+
+
+@dataclasses.dataclass
 class PretrainConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
@@ -82,8 +87,11 @@ class PretrainConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     device: str = doc("auto", "auto (cuda when present) | cpu | cuda")
     resume: str | None = doc(None, "checkpoint dir to resume from, or 'latest' in log.output")
+    dist: DistConfig = dataclasses.field(default_factory=DistConfig)
 
     def validate(self) -> None:
+        if self.dist.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"dist.strategy must be ddp or fsdp, got '{self.dist.strategy}'")
         if self.sea.weight > 0 and not self.data.shards:
             raise ConfigError("sea.weight > 0 needs data.shards (the label run)")
         if self.data.truncation not in ("drop", "error"):
@@ -94,3 +102,34 @@ class PretrainConfig:
             raise ConfigError("optim.global_batch_size must be a multiple of optim.micro_batch_size")
         if self.sea.window < 1:
             raise ConfigError("sea.window must be >= 1")
+
+
+# --- stage 2: the same sections with LLaVA-1.5's instruction-tuning defaults ---------------
+
+
+@dataclasses.dataclass
+class FinetuneDataConfig(DataConfig):
+    json: str = doc("data/llava_v1_5_mix665k.json", "LLaVA-format instruction data")
+    shards: str | None = doc(None, "label run dir, needed only when sea.weight > 0")
+    holdout_images: int = doc(0, "labelled images kept out for alignment eval")
+
+
+@dataclasses.dataclass
+class FinetuneSEAConfig(SEAConfig):
+    weight: float = doc(0.0, "lambda for the SEA loss in stage 2 (default off)")
+
+
+@dataclasses.dataclass
+class FinetuneOptimConfig(OptimConfig):
+    lr: float = doc(2e-5, "peak learning rate for LLM and adapter (LLaVA-1.5 stage 2)")
+    global_batch_size: int = doc(128, "samples per optimizer step across ranks and accumulation")
+    micro_batch_size: int = doc(4, "samples per forward/backward on one rank")
+    vision_lr: float = doc(0.0, "learning rate of the vision tower; 0 keeps it frozen (paper's SEA-PRIME: 2e-6)")
+
+
+@dataclasses.dataclass
+class FinetuneConfig(PretrainConfig):
+    data: FinetuneDataConfig = dataclasses.field(default_factory=FinetuneDataConfig)
+    sea: FinetuneSEAConfig = dataclasses.field(default_factory=FinetuneSEAConfig)
+    optim: FinetuneOptimConfig = dataclasses.field(default_factory=FinetuneOptimConfig)
+    init_from: str | None = doc(None, "stage-1 run dir (its adapter.safetensors) to start from")

@@ -83,3 +83,43 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_pairs(x: torch.Tensor, t: torch.Tensor):
     """SEA negatives from every rank: gather visual tokens (with grad) and label features."""
     return _GatherWithGrad.apply(x), _GatherWithGrad.apply(t.detach())
+
+
+def wrap(task: torch.nn.Module, d: Dist, strategy: str, device: torch.device,
+         find_unused: bool) -> torch.nn.Module:
+    """DDP (replicated weights, gradients averaged) or FSDP2 (each LLM decoder layer and the
+    rest sharded across ranks). A world of one gets the module itself."""
+    if not d.enabled:
+        return task
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _decoder_layers(task.mllm.llm):
+            fully_shard(layer)
+        fully_shard(task)
+        return task
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(task, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def _decoder_layers(llm) -> list[torch.nn.Module]:
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = llm
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder layers of {type(llm).__name__} to shard")
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's ``obj`` (on every rank); [obj] for a world of one."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out

@@ -104,3 +104,17 @@ def build_sample(item: dict, tokenizer, fmt: str, has_image: bool):
     if has_image and ids.count(IMAGE_TOKEN_INDEX) != 1:
         raise ValueError(f"sample {item.get('id')}: expected one <image>, found {ids.count(IMAGE_TOKEN_INDEX)}")
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def generation_prompt(tokenizer, prompt: str, fmt: str, has_image: bool = True) -> torch.Tensor:
+    """Input ids for answering ``prompt`` about an image: the same layout as training."""
+    if fmt == "plain":  # stage 1 learned to caption what follows the image
+        ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids += [IMAGE_TOKEN_INDEX] if has_image else []
+        return torch.tensor(ids, dtype=torch.long)
+    content = (IMAGE + "\n" + prompt) if has_image and IMAGE not in prompt else prompt
+    text = _render(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+    ids = _tokens(tokenizer, text)
+    if tokenizer.bos_token_id is not None and not text.startswith(tokenizer.bos_token):
+        ids.insert(0, tokenizer.bos_token_id)
+    return torch.tensor(ids, dtype=torch.long)

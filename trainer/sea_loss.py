@@ -165,11 +165,17 @@ class AlignmentLoss(nn.Module):
     def pairs(self, label_ids, label_scores, gen):
         return sample_pairs(label_ids, label_scores, self.grid, self.window, gen)
 
-    def forward(self, visual_tokens: torch.Tensor, embed_weight: torch.Tensor, label_ids,
+    def forward(self, visual_tokens: torch.Tensor | None, embed_weight: torch.Tensor, label_ids,
                 label_scores, gen: torch.Generator, gather=None) -> tuple[torch.Tensor, int]:
-        img, pat, words = self.pairs(label_ids.cpu(), label_scores.cpu(), gen)
-        dev = visual_tokens.device
-        x = visual_tokens[img.to(dev), pat.to(dev)]
+        """``label_ids=None`` (a micro-batch without labels) still takes part in ``gather``,
+        which is collective: every rank must call it the same number of times."""
+        dev = embed_weight.device
+        if label_ids is None or visual_tokens is None:
+            x = embed_weight.new_zeros(0, embed_weight.shape[1]) + 0.0 * self.log_tau
+            words = torch.zeros(0, dtype=torch.long)
+        else:
+            img, pat, words = self.pairs(label_ids.cpu(), label_scores.cpu(), gen)
+            x = visual_tokens[img.to(dev), pat.to(dev)]
         with torch.no_grad():
             t = label_features_table(embed_weight.detach(), self.flat_ids, self.offsets, words.to(dev))
         if gather is not None:  # cross-rank negatives (trainer.distributed)

@@ -36,9 +36,11 @@ class SEATask(nn.Module):
         losses = {"lm_loss": lm_loss, "dropped": int((~sp.keep).sum())}
         align_loss = lm_loss.new_zeros(())
         pairs = 0
-        if self.align is not None and self.weight > 0 and "label_ids" in batch and tokens is not None:
-            align_loss, pairs = self.align(tokens, embed.weight, batch["label_ids"],
-                                           batch["label_scores"], gen, gather)
+        if self.align is not None and self.weight > 0:
+            # without labels the loss is 0 but keeps the temperature in the graph, so DDP sees
+            # every trainable parameter and gathered negatives stay collective
+            align_loss, pairs = self.align(tokens, embed.weight, batch.get("label_ids"),
+                                           batch.get("label_scores"), gen, gather)
         losses.update(align_loss=align_loss, pairs=pairs,
                       loss=lm_loss + self.weight * align_loss)
         if self.align is not None:

@@ -1,8 +1,10 @@
 """The training loop, shared by stage 1 (pretrain) and stage 2 (finetune).
 
-``build`` assembles the parts from a config; ``train`` runs epochs of micro-batches and
-calls ``train_step`` per optimizer step; everything resumable sits in ``TrainState`` and the
-checkpoint (model's trainable weights, optimizer, scheduler, RNG, data position).
+``build`` assembles the parts from a config; ``train`` runs epochs of micro-batches and calls
+``train_step`` per optimizer step; everything resumable is in ``TrainState`` and the
+checkpoint (trainable weights, optimizer, scheduler, every rank's RNG, data position). The
+data loader workers need no RNG state: their shuffles derive from (seed, epoch, worker), and
+SEA's sampling from (seed, step, micro-batch): both come back from the data position alone.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import to_dict
+from pipeline.config import config_hash, to_dict
 from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
@@ -25,6 +29,10 @@ from trainer.data import SampleSource, StreamDataset, holdout_rows
 from trainer.model import MLLM
 from trainer.sea_loss import AlignmentLoss, load_word_tokens
 from trainer.task import SEATask
+
+# config keys that may change between a run and its resume
+RESUME_FREE = ("resume", "log.progress", "log.every", "log.eval_every", "log.save_every",
+               "log.keep_last", "log.tensorboard", "optim.max_steps", "data.num_workers")
 
 
 class LLMNotFound(RuntimeError):
@@ -49,7 +57,8 @@ class Parts:
     tokenizer: object
     wordlist: object
     word_tokens: object
-    task: SEATask
+    task: SEATask  # the module itself (weights, eval, export)
+    model: torch.nn.Module  # what forward goes through: task, or task under DDP/FSDP
     source: SampleSource
     dataset: StreamDataset
     optimizer: torch.optim.Optimizer
@@ -103,6 +112,26 @@ def lr_lambda(total: int, warmup_ratio: float):
     return f
 
 
+def load_adapter(task: SEATask, run_dir: str | Path) -> None:
+    """Start stage 2 from a stage-1 run: its adapter (and temperature) weights."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir)
+    for cand in (path, path / "adapter.safetensors", path / "final" / "adapter.safetensors"):
+        if cand.is_file():
+            path = cand
+            break
+    else:
+        raise FileNotFoundError(f"init_from: no adapter.safetensors at {run_dir} (give a stage-1 "
+                                f"run dir, its final/ folder, or the file)")
+    tensors = load_file(str(path))
+    adapter = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    task.mllm.adapter.load_state_dict(adapter)
+    if task.align is not None and "log_tau" in tensors:
+        with torch.no_grad():
+            task.align.log_tau.copy_(tensors["log_tau"].reshape(()))
+
+
 def build(cfg, stage: str = "pretrain") -> Parts:
     from pipeline.encoders import load_encoder
     from wordlist import load_wordlist
@@ -115,16 +144,14 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device)
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable()
+        llm.config.use_cache = False
     wl = load_wordlist(cfg.sea.wordlist)
-    expect = expected_label_metadata(enc, wl)
-    fmt = "plain" if stage == "pretrain" else "chat"
-    source = SampleSource(cfg.data, tok, enc.preprocess, fmt, expect)
+    source = SampleSource(cfg.data, tok, enc.preprocess, "plain" if stage == "pretrain" else "chat",
+                          expected_label_metadata(enc, wl))
     mllm = MLLM(enc.model.visual, llm, cfg.vision.feature_layer).to(device)
     if cfg.data.shards and list(mllm.grid) != list(source.meta["grid"]):
         raise ValueError(f"label grid {source.meta['grid']} != visual-token grid {list(mllm.grid)}")
-    train_llm = stage == "finetune"
     train_vision = stage == "finetune" and getattr(cfg.optim, "vision_lr", 0) > 0
-    mllm.set_trainable(adapter=True, llm=train_llm, vision=train_vision)
     word_tokens = load_word_tokens(tok, wl, cfg.sea.label_tokenization)
     align = None
     if cfg.sea.weight > 0:
@@ -132,6 +159,9 @@ def build(cfg, stage: str = "pretrain") -> Parts:
                               cfg.sea.learn_tau, cfg.sea.min_tau).to(device)
     task = SEATask(mllm, align, cfg.sea.weight, cfg.data.max_length, cfg.data.truncation,
                    train_vision)
+    if stage == "finetune" and getattr(cfg, "init_from", None):
+        load_adapter(task, cfg.init_from)
+    mllm.set_trainable(adapter=True, llm=stage == "finetune", vision=train_vision)
     o = cfg.optim
     accum = o.global_batch_size // (o.micro_batch_size * d.world)
     if accum < 1 or accum * o.micro_batch_size * d.world != o.global_batch_size:
@@ -140,17 +170,19 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world,
                             cfg.data.num_workers, cfg.data.shuffle_window,
                             cfg.data.holdout_images if cfg.data.shards else 0)
-    per_epoch = sum(dataset.batches_per_worker()) // accum
+    per_epoch = min(D.gather_objects(sum(dataset.batches_per_worker()), d)) // accum
     if per_epoch == 0:
         raise ValueError(f"{source.total_rows} rows give no optimizer step at global batch "
                          f"{o.global_batch_size}")
     total = per_epoch * o.epochs
     if o.max_steps:
         total = min(total, o.max_steps)
-    groups = param_groups(task, cfg)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    # text-only batches leave the vision tower (and without labels, the temperature) unused
+    model = D.wrap(task, d, cfg.dist.strategy, device, find_unused=stage == "finetune")
+    optimizer = torch.optim.AdamW(param_groups(task, cfg), lr=o.lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, o.warmup_ratio))
-    return Parts(cfg, stage, d, device, enc, tok, wl, word_tokens, task, source, dataset,
+    return Parts(cfg, stage, d, device, enc, tok, wl, word_tokens, task, model, source, dataset,
                  optimizer, scheduler, accum, total)
 
 
@@ -172,45 +204,47 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """SEA sampling randomness from (seed, step, micro-batch, rank): nothing to checkpoint."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """SEA sampling randomness from (seed, step, global micro-batch index): nothing to save,
+    and the same for one process with accumulation as for several ranks without."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_003 + micro)
 
 
-def train_step(p: Parts, micro_batches: list[dict], step: int, gather=None) -> dict:
-    """One optimizer step over ``accum`` micro-batches; returns averaged metrics."""
-    task, opt = p.task, p.optimizer
-    opt.zero_grad(set_to_none=True)
+def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None) -> dict:
+    """Gradients of one optimizer step's micro-batches (averaged over them and the ranks)."""
     sums = {"loss": 0.0, "lm_loss": 0.0, "align_loss": 0.0, "pairs": 0, "dropped": 0}
     tau = None
+    n = len(micro_batches)
     for i, mb in enumerate(micro_batches):
         if not mb["input_ids"]:
             continue
-        gen = step_generator(p.cfg.optim.seed, step, i, p.dist.rank)
-        with _autocast(p.device):
-            out = task(mb, gen, gather)
-        (out["loss"] / len(micro_batches)).backward()
+        gen = step_generator(p.cfg.optim.seed, step, p.dist.rank * n + i)
+        # DDP: only the last micro-batch all-reduces gradients
+        sync = i == n - 1 or not hasattr(p.model, "no_sync")
+        ctx = contextlib.nullcontext() if sync else p.model.no_sync()
+        with ctx, _autocast(p.device):
+            out = p.model(mb, gen, gather)
+            (out["loss"] / n).backward()
         for k in ("loss", "lm_loss", "align_loss"):
-            sums[k] += float(out[k].detach()) / len(micro_batches)
+            sums[k] += float(out[k].detach()) / n
         sums["pairs"] += out["pairs"]
         sums["dropped"] += out["dropped"]
         tau = out.get("tau", tau)
-    params = [q for g in opt.param_groups for q in g["params"]]
-    if p.dist.enabled:
-        for q in params:  # average gradients over ranks (what DDP does in its hooks)
-            if q.grad is None:
-                q.grad = torch.zeros_like(q)
-            torch.distributed.all_reduce(q.grad)
-            q.grad /= p.dist.world
+    if tau is not None:
+        sums["tau"] = tau
+    return sums
+
+
+def train_step(p: Parts, micro_batches: list[dict], step: int, gather=None) -> dict:
+    p.optimizer.zero_grad(set_to_none=True)
+    metrics = forward_backward(p, micro_batches, step, gather)
+    params = [q for g in p.optimizer.param_groups for q in g["params"]]
     grad_norm = None
     if p.cfg.optim.grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.cfg.optim.grad_clip))
-    opt.step()
+    p.optimizer.step()
     p.scheduler.step()
-    metrics = {**sums, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm}
-    if tau is not None:
-        metrics["tau"] = tau
-    return metrics
+    return {**metrics, "lr": p.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
 
 
 def eval_alignment(p: Parts, max_images: int | None = None) -> dict | None:
@@ -233,20 +267,12 @@ def eval_alignment(p: Parts, max_images: int | None = None) -> dict | None:
 
 
 def rng_state() -> dict:
-    import random
-
-    import numpy as np
-
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": np.random.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
@@ -254,33 +280,73 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def resume_identity(cfg) -> dict:
+    flat = {}
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            elif key not in RESUME_FREE:
+                flat[key] = v
+
+    walk("", to_dict(cfg))
+    return flat
+
+
 def save_checkpoint(p: Parts, st: TrainState) -> Path | None:
-    state = {"train_state": asdict(st), "optimizer": p.optimizer.state_dict(),
-             "scheduler": p.scheduler.state_dict(), "world": p.dist.world,
-             "rng": rng_state(), "stage": p.stage}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    # trainable weights only, gathered whole (FSDP shards included) onto the CPU
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(p.task, options=full)
+    optim = get_optimizer_state_dict(p.task, p.optimizer, options=full)
+    rngs = D.gather_objects(rng_state(), p.dist)  # every rank's, restored rank by rank
+    state = {"train_state": asdict(st), "optimizer": optim, "scheduler": p.scheduler.state_dict(),
+             "world": p.dist.world, "rng": rngs, "stage": p.stage,
+             "identity": resume_identity(p.cfg)}
     path = None
     if p.dist.is_main():
-        path = checkpoint.save(p.cfg.log.output, st.step, p.task, state, to_dict(p.cfg),
+        path = checkpoint.save(p.cfg.log.output, st.step, weights, state, to_dict(p.cfg),
                                keep=p.cfg.log.keep_last)
     D.barrier(p.dist)
     return path
 
 
-def resume(p: Parts, st: TrainState) -> TrainState:
+def resume(p: Parts) -> TrainState:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     where = p.cfg.resume
     path = checkpoint.latest(p.cfg.log.output) if where == "latest" else Path(where)
     if path is None:
-        return st  # 'latest' with nothing saved yet: a fresh start
-    state = checkpoint.load(path, p.task)
+        return TrainState()  # 'latest' with nothing saved yet: a fresh start
+    weights, state = checkpoint.load(path)
     if state["world"] != p.dist.world:
         raise ValueError(f"checkpoint {path} was written by {state['world']} processes, this run "
                          f"has {p.dist.world}: the data position would not line up; resume with "
                          f"the same world size")
     if state.get("stage", p.stage) != p.stage:
         raise ValueError(f"checkpoint {path} is from stage '{state['stage']}', not '{p.stage}'")
-    p.optimizer.load_state_dict(state["optimizer"])
+    now = resume_identity(p.cfg)
+    for k in sorted(set(now) | set(state["identity"])):
+        if now.get(k) != state["identity"].get(k):
+            raise ValueError(f"checkpoint {path} was made with {k}={state['identity'].get(k)!r}, "
+                             f"this run has {now.get(k)!r}; resume with the same config "
+                             f"(only {', '.join(RESUME_FREE)} may change)")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(p.task, weights, options=opts)
+    set_optimizer_state_dict(p.task, p.optimizer, state["optimizer"], options=opts)
     p.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"][p.dist.rank])
     return TrainState(**state["train_state"])
 
 
@@ -306,7 +372,7 @@ class Logger:
             f.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
-                if isinstance(v, int | float) and v is not None:
+                if isinstance(v, int | float):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
     def close(self) -> None:
@@ -316,21 +382,20 @@ class Logger:
 
 def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
           stop_after: int | None = None) -> dict:
-    """Run (or resume) a stage; ``stop_after`` ends early after that step (tests: a kill)."""
+    """Run (or resume) a stage. ``stop_after`` returns right after that step without saving:
+    what a killed job leaves behind (tests resume from the last periodic checkpoint)."""
     from tqdm.auto import tqdm
 
     p = parts or build(cfg, stage)
-    st = TrainState()
-    if cfg.resume:
-        st = resume(p, st)
+    st = resume(p) if cfg.resume else TrainState()
     gather = D.gather_pairs if (p.dist.enabled and cfg.sea.gather_negatives) else None
     logger = Logger(cfg, p.dist.is_main())
-    bar = tqdm(total=p.total_steps, initial=st.step, desc=f"{stage}", unit="step",
+    bar = tqdm(total=p.total_steps, initial=st.step, desc=stage, unit="step",
                disable=not (cfg.log.progress and p.dist.is_main()))
     p.task.train()
-    p.task.mllm.set_trainable(adapter=True, llm=stage == "finetune",
-                              vision=p.task.train_vision)
+    p.task.mllm.set_trainable(adapter=True, llm=stage == "finetune", vision=p.task.train_vision)
     last_eval = None
+    history = []
     t_last, samples_last = time.perf_counter(), st.samples
     while st.step < p.total_steps:
         p.dataset.set_position(st.epoch, st.batches_in_epoch)
@@ -346,6 +411,7 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
             metrics["bad_images"] = sum(b.get("bad", 0) for b in micro)
             micro = []
             st.step += 1
+            history.append(metrics["loss"])
             bar.update(1)
             if st.step % cfg.log.every == 0 or st.step == p.total_steps:
                 now = time.perf_counter()
@@ -361,10 +427,9 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
             if st.step >= p.total_steps or (stop_after is not None and st.step >= stop_after):
                 break
         if stop_after is not None and st.step >= stop_after and st.step < p.total_steps:
-            save_checkpoint(p, st)
             bar.close()
             logger.close()
-            return {"step": st.step, "stopped_early": True}
+            return {"step": st.step, "stopped_early": True, "losses": history}
         if st.step < p.total_steps:  # the epoch ran out: next epoch
             st.epoch += 1
             st.batches_in_epoch = 0
@@ -373,20 +438,45 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     if p.dist.is_main():
         last_eval = eval_alignment(p)
         logger.log(st.step, last_eval or {}, kind="eval")
-        export(p, Path(cfg.log.output))
+    export(p, Path(cfg.log.output) / "final")
     logger.close()
-    return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval}
+    return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval,
+            "losses": history, "final": str(Path(cfg.log.output) / "final")}
 
 
 def export(p: Parts, out: Path) -> None:
-    """The adapter (and temperature) as safetensors beside the run, for stage 2 or inference."""
+    """What inference needs: adapter (+ temperature), the LLM (stage 2: the trained one;
+    stage 1: a reference to the frozen one), the vision tower's reference and the config."""
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    tensors = {f"adapter.{k}": v.detach().cpu().contiguous()
-               for k, v in p.task.mllm.adapter.state_dict().items()}
-    if p.task.align is not None:
-        tensors["log_tau"] = p.task.align.log_tau.detach().cpu().reshape(1)
+    full = get_model_state_dict(p.task, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if not p.dist.is_main():
+        D.barrier(p.dist)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k[len("mllm."):]: v.contiguous() for k, v in full.items() if k.startswith("mllm.adapter.")}
+    if "align.log_tau" in full:
+        tensors["log_tau"] = full["align.log_tau"].reshape(1)
     save_file(tensors, str(out / "adapter.safetensors"))
-    (out / "model.json").write_text(json.dumps({
-        "vision": to_dict(p.cfg.vision), "llm": p.cfg.llm.path, "stage": p.stage,
-        "grid": list(p.task.mllm.grid), "adapter": "mlp2x_gelu"}, indent=2))
+    llm_ref = p.cfg.llm.path
+    if p.stage == "finetune":
+        llm_state = {k[len("mllm.llm."):]: v for k, v in full.items() if k.startswith("mllm.llm.")}
+        p.task.mllm.llm.save_pretrained(out / "llm", state_dict=llm_state, safe_serialization=True)
+        p.tokenizer.save_pretrained(out / "llm")
+        llm_ref = "llm"
+    if p.task.train_vision:
+        vis = {k[len("mllm.vision.visual."):]: v.contiguous() for k, v in full.items()
+               if k.startswith("mllm.vision.visual.")}
+        save_file(vis, str(out / "vision.safetensors"))
+    enc = p.encoder
+    (out / "sea_model.json").write_text(json.dumps({
+        "stage": p.stage, "llm": llm_ref,
+        "vision": {"model": p.cfg.vision.model, "pretrained": p.cfg.vision.pretrained,
+                   "weights_sha256": enc.weights_sha256, "feature_layer": p.cfg.vision.feature_layer,
+                   "image_size": list(enc.image_size), "grid": list(enc.grid),
+                   "tuned_weights": "vision.safetensors" if p.task.train_vision else None},
+        "adapter": "mlp2x_gelu", "max_length": p.cfg.data.max_length,
+        "config_hash": config_hash(p.cfg)}, indent=2))
+    D.barrier(p.dist)
