@@ -53,8 +53,8 @@ train-pretrain: $(STAMP) ## SEA stage 1 (adapter only): TRAIN_CONFIG=configs/pre
 train-finetune: $(STAMP) ## stage 2 (LLM + adapter): FT_CONFIG=configs/finetune.yaml NPROC=1 ARGS='key=value ...'
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m trainer finetune --config $(FT_CONFIG) $(ARGS)
 
-bench: $(STAMP) ## benchmarks -> BENCHMARKS.md -- not built yet
-	@echo "make bench: not built yet (issue 7)"; exit 1
+bench: $(STAMP) ## benchmarks (< 10 min on 2 cores) -> BENCHMARKS.md and bench/results.json
+	$(PY) bench/bench.py
 
 clean: ## remove demo output and caches (keeps .venv)
 	rm -rf demo_out .pytest_cache .ruff_cache

@@ -69,6 +69,10 @@ class LabelActor:
         self.decode = ray.remote(num_cpus=self.cfg.ray.decode_cpus,
                                  max_retries=self.cfg.ray.max_task_retries)(decode_batch)
         self.progress = progress
+        # Start the decode workers now (each imports torch and the transform: seconds), so
+        # the first chunk does not pay for it.
+        ray.get([self.decode.remote(self.decoder_ref, [])
+                 for _ in range(max(1, self.cfg.ray.max_tasks_in_flight))])
 
     def metadata(self) -> dict:
         return self.labeler.metadata()
@@ -150,7 +154,7 @@ def run_ray(cfg: ExtractConfig) -> dict:
         progress = ray.remote(num_cpus=0)(Progress).remote()
         actor_cls = ray.remote(LabelActor).options(
             num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus, max_restarts=retries,
-            max_task_retries=retries, max_concurrency=2)
+            max_task_retries=retries)
         cfg_dict = to_dict(cfg)
         actors = [actor_cls.remote(cfg_dict, progress) for _ in range(n_actors)]
         metadata = ray.get(actors[0].metadata.remote())  # also: fails fast without weights

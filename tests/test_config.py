@@ -39,9 +39,17 @@ def test_bad_values_are_named():
 def test_shipped_configs_parse():
     from pathlib import Path
 
-    for f in sorted(Path(__file__).resolve().parents[1].glob("configs/extract*.yaml")):
+    from trainer.config import FinetuneConfig, PretrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted(root.glob("extract*.yaml")):
         cfg = load_config(ExtractConfig, f)
         assert cfg.labels.top_n == 10, f
+    pre = load_config(PretrainConfig, root / "pretrain.yaml")
+    assert (pre.optim.lr, pre.optim.global_batch_size, pre.sea.weight) == (1e-3, 256, 1.0)
+    ft = load_config(FinetuneConfig, root / "finetune.yaml")
+    assert (ft.optim.lr, ft.optim.global_batch_size, ft.sea.weight) == (2e-5, 128, 0.0)
+    assert len(list(root.glob("*.yaml"))) == 4  # a new config needs a line here
 
 
 def test_describe_lists_every_key():

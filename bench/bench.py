@@ -1,0 +1,372 @@
+"""``make bench``: label extraction against its bare-compute limit, storage, reading, SEA's
+training overhead and memory. Writes BENCHMARKS.md and bench/results.json.
+
+Every figure is the median of ``--repeats`` runs with its min and max. Configuration: a
+ViT-B/16-shaped vision tower (random weights; speed does not depend on them), the full
+2of12 list, n = 10, batch 16, fp32 on CPU (bf16 autocast where CUDA is present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def stat(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def machine() -> dict:
+    import faiss
+    import open_clip
+    import pyarrow
+    import ray
+    import transformers
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "faiss": faiss.__version__, "open_clip": open_clip.__version__,
+            "pyarrow": pyarrow.__version__, "ray": ray.__version__,
+            "transformers": transformers.__version__}
+
+
+def extract_cfg(spec, js, root, out, cache, *extra):
+    from pipeline.config import ExtractConfig, load_config
+
+    return load_config(ExtractConfig, None, [
+        f"encoder.model={spec}", "encoder.pretrained=null", f"input.json={js}",
+        f"input.image_root={root}", f"run.output={out}", "run.chunk_size=1000",
+        "run.batch_size=16", f"labels.text_cache_dir={cache}", "run.overwrite=true",
+        "run.progress=false", *extra])
+
+
+def bench_extraction(work: Path, spec: str, js: Path, root: Path, repeats: int, res: dict):
+    from pipeline.extract import load_records, run_local
+    from pipeline.ray_runner import run_ray
+    from pipeline.stages import Decoder, Labeler
+
+    cache = work / "text-cache"
+    cfg = extract_cfg(spec, js, root, work / "out", cache)
+    # 4. word-list encoding: first (cold cache) and cached
+    t = time.perf_counter()
+    lab = Labeler(cfg, progress=False)
+    first = time.perf_counter() - t
+    cached = timed(lambda: Labeler(cfg, progress=False), repeats)
+    res["wordlist_encoding"] = {"first_run_s": lab.text_seconds, "labeler_init_first_s": first,
+                                "cached_labeler_init_s": stat(cached),
+                                "words": len(lab.wordlist)}
+    records = load_records(cfg)
+    n = len(records)
+    dec = Decoder(cfg.input.image_root, lab.preprocess, cfg.input.max_pixels)
+    images = torch.stack([dec(r).image for r in records])
+    bs = cfg.run.batch_size
+
+    def bare():
+        for s in range(0, n, bs):
+            lab.search(*lab.encode(images[s:s + bs]))
+
+    bare()  # warm-up
+    bare_t, enc_t, search_t = [], [], []
+    for _ in range(repeats):  # the Labeler's own stage timers split each pass
+        e0, s0 = lab.timings.encode, lab.timings.search
+        bare_t += timed(bare, 1)
+        enc_t.append(lab.timings.encode - e0)
+        search_t.append(lab.timings.search - s0)
+    feats = [lab.encode(images[s:s + bs]) for s in range(0, min(n, 16), bs)]
+    local_t, ray_t = [], []
+    for _ in range(repeats):
+        shutil.rmtree(cfg.run.output, ignore_errors=True)
+        s = run_local(cfg, labeler=lab)
+        local_t.append(s["seconds"])
+    bytes_per_image = s["bytes_per_image"]
+    for _ in range(repeats):
+        shutil.rmtree(work / "out-ray", ignore_errors=True)
+        s = run_ray(extract_cfg(spec, js, root, work / "out-ray", cache, "run.runner=ray"))
+        ray_t.append(s["seconds"])
+    bare_rate = n / statistics.median(bare_t)
+    res["extraction"] = {
+        "images": n, "grid": list(lab.encoder.grid), "batch_size": bs,
+        "bare_limit_img_s": stat([n / x for x in bare_t]),
+        "encode_only_img_s": stat([n / x for x in enc_t]),
+        "search_only_img_s": stat([n / x for x in search_t]),
+        "in_process_img_s": stat([n / x for x in local_t]),
+        "ray_img_s": stat([n / x for x in ray_t]),
+        "in_process_efficiency": n / statistics.median(local_t) / bare_rate,
+        "ray_efficiency": n / statistics.median(ray_t) / bare_rate,
+        "ray_over_in_process": statistics.median(local_t) / statistics.median(ray_t),
+        "bytes_per_image_196x10": bytes_per_image,
+    }
+    # 2. naive: one image at a time, fp32, a Python loop over patches with numpy
+    text = lab.text.numpy()
+    k = cfg.labels.top_n
+    naive_n = min(4, n)
+
+    def naive():
+        for i in range(naive_n):
+            with torch.inference_mode():
+                p, _ = lab.encode(images[i:i + 1])
+            q = -p[0].numpy()
+            for v in q:
+                s = text @ v
+                top = np.argpartition(-s, k)[:k]
+                top[np.argsort(-s[top])]
+
+    naive_t = timed(naive, repeats)
+    res["naive"] = {"images": naive_n, "img_s": stat([naive_n / x for x in naive_t]),
+                    "speedup_in_process_over_naive":
+                        (n / statistics.median(local_t)) / (naive_n / statistics.median(naive_t))}
+    # 3. search backends on the same queries
+    from pipeline.search import WordIndex
+
+    q = -torch.cat([f[0].reshape(-1, f[0].shape[-1]) for f in feats])
+    out = {}
+    ids = {}
+    backends = [("faiss", "cpu"), ("torch", "cpu")]
+    if torch.cuda.is_available():
+        backends += [("torch", "cuda"), ("faiss", "cuda")]
+    for name, dev in backends:
+        idx = WordIndex(text, name, dev)
+        idx.search(q[:256], k)
+        tt = timed(lambda idx=idx: idx.search(q, k), repeats)
+        out[f"{name}-{dev}"] = {"patches_per_s": stat([len(q) / x for x in tt])}
+        ids[f"{name}-{dev}"] = idx.search(q, k)[1].numpy()
+    ref = ids["faiss-cpu"]
+    for key in out:
+        out[key]["top1_agreement_with_faiss_cpu"] = float((ids[key][:, 0] == ref[:, 0]).mean())
+        out[key]["topn_set_agreement"] = float(np.mean([len(set(a) & set(b)) / k
+                                                        for a, b in zip(ids[key], ref, strict=True)]))
+    res["search_backends"] = {"queries": len(q), "words": len(text), "dim": text.shape[1], **out}
+
+
+def bench_storage(work: Path, res: dict):
+    from pipeline import shards
+
+    rng = np.random.default_rng(0)
+    meta = {k: None for k in shards.META_FIELDS}
+    out = {}
+    for label, grid, uniform in [("576x10_uniform_random_ids", (24, 24), True),
+                                 ("576x10_zipf_ids", (24, 24), False)]:
+        b, p, n = 256, grid[0] * grid[1], 10
+        if uniform:
+            ids = rng.integers(0, 41241, (b, p, n))
+        else:  # real labels repeat a few thousand words (the paper: 61% of the list used)
+            ids = np.minimum(rng.zipf(1.3, (b, p, n)) - 1, 41240)
+        scores = np.sort(rng.normal(0.1, 0.05, (b, p, n)), axis=-1)[..., ::-1]
+        path = work / f"storage-{label}.parquet"
+        w = shards.ShardWriter(path, meta)
+        w.write(shards.LabelBatch([f"{i:09d}" for i in range(b)], [f"img/{i:09d}.jpg" for i in range(b)],
+                                  grid, ids.astype(np.uint16), scores.astype(np.float16)))
+        w.close()
+        out[label] = {"bytes_per_image": path.stat().st_size / b, "raw_bytes_per_image": p * n * 4}
+    res["storage"] = out
+
+
+def bench_training(work: Path, repeats: int, res: dict):
+    """SEA overhead and reader speed on the demo's tiny setup."""
+    from pipeline.demo import make_sample
+    from pipeline.demo_run import demo_config, pretrain_demo_config
+    from pipeline.extract import run_local
+    from pipeline.tiny import save_tiny
+    from trainer.data import StreamDataset
+    from trainer.tiny import save_tiny_llm
+    from trainer.train import build, train_step
+    from wordlist import load_wordlist
+
+    spec = save_tiny("clip", work / "models" / "tiny-clip")
+    make_sample(work / "sample", n=48)
+    s = run_local(demo_config(work, spec))
+    res["storage"]["demo_8x8x10"] = {"bytes_per_image": s["bytes_per_image"],
+                                     "raw_bytes_per_image": 64 * 10 * 4}
+    llm = save_tiny_llm(work / "models" / "tiny-llm", list(load_wordlist().words))
+    step_times = {}
+    for w in (0.0, 1.0):
+        cfg = pretrain_demo_config(work, spec, llm, w)
+        p = build(cfg, "pretrain")
+        p.task.train()
+        p.dataset.set_position(0, 0)
+        batches = list(p.dataset)[: p.accum]
+        train_step(p, batches, 0)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = timed(lambda p=p, b=batches: train_step(p, b, 1), 10)
+            times.append(statistics.median(t))
+        step_times[w] = times
+        samples = sum(len(b["input_ids"]) for b in batches)
+        if w == 1.0:
+            consume = samples / statistics.median(times)
+            ds = p.dataset
+
+    def read_all():
+        n = 0
+        for b in StreamDataset(ds.source, ds.micro, 0, holdout=ds.holdout):
+            n += len(b["input_ids"])
+        return n
+
+    rows = read_all()
+    read_t = timed(read_all, repeats)
+    res["training"] = {
+        "config": "demo: tiny CLIP 8x8 grid, tiny Llama (64 wide, 2 layers), micro 4, global 8",
+        "step_s_lambda0": stat(step_times[0.0]), "step_s_lambda1": stat(step_times[1.0]),
+        "sea_overhead_ratio": statistics.median(step_times[1.0]) / statistics.median(step_times[0.0]),
+        "reader_img_s": stat([rows / x for x in read_t]),
+        "trainer_consumes_img_s": consume,
+    }
+
+
+def peak_rss(cmd: list[str], env=None) -> float:
+    """Peak resident memory (MiB) of a child process."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True,
+                         check=True, env=env, cwd=REPO)
+    return int(out.stdout.strip()) / 1024
+
+
+def bench_memory(work: Path, spec: str, res: dict, n_small: int):
+    from pipeline.demo import make_sample
+
+    out = {}
+    for n in (n_small, 4 * n_small):
+        make_sample(work / f"mem{n}", n=n, size=256, seed=1)
+        cmd = [sys.executable, "-m", "pipeline", "extract", f"encoder.model={spec}",
+               "encoder.pretrained=null", f"input.json={work / f'mem{n}' / 'sample.json'}",
+               f"input.image_root={work / f'mem{n}' / 'images'}", f"run.output={work / f'memout{n}'}",
+               "run.runner=local", "run.chunk_size=16", "run.batch_size=16",
+               f"labels.text_cache_dir={work / 'text-cache'}", "run.progress=false"]
+        out[f"extract_{n}_images_mib"] = peak_rss(cmd)
+    out["extract_ratio_4n_over_n"] = out[f"extract_{4 * n_small}_images_mib"] / out[f"extract_{n_small}_images_mib"]
+    cmd = [sys.executable, "-m", "trainer", "pretrain", f"vision.model=local-dir:{work / 'models' / 'tiny-clip'}",
+           "vision.pretrained=null", f"llm.path={work / 'models' / 'tiny-llm'}",
+           f"data.json={work / 'sample' / 'sample.json'}", f"data.image_root={work / 'sample' / 'images'}",
+           f"data.shards={work / 'shards'}", "data.holdout_images=8", "data.num_workers=0",
+           "optim.global_batch_size=8", "optim.micro_batch_size=4", "optim.epochs=2",
+           f"log.output={work / 'runs' / 'mem'}", "log.progress=false", "log.eval_every=0"]
+    out["trainer_tiny_mib"] = peak_rss(cmd)
+    res["memory"] = out
+
+
+def write_markdown(res: dict, path: Path, command: str) -> None:
+    e, t, m = res["extraction"], res["training"], res["memory"]
+
+    def f(s, digits=2):
+        return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+    lines = [
+        "# Benchmarks", "",
+        f"Produced by `{command}` on {res['machine']['cpus']} CPU cores, GPU: "
+        f"{res['machine']['gpu'] or 'none'}; torch {res['machine']['torch']}, faiss "
+        f"{res['machine']['faiss']}, open_clip {res['machine']['open_clip']}, ray "
+        f"{res['machine']['ray']}. Median of {res['repeats']} runs, (min-max) after it. "
+        f"All figures: `bench/results.json`. Targets are reported, never asserted.", "",
+        "## Label extraction (ViT-B/16-shaped tower, random weights, 2of12, n = 10, batch 16, fp32)", "",
+        "| figure | value | target |", "|---|---|---|",
+        f"| images | {e['images']} ({e['grid'][0]}x{e['grid'][1]} patches) | |",
+        f"| bare limit: encode + search on preloaded tensors, img/s | {f(e['bare_limit_img_s'])} | |",
+        f"| encode alone, img/s | {f(e['encode_only_img_s'])} | |",
+        f"| search alone (FAISS flat), img/s | {f(e['search_only_img_s'])} | |",
+        f"| in-process pipeline, img/s | {f(e['in_process_img_s'])} | |",
+        f"| Ray pipeline, img/s | {f(e['ray_img_s'])} | |",
+        f"| in-process efficiency (pipeline / bare) | {e['in_process_efficiency']:.3f} | >= 0.9 |",
+        f"| Ray efficiency (pipeline / bare) | {e['ray_efficiency']:.3f} | >= 0.9 |",
+        f"| Ray / in-process throughput | {e['ray_over_in_process']:.3f} | >= 0.9 |",
+        f"| naive (1 image, numpy loop over patches), img/s | {f(res['naive']['img_s'], 3)} | |",
+        f"| speed-up of the pipeline over naive | {res['naive']['speedup_in_process_over_naive']:.1f}x | |",
+        "", "## Search backends (same queries)", "", "| backend | patches/s | top-1 agreement | top-n set agreement |",
+        "|---|---|---|---|"]
+    for k, v in res["search_backends"].items():
+        if isinstance(v, dict):
+            lines.append(f"| {k} | {f(v['patches_per_s'], 0)} | {v['top1_agreement_with_faiss_cpu']:.4f} | "
+                         f"{v['topn_set_agreement']:.4f} |")
+    w = res["wordlist_encoding"]
+    lines += ["", "## Word-list encoding (41,241 words, ViT-B/16 bench text tower: 2 layers, width 128)", "",
+              f"- first run (cold cache): {w['first_run_s']:.2f} s of text encoding "
+              f"({w['labeler_init_first_s']:.2f} s with model loading)",
+              f"- cached run (model loading + cache read): {f(w['cached_labeler_init_s'])} s", "",
+              "## Storage and reading", "", "| shard | bytes/image on disk | raw (uint16 + float16) |", "|---|---|---|"]
+    for k, v in res["storage"].items():
+        lines.append(f"| {k} | {v['bytes_per_image']:.0f} | {v['raw_bytes_per_image']} |")
+    lines.append(f"| bench run, {e['grid'][0]}x{e['grid'][1]}x10 (real labels of the random ViT-B) | "
+                 f"{e['bytes_per_image_196x10']:.0f} | {e['grid'][0] * e['grid'][1] * 40} |")
+    lines += ["", f"- streaming reader (labels + image decode + tokenization), demo set: {f(t['reader_img_s'], 1)} img/s",
+              f"- trainer consumption at the demo config: {t['trainer_consumes_img_s']:.1f} img/s", "",
+              "## SEA's overhead in training (" + t["config"] + ")", "",
+              f"- step time lambda = 0: {f(t['step_s_lambda0'], 4)} s; lambda = 1: {f(t['step_s_lambda1'], 4)} s",
+              f"- ratio: {t['sea_overhead_ratio']:.3f} (target <= 1.10)", "",
+              "## Memory (peak RSS of the whole process, MiB)", ""]
+    for k, v in m.items():
+        lines.append(f"- {k}: {v:.2f}" if "ratio" in k else f"- {k}: {v:.0f}")
+    lines += ["", "## Reading the figures", "", *res.get("notes", [])]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--json", default=str(REPO / "bench" / "results.json"))
+    ap.add_argument("--notes", default=str(REPO / "bench" / "notes.md"))
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown from --json")
+    args = ap.parse_args()
+    if args.render:
+        res = json.loads(Path(args.json).read_text())
+        notes = Path(args.notes)
+        res["notes"] = notes.read_text().splitlines() if notes.is_file() else []
+        write_markdown(res, Path(args.out), "make bench")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pipeline.demo import make_sample
+    from pipeline.tiny import save_tiny
+
+    work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
+    t0 = time.perf_counter()
+    res: dict = {"machine": machine(), "repeats": args.repeats}
+    try:
+        spec = save_tiny("vitb16", work / "models" / "vitb16")
+        js = make_sample(work / "bench-sample", n=args.images, size=256, seed=2)
+        bench_extraction(work, spec, js, work / "bench-sample" / "images", args.repeats, res)
+        bench_storage(work, res)
+        bench_training(work, args.repeats, res)
+        bench_memory(work, spec, res, n_small=16)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["total_seconds"] = time.perf_counter() - t0
+    notes = Path(args.notes)
+    res["notes"] = notes.read_text().splitlines() if notes.is_file() else []
+    Path(args.json).write_text(json.dumps(res, indent=2))
+    command = "make bench"
+    write_markdown(res, Path(args.out), command)
+    print(Path(args.out).read_text())
+    print(f"bench took {res['total_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
