@@ -75,12 +75,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        bad = isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())
         try:
-            return int(value) if not isinstance(value, float) or value.is_integer() else _fail()
-        except (TypeError, ValueError, ConfigError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            if not bad:
+                return int(value)
+        except (TypeError, ValueError):
+            pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         try:
             return float(value)
@@ -95,10 +96,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
     return value
-
-
-def _fail():
-    raise ConfigError("not an integer")
 
 
 def doc(default: Any, text: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -69,7 +69,6 @@ class Timings:
     encode: float = 0.0
     search: float = 0.0
     images: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Labeler:

@@ -60,7 +60,6 @@ def encode_words(model, tokenizer, words, templates=(), batch_size: int = 1024,
     templates = list(templates) or ["{}"]
     model = model.to(device)
     truncate = _can_truncate(model)
-    out = np.empty((len(words), 0), dtype=np.float32)
     chunks = []
     bar = tqdm(total=len(words) * len(templates), desc="encoding word list", unit="text",
                disable=not progress, mininterval=1.0)
@@ -76,8 +75,9 @@ def encode_words(model, tokenizer, words, templates=(), batch_size: int = 1024,
             bar.update(len(batch))
         chunks.append(F.normalize(acc, dim=-1).cpu().numpy())
     bar.close()
-    out = np.concatenate(chunks, axis=0) if chunks else out
-    return np.ascontiguousarray(out, dtype=np.float32)
+    if not chunks:
+        raise ValueError("no words to encode")
+    return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
 
 
 def load_or_encode(encoder, wordlist, templates=(), cache_dir: str | Path | None = None,

@@ -195,3 +195,25 @@ def test_generate_answers_with_a_tiny_trained_model(finetune_cfg, sample, capsys
     assert out  # some decoded text from the tiny model
     meta = json.loads((Path(res["final"]) / "sea_model.json").read_text())
     assert meta["stage"] == "finetune" and (Path(res["final"]) / meta["llm"] / "config.json").is_file()
+
+
+def test_stage2_reads_labels_where_they_exist(finetune_cfg, label_run, tiny_llm):
+    """Stage 2 streams the whole instruction JSON (text-only samples too) and attaches labels
+    by image path; batches mixing labelled and unlabelled images keep their alignment."""
+    from pipeline.shards import SENTINEL
+    from trainer.train import build, train_step
+
+    p = build(finetune_cfg(f"data.shards={label_run}", "sea.weight=1"), "finetune")
+    assert p.source.total_rows == len(p.source.items)  # the JSON, not the shard rows
+    seen_text_only = seen_labels = 0
+    p.dataset.set_position(0, 0)
+    batches = list(p.dataset)
+    for b in batches:
+        seen_text_only += sum(not h for h in b["has_image"])
+        if "label_ids" in b:
+            assert b["label_ids"].shape[0] == b["pixels"].shape[0]
+            seen_labels += int((b["label_ids"][:, 0, 0] != SENTINEL).sum())
+    assert seen_text_only == 4 and seen_labels == 24
+    p.task.train()
+    m = train_step(p, batches[: p.accum], 0)
+    assert m["loss"] > 0

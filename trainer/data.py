@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import BadImage, load_rgb, resolve_inside
-from pipeline.shards import open_label_set
+from pipeline.shards import SENTINEL, open_label_set
 from trainer.prompts import build_sample
 
 
@@ -61,9 +61,12 @@ class SampleSource:
         self.max_pixels = max_pixels
         self.top_n = None
         self.items, self.index = load_conversations(cfg.json)
+        self.meta, self.shards, self.by_path = None, [], None
         if cfg.shards:
             self.meta, self.shards = open_label_set(cfg.shards, expect)
             self.top_n = self.meta["top_n"]
+        if cfg.shards and fmt == "plain":
+            # stage 1: the stream is the labelled images, in shard order
             self.blocks = []
             row = 0
             for s, path in enumerate(self.shards):
@@ -73,27 +76,59 @@ class SampleSource:
                     self.blocks.append(Block(s, g, n, row))
                     row += n
         else:
-            self.meta, self.shards = None, []
+            # stage 2: the stream is the JSON (text-only samples included); labels are looked
+            # up by image path where the label run has them
             step = cfg.shuffle_block
             self.blocks = [Block(-1, s, min(step, len(self.items) - s), s)
                            for s in range(0, len(self.items), step)]
+            if cfg.shards:
+                self.by_path = self._path_index()
         self.total_rows = sum(b.rows for b in self.blocks)
+        self._groups: dict = {}  # small cache of decoded row groups for path lookups
+
+    def _path_index(self) -> dict[str, tuple[int, int, int]]:
+        """image path -> (shard, row group, row): reads only the path column, group by group."""
+        index = {}
+        for s, path in enumerate(self.shards):
+            pf = pq.ParquetFile(path)
+            for g in range(pf.metadata.num_row_groups):
+                for r, p in enumerate(pf.read_row_group(g, columns=["path"]).column(0).to_pylist()):
+                    index.setdefault(p, (s, g, r))
+        return index
+
+    def _labels_for(self, image: str | None):
+        loc = self.by_path.get(image) if (self.by_path is not None and image) else None
+        if loc is None:
+            return None, None
+        key = loc[:2]
+        if key not in self._groups:
+            if len(self._groups) >= 4:
+                self._groups.pop(next(iter(self._groups)))
+            self._groups[key] = self._decode_group(key[0], key[1])
+        ids, sc, _ = self._groups[key]
+        return ids[loc[2]], sc[loc[2]]
+
+    def _decode_group(self, shard: int, group: int, skip: int = 0, rows: int | None = None):
+        t = pq.ParquetFile(self.shards[shard]).read_row_group(group)
+        t = t.slice(skip, rows)
+        n = self.top_n
+        ids = t.column("label_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+        sc = t.column("scores").combine_chunks().values.to_numpy(zero_copy_only=False)
+        return (ids.reshape(t.num_rows, -1, n), sc.astype(np.float32).reshape(t.num_rows, -1, n),
+                t.column("image_id").to_pylist())
 
     def rows(self, block: Block) -> list[dict]:
         """A block's rows as dicts: image_id, item (conversation), labels when present."""
         if block.shard < 0:
             start = block.group + block.skip
-            return [{"item": self.items[i], "row": i, "label_ids": None, "label_scores": None}
-                    for i in range(start, start + block.rows)]
-        t = pq.ParquetFile(self.shards[block.shard]).read_row_group(block.group)
-        t = t.slice(block.skip, block.rows)
-        n = self.top_n
-        ids = t.column("label_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
-        sc = t.column("scores").combine_chunks().values.to_numpy(zero_copy_only=False)
-        ids = ids.reshape(t.num_rows, -1, n)
-        sc = sc.astype(np.float32).reshape(t.num_rows, -1, n)
+            out = []
+            for i in range(start, start + block.rows):
+                ids, sc = self._labels_for(self.items[i].get("image"))
+                out.append({"item": self.items[i], "row": i, "label_ids": ids, "label_scores": sc})
+            return out
+        ids, sc, image_ids = self._decode_group(block.shard, block.group, block.skip, block.rows)
         out = []
-        for r, image_id in enumerate(t.column("image_id").to_pylist()):
+        for r, image_id in enumerate(image_ids):
             i = self.index.get(image_id)
             out.append({"item": self.items[i] if i is not None else None, "row": block.first_row + r,
                         "label_ids": ids[r], "label_scores": sc[r], "image_id": image_id})
@@ -128,9 +163,11 @@ def collate(samples: list[dict]) -> dict:
         "pixels": torch.stack([s["pixel"] for s in with_img]) if with_img else None,
         "rows": [s["row"] for s in samples],
     }
-    if labelled and len(labelled) == len(with_img):
-        batch["label_ids"] = torch.stack([s["label_ids"] for s in labelled])
-        batch["label_scores"] = torch.stack([s["label_scores"] for s in labelled])
+    if labelled:  # images without labels get all-sentinel rows: the sampler skips them
+        blank_ids = torch.full_like(labelled[0]["label_ids"], SENTINEL)
+        blank_sc = torch.zeros_like(labelled[0]["label_scores"])
+        batch["label_ids"] = torch.stack([s.get("label_ids", blank_ids) for s in with_img])
+        batch["label_scores"] = torch.stack([s.get("label_scores", blank_sc) for s in with_img])
     return batch
 
 

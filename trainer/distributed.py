@@ -47,14 +47,6 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float, d: Dist, device) -> float:
-    if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / d.world
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns this rank's slice of the summed gradient."""
 
