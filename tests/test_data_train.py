@@ -117,3 +117,22 @@ def test_sea_raises_alignment_over_lambda_zero(pretrain_cfg, tmp_path):
     assert (out / "final" / "adapter.safetensors").is_file()
     assert json.loads((out / "final" / "sea_model.json").read_text())["stage"] == "pretrain"
     assert len(list((out / "checkpoints").glob("step-*"))) == 1
+
+
+def test_cli_pretrain_then_eval_align(pretrain_cfg, tmp_path, capsys):
+    from trainer.__main__ import main
+
+    cfg = pretrain_cfg()
+    args = [f"vision.model={cfg.vision.model}", "vision.pretrained=null", f"llm.path={cfg.llm.path}",
+            f"data.json={cfg.data.json}", f"data.image_root={cfg.data.image_root}",
+            f"data.shards={cfg.data.shards}", "data.holdout_images=4", "data.num_workers=0",
+            "optim.global_batch_size=4", "optim.micro_batch_size=2", "optim.max_steps=2",
+            "log.progress=false", "log.tensorboard=false", f"log.output={tmp_path / 'cli'}"]
+    assert main(["pretrain", *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 2 and out["align"]["images"] == 4
+    assert main(["eval-align", "--checkpoint", "latest", *args]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["align"] == out["align"]  # the saved checkpoint reproduces the final eval
+    assert main(["pretrain", *args, "llm.path=/no/such/model"]) == 2
+    assert "huggingface-cli download" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Load a trained model's ``final/`` folder and answer a prompt about an image."""
+"""The trained model's ``final/`` folder: written by ``export`` at the end of training, read
+by ``load_final``; ``answer`` replies to a prompt about an image with it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+
+from pipeline.config import config_hash
+from trainer import distributed as D
 
 
 def load_final(path: str | Path, device: str | torch.device = "cpu"):
@@ -61,3 +65,41 @@ def answer(mllm, tok, preprocess, meta, image_path: str | None, prompt: str,
                             max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0], skip_special_tokens=True).strip()
+
+
+def export(p, out: Path) -> None:
+    """What inference needs: adapter (+ temperature), the LLM (stage 2: the trained one;
+    stage 1: a reference to the frozen one), the vision tower's reference and the config."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(p.task, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if not p.dist.is_main():
+        D.barrier(p.dist)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k[len("mllm."):]: v.contiguous() for k, v in full.items() if k.startswith("mllm.adapter.")}
+    if "align.log_tau" in full:
+        tensors["log_tau"] = full["align.log_tau"].reshape(1)
+    save_file(tensors, str(out / "adapter.safetensors"))
+    llm_ref = p.cfg.llm.path
+    if p.stage == "finetune":
+        llm_state = {k[len("mllm.llm."):]: v for k, v in full.items() if k.startswith("mllm.llm.")}
+        p.task.mllm.llm.save_pretrained(out / "llm", state_dict=llm_state, safe_serialization=True)
+        p.tokenizer.save_pretrained(out / "llm")
+        llm_ref = "llm"
+    if p.task.train_vision:
+        vis = {k[len("mllm.vision.visual."):]: v.contiguous() for k, v in full.items()
+               if k.startswith("mllm.vision.visual.")}
+        save_file(vis, str(out / "vision.safetensors"))
+    enc = p.encoder
+    (out / "sea_model.json").write_text(json.dumps({
+        "stage": p.stage, "llm": llm_ref,
+        "vision": {"model": p.cfg.vision.model, "pretrained": p.cfg.vision.pretrained,
+                   "weights_sha256": enc.weights_sha256, "feature_layer": p.cfg.vision.feature_layer,
+                   "image_size": list(enc.image_size), "grid": list(enc.grid),
+                   "tuned_weights": "vision.safetensors" if p.task.train_vision else None},
+        "adapter": "mlp2x_gelu", "max_length": p.cfg.data.max_length,
+        "config_hash": config_hash(p.cfg)}, indent=2))
+    D.barrier(p.dist)

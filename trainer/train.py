@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import config_hash, to_dict
+from pipeline.config import to_dict
 from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
@@ -64,6 +64,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     accum: int
+    per_epoch: int  # optimizer steps per epoch: the same on every rank
     total_steps: int
 
 
@@ -170,6 +171,8 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world,
                             cfg.data.num_workers, cfg.data.shuffle_window,
                             cfg.data.holdout_images if cfg.data.shards else 0)
+    # ranks may hold a few more batches than others: every rank stops the epoch at the
+    # smallest count, so all change epoch together and rank 0's data position is everyone's
     per_epoch = min(D.gather_objects(sum(dataset.batches_per_worker()), d)) // accum
     if per_epoch == 0:
         raise ValueError(f"{source.total_rows} rows give no optimizer step at global batch "
@@ -183,7 +186,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
                                   weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, o.warmup_ratio))
     return Parts(cfg, stage, d, device, enc, tok, wl, word_tokens, task, model, source, dataset,
-                 optimizer, scheduler, accum, total)
+                 optimizer, scheduler, accum, per_epoch, total)
 
 
 def param_groups(task: SEATask, cfg) -> list[dict]:
@@ -397,7 +400,11 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     last_eval = None
     history = []
     t_last, samples_last = time.perf_counter(), st.samples
+    epoch_batches = p.per_epoch * p.accum
     while st.step < p.total_steps:
+        if st.batches_in_epoch >= epoch_batches:
+            st.epoch += 1
+            st.batches_in_epoch = 0
         p.dataset.set_position(st.epoch, st.batches_in_epoch)
         loader = DataLoader(p.dataset, batch_size=None, num_workers=cfg.data.num_workers)
         micro: list[dict] = []
@@ -424,59 +431,22 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
                 logger.log(st.step, last_eval or {}, kind="eval")
             if st.step % cfg.log.save_every == 0 and st.step < p.total_steps:
                 save_checkpoint(p, st)
-            if st.step >= p.total_steps or (stop_after is not None and st.step >= stop_after):
+            if (st.step >= p.total_steps or st.batches_in_epoch >= epoch_batches
+                    or (stop_after is not None and st.step >= stop_after)):
                 break
         if stop_after is not None and st.step >= stop_after and st.step < p.total_steps:
             bar.close()
             logger.close()
             return {"step": st.step, "stopped_early": True, "losses": history}
-        if st.step < p.total_steps:  # the epoch ran out: next epoch
-            st.epoch += 1
-            st.batches_in_epoch = 0
+        st.batches_in_epoch = epoch_batches  # the epoch is over (a short tail is dropped)
     bar.close()
     final = save_checkpoint(p, st)
     if p.dist.is_main():
         last_eval = eval_alignment(p)
         logger.log(st.step, last_eval or {}, kind="eval")
+    from trainer.generate import export
+
     export(p, Path(cfg.log.output) / "final")
     logger.close()
     return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval,
             "losses": history, "final": str(Path(cfg.log.output) / "final")}
-
-
-def export(p: Parts, out: Path) -> None:
-    """What inference needs: adapter (+ temperature), the LLM (stage 2: the trained one;
-    stage 1: a reference to the frozen one), the vision tower's reference and the config."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(p.task, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    if not p.dist.is_main():
-        D.barrier(p.dist)
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k[len("mllm."):]: v.contiguous() for k, v in full.items() if k.startswith("mllm.adapter.")}
-    if "align.log_tau" in full:
-        tensors["log_tau"] = full["align.log_tau"].reshape(1)
-    save_file(tensors, str(out / "adapter.safetensors"))
-    llm_ref = p.cfg.llm.path
-    if p.stage == "finetune":
-        llm_state = {k[len("mllm.llm."):]: v for k, v in full.items() if k.startswith("mllm.llm.")}
-        p.task.mllm.llm.save_pretrained(out / "llm", state_dict=llm_state, safe_serialization=True)
-        p.tokenizer.save_pretrained(out / "llm")
-        llm_ref = "llm"
-    if p.task.train_vision:
-        vis = {k[len("mllm.vision.visual."):]: v.contiguous() for k, v in full.items()
-               if k.startswith("mllm.vision.visual.")}
-        save_file(vis, str(out / "vision.safetensors"))
-    enc = p.encoder
-    (out / "sea_model.json").write_text(json.dumps({
-        "stage": p.stage, "llm": llm_ref,
-        "vision": {"model": p.cfg.vision.model, "pretrained": p.cfg.vision.pretrained,
-                   "weights_sha256": enc.weights_sha256, "feature_layer": p.cfg.vision.feature_layer,
-                   "image_size": list(enc.image_size), "grid": list(enc.grid),
-                   "tuned_weights": "vision.safetensors" if p.task.train_vision else None},
-        "adapter": "mlp2x_gelu", "max_length": p.cfg.data.max_length,
-        "config_hash": config_hash(p.cfg)}, indent=2))
-    D.barrier(p.dist)
