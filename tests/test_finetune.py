@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,16 +125,11 @@ def test_half_written_or_corrupted_checkpoint_is_never_latest(tmp_path):
     assert [p.name for p in checkpoint.list_complete(tmp_path)] == ["step-00000012", "step-00000014"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc, stage, out, overrides):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={_free_port()}", str(REPO / "tests" / "_dist_worker.py"), stage,
+    # --standalone: torchrun picks its own free rendezvous port (no race with a port we pick)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(REPO / "tests" / "_dist_worker.py"), stage,
            str(out), *overrides]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
