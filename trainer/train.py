@@ -30,9 +30,10 @@ from trainer.model import MLLM
 from trainer.sea_loss import AlignmentLoss, load_word_tokens
 from trainer.task import SEATask
 
-# config keys that may change between a run and its resume
+# config keys that may change between a run and its resume (nothing that moves the data
+# order, e.g. data.num_workers, or the schedule, e.g. optim.max_steps)
 RESUME_FREE = ("resume", "log.progress", "log.every", "log.eval_every", "log.save_every",
-               "log.keep_last", "log.tensorboard", "optim.max_steps", "data.num_workers")
+               "log.keep_last", "log.tensorboard")
 
 
 class LLMNotFound(RuntimeError):
