@@ -252,7 +252,8 @@ class RayConfig:
     decode_cpus: float = doc(1.0, "CPUs per decode task")
     max_tasks_in_flight: int = doc(4, "decode batches queued per actor (backpressure)")
     max_task_retries: int = doc(3, "Ray retries of a failed task or restarted actor")
-    torch_threads: int | None = doc(None, "torch threads per model actor (null: the node's cores)")
+    torch_threads: int | None = doc(None, "torch threads per model actor (null: the node's cores "
+                                          "on CPU, cpus_per_actor next to a GPU)")
 
 
 @dataclasses.dataclass

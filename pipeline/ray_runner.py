@@ -59,9 +59,12 @@ class LabelActor:
         from pipeline.stages import Decoder, Labeler
 
         self.cfg = from_dict(ExtractConfig, cfg_dict)
-        # Ray pins OMP threads to num_cpus; the model gets the node's cores like the local
-        # runner (decode tasks are light next to the vision tower).
-        torch.set_num_threads(self.cfg.ray.torch_threads or (os.cpu_count() or 1))
+        # Ray pins OMP threads to num_cpus. On a CPU node the model gets the node's cores, as in
+        # the local runner (decode tasks are light next to the vision tower); next to a GPU
+        # it needs few, and several actors share the node.
+        default = (max(1, int(self.cfg.ray.cpus_per_actor)) if torch.cuda.is_available()
+                   else (os.cpu_count() or 1))
+        torch.set_num_threads(self.cfg.ray.torch_threads or default)
         self.labeler = Labeler(self.cfg, progress=False)
         ray = _ray()
         self.decoder_ref = ray.put(Decoder(self.cfg.input.image_root, self.labeler.preprocess,
