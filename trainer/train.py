@@ -407,7 +407,8 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
             st.epoch += 1
             st.batches_in_epoch = 0
         p.dataset.set_position(st.epoch, st.batches_in_epoch)
-        loader = DataLoader(p.dataset, batch_size=None, num_workers=cfg.data.num_workers)
+        loader = DataLoader(p.dataset, batch_size=None, num_workers=cfg.data.num_workers,
+                            pin_memory=p.device.type == "cuda")
         micro: list[dict] = []
         for batch in loader:
             st.batches_in_epoch += 1
