@@ -122,3 +122,23 @@ def test_visual_tokens_come_from_the_penultimate_layer(pretrain_cfg):
         v.visual.output_tokens = False
         torch.testing.assert_close(v(x), want)
     assert v.num_blocks == depth - 1 and v(x).shape[1] == 64  # class token dropped
+
+
+def test_eval_keeps_frozen_parts_in_eval_mode(pretrain_cfg):
+    from trainer.train import eval_alignment, set_train_mode
+
+    p = _parts(pretrain_cfg())
+    set_train_mode(p)
+    eval_alignment(p, max_images=2)
+    assert p.task.mllm.adapter.training
+    assert not p.task.mllm.llm.training and not p.task.mllm.vision.training
+
+
+def test_batch_with_nothing_to_predict_gives_zero_lm_loss(pretrain_cfg):
+    p = _parts(pretrain_cfg())
+    batch = _first_batches(p, 1)[0]
+    batch["labels"] = [torch.full_like(x, IGNORE_INDEX) for x in batch["labels"]]
+    out = p.task(batch, torch.Generator().manual_seed(0))
+    assert float(out["lm_loss"].detach()) == 0.0 and out["loss"].requires_grad
+    out["loss"].backward()
+    assert p.task.mllm.adapter[0].weight.grad is not None

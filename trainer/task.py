@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.model import MLLM, splice
+from trainer.model import IGNORE_INDEX, MLLM, splice
 from trainer.sea_loss import AlignmentLoss
 
 
@@ -30,9 +30,13 @@ class SEATask(nn.Module):
             tokens = m.visual_tokens(batch["pixels"].to(device), self.train_vision)
         sp = splice(embed, batch["input_ids"], batch["labels"], tokens, batch["has_image"],
                     self.max_length, self.truncation)
-        out = m.llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                    labels=sp.labels, use_cache=False)
-        lm_loss = out.loss
+        if sp.keep.any() and (sp.labels[:, 1:] != IGNORE_INDEX).any():
+            out = m.llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                        labels=sp.labels, use_cache=False)
+            lm_loss = out.loss
+        else:  # nothing to predict (all dropped or masked): 0, still attached to the adapter
+            anchor = tokens if tokens is not None else m.adapter[0].weight
+            lm_loss = anchor.sum() * 0.0
         losses = {"lm_loss": lm_loss, "dropped": int((~sp.keep).sum())}
         align_loss = lm_loss.new_zeros(())
         pairs = 0

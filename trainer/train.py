@@ -267,7 +267,14 @@ def eval_alignment(p: Parts, max_images: int | None = None) -> dict | None:
     try:
         return evaluate_alignment(p.task.mllm, p.word_tokens, rows(), lambda r: r, device=p.device)
     finally:
-        p.task.train(was)
+        if was:
+            set_train_mode(p)
+
+
+def set_train_mode(p: Parts) -> None:
+    """Train mode for what trains; frozen parts stay in eval mode (no dropout on them)."""
+    p.task.train()
+    p.task.mllm.set_trainable(adapter=True, llm=p.stage == "finetune", vision=p.task.train_vision)
 
 
 def rng_state() -> dict:
@@ -396,8 +403,7 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     logger = Logger(cfg, p.dist.is_main())
     bar = tqdm(total=p.total_steps, initial=st.step, desc=stage, unit="step",
                disable=not (cfg.log.progress and p.dist.is_main()))
-    p.task.train()
-    p.task.mllm.set_trainable(adapter=True, llm=stage == "finetune", vision=p.task.train_vision)
+    set_train_mode(p)
     last_eval = None
     history = []
     t_last, samples_last = time.perf_counter(), st.samples
