@@ -90,7 +90,11 @@ def _missing_weights_message(model: str, tag: str, cfg: dict) -> str:
 
 def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
                        cache_dir: str | None = None) -> tuple[str | None, str, dict]:
-    """Return (checkpoint path or None, weights tag, preprocess overrides) for a model spec."""
+    """Return (checkpoint path or None, weights tag, the tag's settings) for a model spec.
+
+    The tag's settings are its preprocessing (mean, std, ...) and ``quick_gelu``: OpenAI's
+    weights were trained with QuickGELU, which open_clip 3.x only warns about when the
+    built-in config says GELU; we build the model the way its weights were trained."""
     import open_clip
 
     if model.startswith("local-dir:"):
@@ -108,7 +112,8 @@ def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
         tags = open_clip.list_pretrained_tags_by_model(model)
         raise WeightsNotFound(
             f"'{pretrained}' is neither a file nor a known tag for {model} (tags: {tags})")
-    pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode", "quick_gelu")
+          if k in cfg}
     path = _hf_cached_weights(cfg, cache_dir)
     if path is None:
         if not allow_download:
@@ -125,7 +130,11 @@ def load_encoder(model: str, pretrained: str | None = None, allow_download: bool
 
     tiny.register_if_needed(model)
     ckpt, tag, pp = resolve_checkpoint(model, pretrained, allow_download, cache_dir)
-    kwargs = {"force_preprocess_cfg": pp} if pp else {}
+    kwargs = {"force_quick_gelu": bool(pp.pop("quick_gelu", False))}
+    for key, arg in (("mean", "image_mean"), ("std", "image_std"),
+                     ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):
+        if key in pp:
+            kwargs[arg] = pp[key]
     if model.startswith(("local-dir:", "hf-hub:")):
         m, _, preprocess = open_clip.create_model_and_transforms(model, device=device, **kwargs)
     else:

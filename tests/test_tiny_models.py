@@ -56,3 +56,37 @@ def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
     assert "timm/vit_large_patch14_clip_336.openai" in msg and "allow_download" in msg
     with pytest.raises(WeightsNotFound, match="neither a file nor a known tag"):
         load_encoder("ViT-L-14-336", "no-such-tag")
+
+
+def test_pretrained_tag_loads_from_hf_cache_with_the_tags_settings(tiny_clip, tmp_path, monkeypatch):
+    """The real tag path: tag -> Hugging Face cache file (no network) -> model built the way
+    the tag's weights were trained (QuickGELU for OpenAI weights) with the tag's mean/std."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    src = Path(tiny_clip[len("local-dir:"):])
+    cfg = json.loads((src / "open_clip_config.json").read_text())["model_cfg"]
+    cfg_file = tmp_path / "sea-tiny-tagged.json"
+    cfg_file.write_text(json.dumps(cfg))
+    open_clip.add_model_config(cfg_file)
+    snap = tmp_path / "hf" / "models--sea-test--tiny-tagged" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    shutil.copy(src / "open_clip_model.safetensors", snap / "open_clip_model.safetensors")
+    tag_cfg = {"hf_hub": "sea-test/tiny-tagged/", "quick_gelu": True,
+               "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    real = open_clip.get_pretrained_cfg
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg",
+                        lambda m, t: tag_cfg if (m, t) == ("sea-tiny-tagged", "faketag") else real(m, t))
+    enc = load_encoder("sea-tiny-tagged", "faketag", cache_dir=str(tmp_path / "hf"))
+    assert enc.weights_tag == "faketag" and enc.weights_sha256 == load_encoder(tiny_clip).weights_sha256
+    assert isinstance(enc.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    norm = [t for t in enc.preprocess.transforms if type(t).__name__ == "Normalize"][0]
+    assert tuple(norm.mean) == (0.5, 0.5, 0.5) and tuple(norm.std) == (0.25, 0.25, 0.25)
+    with pytest.raises(WeightsNotFound, match="sea-test/tiny-tagged"):
+        load_encoder("sea-tiny-tagged", "faketag", cache_dir=str(tmp_path / "empty"))
