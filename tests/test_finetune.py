@@ -39,7 +39,8 @@ def test_assistant_only_masking(tok, template):
     assert (ids == IMAGE_TOKEN_INDEX).sum() == 1
     assert _supervised_text(tok, ids, labels) == " A red circle.</s> It is blue.</s>"
     full = tok.decode([i for i in ids.tolist() if i != IMAGE_TOKEN_INDEX])
-    assert full.startswith("<s>USER: Look at this.\n")  # <image> kept where it was
+    head = "<s>USER: " if template else "<s>A chat between a curious user"
+    assert full.startswith(head) and "USER: Look at this.\n" in full  # <image> kept in place
     assert ids.tolist().index(IMAGE_TOKEN_INDEX) > 3
     text_only = {"conversations": [{"from": "human", "value": "What is 2 plus 3?"},
                                    {"from": "gpt", "value": "5."}]}

@@ -5,8 +5,9 @@
   tokenizer's EOS so the model learns to stop (our choice).
 - ``chat`` (stage 2): the conversation rendered turn by turn with the tokenizer's chat
   template (roles: human -> user, gpt -> assistant, system -> system); loss only on the
-  assistant turns' tokens. Without a chat template the fallback is Vicuna-v1's layout,
-  ``USER: ... ASSISTANT: ...</s>``. ``<image>`` stays where it is in the first turn.
+  assistant turns' tokens. Without a chat template (Vicuna-v1.5 has none) the fallback is
+  LLaVA-1.5's ``conv_vicuna_v1``: its system line, then ``USER: ... ASSISTANT: ...</s>``.
+  ``<image>`` stays where it is in the first turn.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from trainer.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 IMAGE = "<image>"
+LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 
@@ -51,7 +54,7 @@ def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    text = ""
+    text = "" if msgs and msgs[0]["role"] == "system" else LLAVA_V1_SYSTEM + " "
     for m in msgs:
         if m["role"] == "system":
             text += m["content"] + " "
