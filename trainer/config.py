@@ -18,7 +18,8 @@ class VisionConfig:
 @dataclasses.dataclass
 class LLMConfig:
     path: str = doc("lmsys/vicuna-7b-v1.5", "Hugging Face model dir or hub id (from the local cache)")
-    dtype: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    dtype: str = doc("auto", "auto (GPU: bf16 when frozen, fp32 masters when trained; CPU: fp32) "
+                             "| float32 | bfloat16 | float16")
     gradient_checkpointing: bool = doc(False, "recompute LLM activations in backward")
 
 

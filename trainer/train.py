@@ -77,11 +77,15 @@ def pick_device(name: str, d: D.Dist) -> torch.device:
     return torch.device(name)
 
 
-def load_llm(path: str, dtype: str, device: torch.device):
+def load_llm(path: str, dtype: str, device: torch.device, trained: bool = False):
+    """``dtype='auto'``: bf16 weights for a frozen LLM on a GPU (stage 1: half the memory, the
+    compute runs under bf16 autocast anyway); fp32 master weights for an LLM being trained,
+    since AdamW steps of lr 2e-5 mostly vanish below bf16's resolution (LLaVA's ZeRO keeps
+    fp32 masters too); on CPU fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                   "float32": torch.float32, "bfloat16": torch.bfloat16,
+    auto = torch.bfloat16 if device.type == "cuda" and not trained else torch.float32
+    torch_dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -143,7 +147,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     d = D.init(device)
     torch.manual_seed(cfg.optim.seed)
     enc = load_encoder(cfg.vision.model, cfg.vision.pretrained, False, cfg.vision.cache_dir, device)
-    tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device)
+    tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device, trained=stage == "finetune")
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable()
         llm.config.use_cache = False
