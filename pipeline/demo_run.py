@@ -74,18 +74,11 @@ def _train_demo(out: Path, spec: str) -> None:
 
 
 def _print_labels_summary(s: dict, out: Path) -> None:
-    from pipeline import shards
-    from pipeline.stages import kept_per_patch
-
-    kept = []
-    for rb in shards.iter_label_set(s["output"]):
-        _, ids, _ = shards.batch_arrays(rb, s["top_n"])
-        kept.append(kept_per_patch(ids))
     print("\n== SEA demo: labels ==")
     print(f"images labelled        {s['images_labelled']} of {s['images_in_input']} "
           f"({s['images_failed']} failed)")
     print(f"patches per image      {s['patches_per_image']} (grid {s['grid'][0]}x{s['grid'][1]})")
-    print(f"kept labels per patch  {sum(kept) / max(len(kept), 1):.2f} of {s['top_n']}")
+    print(f"kept labels per patch  {s['kept_labels_per_patch']:.2f} of {s['top_n']}")
     print(f"bytes per image        {s['bytes_per_image']} on disk (zstd Parquet)")
     print(f"images per second      {s['images_per_second']} (encode {s['encode_seconds']} s, "
           f"search {s['search_seconds']} s, word list {s['text_seconds']} s, "

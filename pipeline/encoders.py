@@ -97,6 +97,9 @@ def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
     built-in config says GELU; we build the model the way its weights were trained."""
     import open_clip
 
+    from pipeline import tiny
+
+    tiny.register_if_needed(model)  # a local dir naming the tiny timm trunk needs it registered
     if model.startswith("local-dir:"):
         return None, "local-dir", {}
     if model.startswith("hf-hub:"):
@@ -126,9 +129,6 @@ def load_encoder(model: str, pretrained: str | None = None, allow_download: bool
                  cache_dir: str | None = None, device: str | torch.device = "cpu") -> LoadedEncoder:
     import open_clip
 
-    from pipeline import tiny
-
-    tiny.register_if_needed(model)
     ckpt, tag, pp = resolve_checkpoint(model, pretrained, allow_download, cache_dir)
     kwargs = {"force_quick_gelu": bool(pp.pop("quick_gelu", False))}
     for key, arg in (("mean", "image_mean"), ("std", "image_std"),

@@ -138,7 +138,8 @@ def prefetch_batches(decoder: Decoder, records: list[Record], batch_size: int, w
 
 
 def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
-              labeler: Labeler | None) -> dict:
+              reports: list[dict]) -> dict:
+    """The run summary; ``reports`` are the labelers' ``report()`` (one per process/actor)."""
     rows = manifest["rows"]
     errors = sum(s["errors"] for s in manifest["shards"])
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
@@ -155,16 +156,18 @@ def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
         "patches_per_image": meta["grid"][0] * meta["grid"][1],
         "top_n": meta["top_n"],
         "bytes_per_image": round(total_bytes / rows, 1) if rows else None,
+        "kept_labels_per_patch": round(sum(s["kept_labels"] for s in manifest["shards"])
+                                       / max(1, sum(s["patches"] for s in manifest["shards"])), 3),
         "seconds": round(seconds, 2),
         "images_processed_this_run": images_this_run,
         "images_per_second": round(images_this_run / seconds, 2) if seconds > 0 else None,
     }
-    if labeler is not None:
-        t = labeler.timings
-        out.update({"encode_seconds": round(t.encode, 2), "search_seconds": round(t.search, 2),
-                    "text_seconds": round(labeler.text_seconds, 2),
-                    "text_cache_hit": labeler.text_cache_hit, "device": str(labeler.device),
-                    "search_backend": labeler.index.backend if labeler.index else "torch"})
+    if reports:
+        out.update({"encode_seconds": round(sum(r["encode_seconds"] for r in reports), 2),
+                    "search_seconds": round(sum(r["search_seconds"] for r in reports), 2),
+                    "text_seconds": round(max(r["text_seconds"] for r in reports), 2),
+                    "text_cache_hit": all(r["text_cache_hit"] for r in reports),
+                    "device": reports[0]["device"], "search_backend": reports[0]["search_backend"]})
     return out
 
 
@@ -196,4 +199,4 @@ def run_local(cfg: ExtractConfig, labeler: Labeler | None = None) -> dict:
     bar.close()
     seconds = time.perf_counter() - t0
     manifest = finish_run(plan, metadata)
-    return summarize(plan, manifest, seconds, todo_images, labeler)
+    return summarize(plan, manifest, seconds, todo_images, [labeler.report()])

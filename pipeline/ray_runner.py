@@ -80,13 +80,8 @@ class LabelActor:
     def metadata(self) -> dict:
         return self.labeler.metadata()
 
-    def timings(self) -> dict:
-        t = self.labeler.timings
-        return {"encode": t.encode, "search": t.search, "images": t.images,
-                "text_seconds": self.labeler.text_seconds,
-                "text_cache_hit": self.labeler.text_cache_hit,
-                "device": str(self.labeler.device),
-                "search_backend": self.labeler.index.backend if self.labeler.index else "torch"}
+    def report(self) -> dict:
+        return self.labeler.report()
 
     def label_chunk(self, index: int, records: list, out_dir: str, metadata: dict) -> dict:
         from pathlib import Path
@@ -141,12 +136,10 @@ def default_actors(cfg: ExtractConfig) -> tuple[int, float]:
 def run_ray(cfg: ExtractConfig) -> dict:
     from tqdm.auto import tqdm
 
-    from pipeline import tiny
     from pipeline.encoders import resolve_checkpoint
 
     # Fail fast, before any actor starts, when the weights are missing (the driver must see
     # the same weights path or HF cache as the nodes: a shared filesystem on a cluster).
-    tiny.register_if_needed(cfg.encoder.model)
     resolve_checkpoint(cfg.encoder.model, cfg.encoder.pretrained, cfg.encoder.allow_download,
                        cfg.encoder.cache_dir)
     ray = _ray()
@@ -187,14 +180,9 @@ def run_ray(cfg: ExtractConfig) -> dict:
         bar.close()
         seconds = time.perf_counter() - t0
         manifest = finish_run(plan, metadata)
-        summary = summarize(plan, manifest, seconds, todo_images, None)
-        times = ray.get([a.timings.remote() for a in actors])
-        summary.update({"runner": "ray", "actors": n_actors,
-                        "encode_seconds": round(sum(t["encode"] for t in times), 2),
-                        "search_seconds": round(sum(t["search"] for t in times), 2),
-                        "text_seconds": round(max(t["text_seconds"] for t in times), 2),
-                        "text_cache_hit": all(t["text_cache_hit"] for t in times),
-                        "device": times[0]["device"], "search_backend": times[0]["search_backend"]})
+        reports = ray.get([a.report.remote() for a in actors])
+        summary = summarize(plan, manifest, seconds, todo_images, reports)
+        summary.update({"runner": "ray", "actors": n_actors})
         return summary
     finally:
         if started:

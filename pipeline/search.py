@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SENTINEL = 65535  # uint16 id meaning "no label kept in this slot"
+from pipeline.shards import SENTINEL  # re-exported: the shard contract's "no label" id
 
 
 def _faiss_gpus() -> int:

@@ -209,7 +209,8 @@ def write_manifest(out_dir: str | Path, config_hash: str, metadata: dict, num_ch
         "num_chunks": num_chunks,
         "complete": len(done) == num_chunks,
         "shards": [{"name": shard_name(i), "rows": d["rows"], "bytes": d["bytes"],
-                    "errors": d.get("errors", 0)} for i, d in sorted(done.items())],
+                    "errors": d.get("errors", 0), "kept_labels": d.get("kept_labels", 0),
+                    "patches": d.get("patches", 0)} for i, d in sorted(done.items())],
         "rows": sum(d["rows"] for d in done.values()),
     }
     write_json_atomic(out / MANIFEST, manifest)

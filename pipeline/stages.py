@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,9 +29,12 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """'auto' is CUDA when present; a bare 'cuda' under torchrun means this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -162,21 +164,32 @@ class Labeler:
     def __call__(self, images: torch.Tensor):
         return self.search(*self.encode(images))
 
+    def report(self) -> dict:
+        """Stage timings and set-up facts for the run summary (and the benchmarks)."""
+        t = self.timings
+        return {"encode_seconds": t.encode, "search_seconds": t.search, "images": t.images,
+                "text_seconds": self.text_seconds, "text_cache_hit": self.text_cache_hit,
+                "device": str(self.device),
+                "search_backend": self.index.backend if self.index else "torch"}
+
 
 def write_chunk(out_dir: Path, index: int, metadata: dict, batches, errors: list[dict],
                 row_group_size: int) -> dict:
     """Stage ``write``: stream LabelBatches into shard ``index``; done marker last."""
     path = Path(out_dir) / shards.shard_name(index)
     writer = shards.ShardWriter(path, metadata, row_group_size)
+    kept = patches = 0
     try:
         for b in batches:
             writer.write(b)
+            kept += int((b.ids != shards.SENTINEL).sum())
+            patches += b.ids.shape[0] * b.ids.shape[1]
         rows = writer.close()
     except BaseException:
         writer.abort()
         raise
     done = {"index": index, "rows": rows, "bytes": path.stat().st_size,
-            "errors": len(errors), "error_list": errors}
+            "errors": len(errors), "error_list": errors, "kept_labels": kept, "patches": patches}
     shards.write_json_atomic(Path(out_dir) / shards.done_name(index), done)
     return done
 
@@ -194,6 +207,3 @@ def label_batches(decoded_batches, labeler: Labeler, errors: list[dict]):
         yield shards.LabelBatch([d.record.image_id for d in good], [d.record.path for d in good],
                                 grid, ids, scores)
 
-
-def kept_per_patch(ids: np.ndarray) -> float:
-    return float((ids != shards.SENTINEL).sum(-1).mean()) if ids.size else 0.0

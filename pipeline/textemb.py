@@ -25,8 +25,13 @@ from tqdm.auto import tqdm
 CACHE_VERSION = 1
 
 
+def cache_root() -> Path:
+    """Root of the project's caches: $SEA_CACHE, else ~/.cache/sea."""
+    return Path(os.environ.get("SEA_CACHE", Path.home() / ".cache" / "sea"))
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SEA_CACHE", Path.home() / ".cache" / "sea")) / "text"
+    return cache_root() / "text"
 
 
 def cache_key(encoder_identity: dict, wordlist_sha256: str, templates: list[str]) -> str:

@@ -26,6 +26,11 @@ def test_labels_match_an_independent_brute_force(extract_cfg, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [x["rows"] for x in manifest["shards"]] == [10, 10, 4]
     assert manifest["metadata"]["mode"] == "sea" and manifest["metadata"]["score_sign"] == -1
+    # the summary's kept-labels figure equals a count over the written shards
+    all_ids = np.concatenate([np.asarray(_table(out, x["name"]).column("label_ids").to_pylist())
+                              for x in manifest["shards"]])
+    assert s["kept_labels_per_patch"] == pytest.approx(
+        (all_ids != shards.SENTINEL).sum() / (all_ids.size / 10), abs=1e-3)
     # input order kept across shards
     ids = sum((_table(out, x["name"]).column("image_id").to_pylist() for x in manifest["shards"]), [])
     assert ids == [r.image_id for r in load_records(cfg)]

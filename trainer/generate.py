@@ -37,11 +37,18 @@ def load_final(path: str | Path, device: str | torch.device = "cpu"):
     llm_path = str(path / meta["llm"]) if (path / meta["llm"]).is_dir() else meta["llm"]
     tok, llm = load_llm(llm_path, "auto", device)
     mllm = MLLM(enc.model.visual, llm, v["feature_layer"]).to(device)
-    tensors = load_file(str(path / "adapter.safetensors"))
-    mllm.adapter.load_state_dict({k[len("adapter."):]: t for k, t in tensors.items()
-                                  if k.startswith("adapter.")})
+    mllm.adapter.load_state_dict(read_adapter(path / "adapter.safetensors")[0])
     mllm.eval().requires_grad_(False)
     return mllm, tok, enc.preprocess, meta
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """``adapter.safetensors`` (written by ``export``) -> (adapter state dict, log tau or None)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    state = {k[len("adapter."):]: t for k, t in tensors.items() if k.startswith("adapter.")}
+    return state, tensors.get("log_tau")
 
 
 @torch.inference_mode()

@@ -69,7 +69,9 @@ def tokenize_words(tokenizer, words, rule: str = "space") -> WordTokens:
 
 def load_word_tokens(tokenizer, wordlist, rule: str, cache_dir: str | Path | None = None) -> WordTokens:
     """Tokenized word list, cached per (tokenizer, word list, rule)."""
-    base = Path(cache_dir) if cache_dir else Path(os.environ.get("SEA_CACHE", Path.home() / ".cache" / "sea"))
+    from pipeline.textemb import cache_root
+
+    base = Path(cache_dir) if cache_dir else cache_root()
     key = hashlib.sha256(f"{_tokenizer_fingerprint(tokenizer)}|{wordlist.sha256}|{rule}".encode()).hexdigest()[:24]
     path = base / "llm-words" / f"{key}.npz"
     if path.is_file():

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import to_dict
+from pipeline.stages import pick_device
 from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
@@ -69,14 +70,6 @@ class Parts:
     total_steps: int
 
 
-def pick_device(name: str, d: D.Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and d.enabled:
-        return torch.device("cuda", d.local_rank)
-    return torch.device(name)
-
-
 def load_llm(path: str, dtype: str, device: torch.device, trained: bool = False):
     """``dtype='auto'``: bf16 weights for a frozen LLM on a GPU (stage 1: half the memory, the
     compute runs under bf16 autocast anyway); fp32 master weights for an LLM being trained,
@@ -120,7 +113,7 @@ def lr_lambda(total: int, warmup_ratio: float):
 
 def load_adapter(task: SEATask, run_dir: str | Path) -> None:
     """Start stage 2 from a stage-1 run: its adapter (and temperature) weights."""
-    from safetensors.torch import load_file
+    from trainer.generate import read_adapter
 
     path = Path(run_dir)
     for cand in (path, path / "adapter.safetensors", path / "final" / "adapter.safetensors"):
@@ -130,12 +123,11 @@ def load_adapter(task: SEATask, run_dir: str | Path) -> None:
     else:
         raise FileNotFoundError(f"init_from: no adapter.safetensors at {run_dir} (give a stage-1 "
                                 f"run dir, its final/ folder, or the file)")
-    tensors = load_file(str(path))
-    adapter = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    adapter, log_tau = read_adapter(path)
     task.mllm.adapter.load_state_dict(adapter)
-    if task.align is not None and "log_tau" in tensors:
+    if task.align is not None and log_tau is not None:
         with torch.no_grad():
-            task.align.log_tau.copy_(tensors["log_tau"].reshape(()))
+            task.align.log_tau.copy_(log_tau.reshape(()))
 
 
 def build(cfg, stage: str = "pretrain") -> Parts:
@@ -143,7 +135,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     from wordlist import load_wordlist
 
     d = D.from_env()
-    device = pick_device(cfg.device, d)
+    device = pick_device(cfg.device, d.local_rank if d.enabled else None)
     d = D.init(device)
     torch.manual_seed(cfg.optim.seed)
     enc = load_encoder(cfg.vision.model, cfg.vision.pretrained, False, cfg.vision.cache_dir, device)
