@@ -225,6 +225,9 @@ class LabelConfig:
     min_score: float = doc(0.0, "scores below this are dropped (paper: 0)")
     templates: list[str] = doc([], "prompt templates; [] = the bare word; several = ensemble")
     surgery_depth: int = doc(6, "blocks with the CLIP Surgery second path (reference code: 6)")
+    surgery_weights: str = doc("token", "feature-surgery word weights: token (each patch's own "
+                                        "similarities, current CLIP Surgery code) | cls (the "
+                                        "class token's, older copies)")
     search_backend: str = doc("auto", "auto | faiss | torch")
     text_batch_size: int = doc(1024, "words per text-tower batch")
     text_cache_dir: str | None = doc(None, "word-embedding cache (default $SEA_CACHE or ~/.cache/sea)")
@@ -271,6 +274,9 @@ class ExtractConfig:
             raise ConfigError("run.chunk_size and run.batch_size must be >= 1")
         if self.run.runner not in ("local", "ray"):
             raise ConfigError(f"run.runner must be local or ray, got '{self.run.runner}'")
+        if self.labels.surgery_weights not in ("token", "cls"):
+            raise ConfigError(f"labels.surgery_weights must be token or cls, "
+                              f"got '{self.labels.surgery_weights}'")
         if self.labels.search_backend not in ("auto", "faiss", "torch"):
             raise ConfigError(f"labels.search_backend must be auto, faiss or torch, "
                               f"got '{self.labels.search_backend}'")

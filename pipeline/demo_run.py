@@ -35,7 +35,7 @@ def run_demo(out_dir: str, n_images: int = 48) -> int:
     return 0
 
 
-def pretrain_demo_config(out: Path, spec: str, llm: str, weight: float):
+def pretrain_demo_config(out: Path, spec: str, llm: str, weight: float, *extra: str):
     from trainer.config import PretrainConfig
 
     return load_config(PretrainConfig, None, [
@@ -45,6 +45,7 @@ def pretrain_demo_config(out: Path, spec: str, llm: str, weight: float):
         "optim.global_batch_size=8", "optim.micro_batch_size=4", "optim.epochs=20",
         "optim.lr=1e-2", "log.eval_every=0", "log.save_every=1000", f"sea.weight={weight}",
         f"log.output={out / 'runs' / f'pretrain-lambda{weight:g}'}", "log.progress=false",
+        *extra,
     ])
 
 

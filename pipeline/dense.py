@@ -147,16 +147,28 @@ def patch_features(visual, images: torch.Tensor, kind: str, surgery_depth: int =
     return clip_patch_features(visual, images, kind, surgery_depth)
 
 
-def surgery_scores(patches: torch.Tensor, cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+SURGERY_WEIGHTS = ("token", "cls")
+
+
+def surgery_scores(patches: torch.Tensor, cls: torch.Tensor, text: torch.Tensor,
+                   weights: str = "token") -> torch.Tensor:
     """CLIP Surgery's feature surgery in closed form, all inputs L2-normalised.
 
-    The reference forms feats[i,t,:] = v_i * t_t * w_t, subtracts their mean over words and
-    sums over channels. Summing first gives  w_t (v_i . t_t) - v_i . m,  m = mean_t(w_t t_t),
-    with w = softmax(2 cos(cls, t)) / mean(...): one matmul instead of a (P, W, D) tensor.
-    patches (B, P, D), cls (B, D), text (W, D) -> scores (B, P, W).
+    The reference forms feats[i,t,:] = v_i * t_t * w[i,t], subtracts their mean over words and
+    sums over channels. Summing over channels first gives
+        score[i,t] = w[i,t] s[i,t] - mean_t'(w[i,t'] s[i,t']),   s = cos(v_i, t_t),
+    so no (P, W, D) tensor is ever formed (576 x 41,241 x 768 would not fit).
+
+    ``weights="token"`` (the current xmed-lab code): w[i,:] = softmax(2 s[i,:]) / mean, each
+    token weighted by its own similarities. ``"cls"`` (older copies): one w for every token,
+    from the class token's similarities. patches (B, P, D), cls (B, D), text (W, D) -> (B, P, W).
     """
-    prob = (2 * cls @ text.T).softmax(dim=-1)  # (B, W)
-    w = prob / prob.mean(dim=-1, keepdim=True)
-    m = (w @ text) / text.shape[0]  # (B, D)
     sims = patches @ text.T  # (B, P, W)
-    return sims * w[:, None, :] - (patches @ m[:, :, None])
+    if weights == "token":
+        prob = (2 * sims).softmax(dim=-1)
+    elif weights == "cls":
+        prob = (2 * cls @ text.T).softmax(dim=-1)[:, None, :]  # (B, 1, W)
+    else:
+        raise ValueError(f"labels.surgery_weights must be one of {SURGERY_WEIGHTS}, got '{weights}'")
+    weighted = sims * (prob / prob.mean(dim=-1, keepdim=True))
+    return weighted - weighted.mean(dim=-1, keepdim=True)

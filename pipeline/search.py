@@ -90,13 +90,17 @@ def finalize(scores: torch.Tensor, ids: torch.Tensor, min_score: float, n: int):
     return ids_np, sc_np
 
 
-def surgery_topk(patches: torch.Tensor, cls: torch.Tensor, text: torch.Tensor, k: int):
-    """Top k of CLIP Surgery's feature-surgery scores, image by image (B, P, D) -> (B*P, k)."""
+def surgery_topk(patches: torch.Tensor, cls: torch.Tensor, text: torch.Tensor, k: int,
+                 weights: str = "token"):
+    """Top k of CLIP Surgery's feature-surgery scores, image by image (B, P, D) -> (B*P, k).
+
+    One image at a time bounds memory at a (P, W) matrix (95 MB at 576 x 41,241 fp32).
+    """
     from pipeline.dense import surgery_scores
 
     out_s, out_i = [], []
     for b in range(patches.shape[0]):
-        s = surgery_scores(patches[b:b + 1], cls[b:b + 1], text)[0]
+        s = surgery_scores(patches[b:b + 1], cls[b:b + 1], text, weights)[0]
         top_s, top_i = s.topk(min(k, text.shape[0]), dim=-1)
         out_s.append(top_s.float().cpu())
         out_i.append(top_i.cpu())

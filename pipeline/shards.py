@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SENTINEL = 65535
 META_KEY = b"sea_labels"
 MANIFEST = "manifest.json"
@@ -47,7 +47,7 @@ SCHEMA = pa.schema([
 # Fields every shard's metadata carries. Readers compare any subset of them.
 META_FIELDS = (
     "schema_version", "encoder", "weights_tag", "weights_sha256", "dense_features", "mode",
-    "score_sign", "templates", "wordlist_sha256", "wordlist_size", "top_n", "min_score",
+    "surgery_weights", "score_sign", "templates", "wordlist_sha256", "wordlist_size", "top_n", "min_score",
     "image_size", "grid", "package_version",
 )
 

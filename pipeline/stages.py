@@ -116,6 +116,7 @@ class Labeler:
             "weights_sha256": ident["weights_sha256"],
             "dense_features": self.kind,
             "mode": c.mode,
+            "surgery_weights": c.surgery_weights if self.kind == "surgery" else None,
             "score_sign": self.sign,
             "templates": list(c.templates),
             "wordlist_sha256": self.wordlist.sha256,
@@ -153,7 +154,7 @@ class Labeler:
         b, p, _ = patches.shape
         n = self.cfg.labels.top_n
         if self.kind == "surgery":
-            s, i = search.surgery_topk(patches, glob, self.text, n)
+            s, i = search.surgery_topk(patches, glob, self.text, n, self.cfg.labels.surgery_weights)
         else:
             s, i = self.index.search(self.sign * patches.reshape(b * p, -1), n)
         ids, scores = search.finalize(s, i, self.cfg.labels.min_score, n)

@@ -92,26 +92,73 @@ def test_surgery_depth_zero_is_raw(clip_visual, images):
     torch.testing.assert_close(a, b)
 
 
-def _feature_surgery_literal(image_features, text_features):
-    """CLIP Surgery's `clip_feature_surgery` (no redundant_feats), element-wise as written."""
-    prob = image_features[:, :1, :] @ text_features.t()
+def _feature_surgery_literal(image_features, text_features, weights="token"):
+    """CLIP Surgery's `clip_feature_surgery` (no redundant_feats), element-wise as written.
+
+    ``token``: the current xmed-lab/CLIP_Surgery `clip/clip.py` (each token weighted by its own
+    similarities, w of shape b x n_i x n_t). ``cls``: older copies (every token weighted by the
+    class token's similarities, w of shape 1 x n_t for b = 1).
+    """
+    if weights == "token":
+        prob = image_features @ text_features.t()
+    else:
+        prob = image_features[:, :1, :] @ text_features.t()
     prob = (prob * 2).softmax(-1)
     w = prob / prob.mean(-1, keepdim=True)
     b, n_t, n_i, c = (image_features.shape[0], text_features.shape[0],
                       image_features.shape[1], image_features.shape[2])
     feats = image_features.reshape(b, n_i, 1, c) * text_features.reshape(1, 1, n_t, c)
-    feats = feats * w.reshape(1, 1, n_t, 1)
+    if weights == "token":
+        feats = feats * w.reshape(b, n_i, n_t, 1)
+    else:
+        feats = feats * w.reshape(b, 1, n_t, 1)
     redundant = feats.mean(2, keepdim=True)
     return (feats - redundant).sum(-1)
 
 
-def test_surgery_closed_form_equals_per_word_formula():
-    g = torch.Generator().manual_seed(3)
-    feats = F.normalize(torch.randn(1, 1 + 12, 8, generator=g, dtype=torch.float64), dim=-1)
-    text = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=-1)
-    want = _feature_surgery_literal(feats, text)[:, 1:]
-    got = dense.surgery_scores(feats[:, 1:], feats[:, 0], text)
+def _surgery_inputs(b=2, p=12, d=8, w=30, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(b, 1 + p, d, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(w, d, generator=g, dtype=torch.float64), dim=-1)
+    return feats, text
+
+
+@pytest.mark.parametrize("weights", ["token", "cls"])
+def test_surgery_closed_form_equals_literal_transcription(weights):
+    feats, text = _surgery_inputs()
+    want = _feature_surgery_literal(feats, text, weights)[:, 1:]
+    got = dense.surgery_scores(feats[:, 1:], feats[:, 0], text, weights=weights)
     torch.testing.assert_close(got, want)
+
+
+def test_surgery_weightings_differ():
+    # the two upstream versions are not the same function: a test of one cannot pass the other
+    feats, text = _surgery_inputs()
+    a = dense.surgery_scores(feats[:, 1:], feats[:, 0], text, weights="token")
+    b = dense.surgery_scores(feats[:, 1:], feats[:, 0], text, weights="cls")
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_token_surgery_ranks_like_cosine():
+    # per patch, score = w * cos - const with w increasing in cos: the ranking of the words
+    # whose cosine is above -1/2 is the cosine's own (README, "Surgery weights")
+    feats, text = _surgery_inputs(p=40, w=200, d=16)
+    patches = feats[:, 1:]
+    got = dense.surgery_scores(patches, feats[:, 0], text, weights="token")
+    cos = patches @ text.T
+    k = 10
+    assert (cos.topk(k, dim=-1).values > -0.5).all()
+    torch.testing.assert_close(got.topk(k, dim=-1).indices, cos.topk(k, dim=-1).indices, rtol=0, atol=0)
+
+
+def test_surgery_weights_are_named_in_metadata(extract_cfg):
+    from pipeline.stages import Labeler
+
+    for weights in ("token", "cls"):
+        cfg = extract_cfg("labels.mode=surgery", f"labels.surgery_weights={weights}")
+        assert Labeler(cfg, progress=False).metadata()["surgery_weights"] == weights
+    # not a surgery run: the field says so instead of naming a weighting that was not used
+    assert Labeler(extract_cfg(), progress=False).metadata()["surgery_weights"] is None
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ def test_lambda_zero_is_the_plain_caption_loss(pretrain_cfg):
     assert p.task.align is None
     batch = _first_batches(p, 1)[0]
     with torch.no_grad():
-        out = p.task(batch, torch.Generator().manual_seed(0))
+        out = p.task(batch)
         # the plain LLaVA loss computed directly: image tokens, caption CE on caption tokens
         m = p.task.mllm
         tokens = m.adapter(m.vision(batch["pixels"]))
@@ -138,7 +138,9 @@ def test_batch_with_nothing_to_predict_gives_zero_lm_loss(pretrain_cfg):
     p = _parts(pretrain_cfg())
     batch = _first_batches(p, 1)[0]
     batch["labels"] = [torch.full_like(x, IGNORE_INDEX) for x in batch["labels"]]
-    out = p.task(batch, torch.Generator().manual_seed(0))
+    from trainer.train import sample_sea
+
+    out = p.task(batch, sample_sea(p, [batch], 0), 0)
     assert float(out["lm_loss"].detach()) == 0.0 and out["loss"].requires_grad
     out["loss"].backward()
     assert p.task.mllm.adapter[0].weight.grad is not None

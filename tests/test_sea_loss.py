@@ -11,13 +11,22 @@ from pipeline.shards import SENTINEL
 from trainer.sea_loss import (
     AlignmentLoss,
     WordTokens,
-    dedupe_words,
+    dedupe,
     draw_labels,
     info_nce,
-    sample_pairs,
+    multi_info_nce,
+    multi_targets,
+    num_windows,
+    sample_step,
     tokenize_words,
     window_patches,
 )
+
+
+def _one(ids, scores, grid, k, seed=0, objective="sampled"):
+    """sample_step for a single micro-batch -> its MicroPairs."""
+    step = sample_step([(ids, scores)], grid, k, [torch.Generator().manual_seed(seed)], objective)
+    return step, step.micro[0]
 
 
 def _hand_infonce(x, t, tau):
@@ -61,7 +70,8 @@ def test_gradients_reach_adapter_and_temperature_only():
     feats = torch.randn(3, 4, 4, requires_grad=False)
     ids = torch.tensor([[[0, 1], [2, SENTINEL], [3, 4], [5, 0]]] * 3)
     scores = torch.ones(3, 4, 2)
-    loss, n = loss_mod(adapter(feats), emb.weight, ids, scores, torch.Generator().manual_seed(0))
+    step = loss_mod.sample([(ids, scores)], [torch.Generator().manual_seed(0)])
+    loss, n = loss_mod(adapter(feats), emb.weight, step, 0)
     assert n > 1
     loss.backward()
     assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
@@ -83,7 +93,7 @@ def test_label_feature_is_mean_of_token_embeddings():
 def test_window_sampling_one_patch_per_window():
     gen = torch.Generator().manual_seed(0)
     for grid, k in [((24, 24), 2), ((27, 27), 2), ((8, 8), 3), ((5, 7), 2)]:
-        p = window_patches(50, grid, k, gen)
+        p = window_patches(torch.rand(50, num_windows(grid, k), 2, generator=gen), grid, k)
         ys, xs = p // grid[1], p % grid[1]
         wins = (ys // k) * (-(-grid[1] // k)) + xs // k
         n_win = (-(-grid[0] // k)) * (-(-grid[1] // k))
@@ -91,7 +101,7 @@ def test_window_sampling_one_patch_per_window():
         for row in wins:  # every window exactly once
             assert sorted(row.tolist()) == list(range(n_win))
     # every position inside a window gets drawn (uniform, not a fixed corner)
-    p = window_patches(4000, (2, 2), 2, gen)
+    p = window_patches(torch.rand(4000, 1, 2, generator=gen), (2, 2), 2)
     counts = np.bincount(p.flatten().numpy(), minlength=4) / 4000
     assert np.all(np.abs(counts - 0.25) < 0.03)
 
@@ -103,7 +113,7 @@ def test_label_draw_follows_normalised_scores():
     ids = torch.tensor([[10, 11, 12, 13, SENTINEL]])
     gen = torch.Generator().manual_seed(123)
     n = 20_000
-    words, valid = draw_labels(ids.expand(n, -1), scores.expand(n, -1), gen)
+    words, valid = draw_labels(ids.expand(n, -1), scores.expand(n, -1), torch.rand(n, generator=gen))
     assert valid.all()
     counts = np.bincount(words.numpy() - 10, minlength=4)
     expected = (scores[0, :4] / scores[0, :4].sum()).numpy() * n
@@ -112,7 +122,7 @@ def test_label_draw_follows_normalised_scores():
     assert np.abs(counts / n - expected / n).max() < 0.015  # and within 1.5 points each
     # no kept label -> skipped; all-zero scores -> uniform over the kept ones
     ids2 = torch.tensor([[SENTINEL, SENTINEL], [5, 6]])
-    w2, v2 = draw_labels(ids2, torch.zeros(2, 2), gen)
+    w2, v2 = draw_labels(ids2, torch.zeros(2, 2), torch.rand(2, generator=gen))
     assert v2.tolist() == [False, True] and int(w2[1]) in (5, 6)
 
 
@@ -121,7 +131,7 @@ def test_duplicates_reduced_to_one_random_pair():
     words = torch.tensor([3, 7, 3, 3, 9, 7])
     picks = []
     for _ in range(300):
-        keep = dedupe_words(words, gen)
+        keep = dedupe(words, torch.rand(len(words), generator=gen))
         assert sorted(words[keep].tolist()) == [3, 7, 9]
         picks.append(int(keep[words[keep] == 3][0]))
     assert set(picks) == {0, 2, 3}  # which duplicate survives is random
@@ -133,10 +143,102 @@ def test_sample_pairs_skip_unlabelled_and_dedupe():
     ids[0, :, 0] = torch.arange(16)
     ids[1, :, 0] = 3  # every patch of image 1 has the same label
     scores = torch.ones(2, 16, 3)
-    img, pat, words = sample_pairs(ids, scores, (4, 4), 2, gen)
+    _, mp = _one(ids, scores, (4, 4), 2, seed=5)
+    img, pat, words = mp.img, mp.pat, mp.words
     assert len(set(words.tolist())) == len(words)  # one pair per word
     assert (img == 1).sum() <= 1
     assert torch.equal(ids[img, pat, 0], words)
+
+
+def test_step_sampling_is_per_micro_batch_and_vectorised_alike():
+    """Sampling a whole step at once gives each micro-batch exactly the pairs it gets alone
+    (same generator), and de-duplicates within a micro-batch only."""
+    g = torch.Generator().manual_seed(9)
+    labs = []
+    for _ in range(3):
+        ids = torch.randint(0, 6, (2, 16, 3), generator=g)
+        ids[:, :, 2] = SENTINEL
+        labs.append((ids, torch.rand(2, 16, 3, generator=g)))
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    step = sample_step(labs, (4, 4), 2, gens())
+    for i in range(3):
+        alone = sample_step([labs[i]], (4, 4), 2, [gens()[i]]).micro[0]
+        mp = step.micro[i]
+        assert torch.equal(mp.img, alone.img) and torch.equal(mp.pat, alone.pat)
+        assert torch.equal(mp.words, alone.words)
+        assert torch.equal(step.words[mp.rows], mp.words)  # rows index the step's word table
+        assert len(set(mp.words.tolist())) == len(mp.words)
+    # a word may repeat across micro-batches (each is its own InfoNCE)
+    assert sum(len(m.words) for m in step.micro) > len(step.words)
+    # a micro-batch without labels gets None
+    assert sample_step([None, labs[0]], (4, 4), 2, gens()[:2]).micro[0] is None
+
+
+def _hand_multi(x, ids, sc, feats, tau):
+    """The multi-label objective written out term by term (README, "sea.objective=multi")."""
+    n = len(x)
+    phi = lambda a, b: float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    q = []  # each token's target: its kept labels, s / sum(s)
+    for i in range(n):
+        kept = {}  # a word in two slots counts with both scores
+        for w, s in zip(ids[i], sc[i]):
+            if w != SENTINEL:
+                kept[int(w)] = kept.get(int(w), 0.0) + max(float(s), 0.0)
+        tot = sum(kept.values())
+        if tot == 0:  # all-zero scores: uniform over the kept slots
+            slots = [int(w) for w in ids[i] if w != SENTINEL]
+            kept = {w: slots.count(w) for w in slots}
+            tot = len(slots)
+        q.append({w: v / tot for w, v in kept.items() if v > 0})
+    words = sorted({w for d in q for w in d})
+    logit = [[phi(x[i], feats[w]) / tau for w in words] for i in range(n)]
+    to_words = 0.0
+    for i in range(n):
+        z = sum(math.exp(v) for v in logit[i])
+        to_words -= sum(q[i].get(w, 0.0) * (logit[i][j] - math.log(z)) for j, w in enumerate(words))
+    to_tokens = 0.0
+    for j, w in enumerate(words):
+        tot = sum(q[i].get(w, 0.0) for i in range(n))
+        z = sum(math.exp(logit[i][j]) for i in range(n))
+        to_tokens -= sum(q[i].get(w, 0.0) / tot * (logit[i][j] - math.log(z)) for i in range(n))
+    return 0.5 * (to_words / n + to_tokens / len(words))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1])
+def test_multi_objective_matches_hand_written_reference(tau):
+    g = torch.Generator().manual_seed(4)
+    n, k, vocab, d = 6, 3, 9, 5
+    ids = torch.randint(0, vocab, (n, k), generator=g)
+    ids[:, 0] = torch.randperm(vocab, generator=g)[:n]  # distinct first labels
+    ids[1, 1:] = SENTINEL
+    ids[2, 2] = ids[2, 1] = (ids[2, 0] + 1) % vocab  # a word repeated within one token's labels
+    sc = torch.rand(n, k, generator=g, dtype=torch.float64)
+    sc[3] = 0  # all-zero scores: uniform over the kept labels
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    feats = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    from trainer.sea_loss import label_weights
+
+    words, q = multi_targets(ids, label_weights(ids, sc))
+    got = multi_info_nce(x, feats[words], q, torch.tensor(tau, dtype=torch.float64))
+    want = _hand_multi(x.numpy(), ids.numpy(), sc.numpy(), feats.numpy(), tau)
+    assert float(got) == pytest.approx(want, rel=1e-5)  # the loss computes in fp32
+
+
+def test_multi_objective_gradients_reach_adapter_and_temperature_only():
+    emb = torch.nn.Embedding(20, 6)
+    adapter = torch.nn.Linear(4, 6)
+    wt = WordTokens(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8]), torch.tensor([0, 2, 3, 5, 6, 7]))
+    loss_mod = AlignmentLoss(wt, grid=(2, 2), window=1, objective="multi")
+    ids = torch.tensor([[[0, 1], [2, SENTINEL], [3, 4], [5, 0]]] * 3)
+    scores = torch.rand(3, 4, 2, generator=torch.Generator().manual_seed(1))
+    step = loss_mod.sample([(ids, scores)], [torch.Generator().manual_seed(0)])
+    assert step.micro[0].ids.shape == (12, 2)  # every patch (window 1), all its labels
+    loss, n = loss_mod(adapter(torch.randn(3, 4, 4)), emb.weight, step, 0)
+    assert n == 12
+    loss.backward()
+    assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
+    assert loss_mod.log_tau.grad is not None and loss_mod.log_tau.grad != 0
+    assert emb.weight.grad is None
 
 
 def test_space_rule_gives_mid_sentence_tokens(tiny_llm):
@@ -148,3 +250,40 @@ def test_space_rule_gives_mid_sentence_tokens(tiny_llm):
     assert first == tok(" cat", add_special_tokens=False)["input_ids"]
     bare = tokenize_words(tok, ["cat"], "bare")
     assert bare.flat_ids.tolist() == tok("cat", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_gathered_negatives_hold_each_word_once(tmp_path):
+    """2 gloo ranks whose pairs share words: after gathering, each word once over all ranks,
+    the same loss on every rank, and each rank's tokens get their gradient of that loss."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import _gather_worker as w
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gather.pt"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", str(repo / "tests" / "_gather_worker.py"), str(out)],
+                       cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ranks = torch.load(out, weights_only=False)
+    all_words = [wd for rk in ranks for wd in rk["words"]]
+    assert len(all_words) > len(set(all_words))  # the ranks' pairs do share words
+    assert ranks[0]["pairs"] == ranks[1]["pairs"] == len(set(all_words))
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    # one process, by hand: the gathered rows in rank order, one per word by the shared draw
+    toks = [w.rank_inputs(k)[2].requires_grad_(True) for k in range(2)]
+    x = torch.cat([toks[k][ranks[k]["img"], ranks[k]["pat"]] for k in range(2)])
+    words = torch.tensor(all_words)
+    keep = dedupe(words, torch.rand(len(words), generator=torch.Generator().manual_seed(77)))
+    assert sorted(words[keep].tolist()) == sorted(set(all_words))
+    mod = w.loss_module()
+    loss = info_nce(x[keep], mod._features(w.embed(), words[keep]), mod.tau)
+    assert float(loss.detach()) == pytest.approx(ranks[0]["loss"], rel=1e-12)
+    loss.backward()
+    for k in range(2):  # each rank holds world x its slice (DDP then averages over ranks)
+        torch.testing.assert_close(ranks[k]["grad"], 2 * toks[k].grad)

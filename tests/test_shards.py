@@ -11,7 +11,8 @@ from pipeline import shards
 
 META = {
     "schema_version": shards.SCHEMA_VERSION, "encoder": "tiny", "weights_tag": "file",
-    "weights_sha256": "ab" * 32, "dense_features": "raw", "mode": "sea", "score_sign": -1,
+    "weights_sha256": "ab" * 32, "dense_features": "raw", "mode": "sea", "surgery_weights": None,
+    "score_sign": -1,
     "templates": [], "wordlist_sha256": "cd" * 32, "wordlist_size": 41241, "top_n": 3,
     "min_score": 0.0, "image_size": [64, 64], "grid": [2, 3], "package_version": "0.1.0",
 }

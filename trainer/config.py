@@ -44,7 +44,11 @@ class SEAConfig:
     learn_tau: bool = doc(True, "temperature is a learnable parameter")
     min_tau: float = doc(0.01, "temperature floor (keeps logits finite)")
     label_tokenization: str = doc("space", "space: tokenize ' word' (mid-sentence form) | bare: 'word'")
-    gather_negatives: bool = doc(False, "multi-process: gather pairs from all ranks as negatives")
+    objective: str = doc("sampled", "sampled: one label per sampled patch, drawn by s/sum(s) (the "
+                                    "paper's Eq. 7-9) | multi: all kept labels as positives, "
+                                    "weighted by s/sum(s) (this project's; README)")
+    gather_negatives: bool = doc(False, "multi-process: gather pairs from all ranks as negatives "
+                                        "(each word once over all ranks)")
     wordlist: str | None = doc(None, "word list file; null = 2of12 (must match the label shards)")
 
 
@@ -103,6 +107,8 @@ class PretrainConfig:
             raise ConfigError("optim.global_batch_size must be a multiple of optim.micro_batch_size")
         if self.sea.window < 1:
             raise ConfigError("sea.window must be >= 1")
+        if self.sea.objective not in ("sampled", "multi"):
+            raise ConfigError(f"sea.objective must be sampled or multi, got '{self.sea.objective}'")
 
 
 # --- stage 2: the same sections with LLaVA-1.5's instruction-tuning defaults ---------------

@@ -72,9 +72,10 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start:start + ctx.sizes[ctx.rank]]
 
 
-def gather_pairs(x: torch.Tensor, t: torch.Tensor):
-    """SEA negatives from every rank: gather visual tokens (with grad) and label features."""
-    return _GatherWithGrad.apply(x), _GatherWithGrad.apply(t.detach())
+def gather_pairs(x: torch.Tensor, *targets: torch.Tensor):
+    """SEA negatives from every rank: the visual tokens (gradients flow back to the owning
+    rank) and their targets (words, or label ids and weights), in rank order."""
+    return (_GatherWithGrad.apply(x), *(_GatherWithGrad.apply(t.detach()) for t in targets))
 
 
 def wrap(task: torch.nn.Module, d: Dist, strategy: str, device: torch.device,

@@ -10,9 +10,18 @@
   does not divide the grid, e.g. 27x27 with k = 2); one patch per window, uniformly; for it one
   kept label with probability s / sum(s) (negative scores count as 0; all-zero scores fall back
   to uniform over the kept labels). Patches with no kept label are skipped. Among pairs with
-  the same word in the batch one is kept at random.
-- L_a: symmetric InfoNCE over the N pairs, cosine similarity, temperature tau = exp(log_tau),
-  log_tau learnable and initialised at 0 (the paper's "tau = 0"), floored at ``min_tau``.
+  the same word in a micro-batch one is kept at random; with cross-rank negatives, again
+  after gathering, so each word appears once over all ranks.
+- L_a (``objective="sampled"``, the paper): symmetric InfoNCE over the N pairs, cosine
+  similarity, temperature tau = exp(log_tau), log_tau learnable and initialised at 0 (the
+  paper's "tau = 0"), floored at ``min_tau``.
+- ``objective="multi"`` (this project's, after the patch-aligned training paper's
+  "multi-semantic alignment"): every kept label of a sampled patch is a positive, weighted by
+  s / sum(s); see ``multi_info_nce``.
+
+Sampling runs once per optimizer step for all micro-batches (``sample_step``), vectorised on
+the device. Only the uniforms are drawn per micro-batch, from that micro-batch's generator, so
+one process with accumulation draws exactly what several ranks without it draw.
 """
 
 from __future__ import annotations
@@ -85,57 +94,134 @@ def load_word_tokens(tokenizer, wordlist, rule: str, cache_dir: str | Path | Non
     return wt
 
 
-def window_patches(batch: int, grid: tuple[int, int], k: int, gen: torch.Generator) -> torch.Tensor:
-    """One patch index per k x k window per image: (B, num_windows) flat indices into the grid."""
+OBJECTIVES = ("sampled", "multi")
+
+
+def window_patches(u: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
+    """One patch per k x k window from uniforms ``u`` (B, num_windows, 2): (B, num_windows)
+    flat indices into the grid. Edge windows may be smaller when k does not divide the grid."""
     gh, gw = grid
-    ys = torch.arange(0, gh, k)
-    xs = torch.arange(0, gw, k)
-    hs = torch.clamp(gh - ys, max=k)  # window heights (edge windows may be smaller)
+    dev = u.device
+    ys = torch.arange(0, gh, k, device=dev)
+    xs = torch.arange(0, gw, k, device=dev)
+    hs = torch.clamp(gh - ys, max=k)
     ws = torch.clamp(gw - xs, max=k)
-    r = torch.rand(batch, len(ys), len(xs), 2, generator=gen)
-    dy = (r[..., 0] * hs[None, :, None]).long()
-    dx = (r[..., 1] * ws[None, None, :]).long()
-    py = ys[None, :, None] + dy
-    px = xs[None, None, :] + dx
-    return (py * gw + px).reshape(batch, -1)
+    r = u.reshape(u.shape[0], len(ys), len(xs), 2)
+    py = ys[None, :, None] + (r[..., 0] * hs[None, :, None]).long()
+    px = xs[None, None, :] + (r[..., 1] * ws[None, None, :]).long()
+    return (py * gw + px).reshape(u.shape[0], -1)
 
 
-def draw_labels(ids: torch.Tensor, scores: torch.Tensor, gen: torch.Generator):
-    """ids, scores (M, n) -> (word (M,), valid (M,)): one kept label per row, p = s / sum(s)."""
+def num_windows(grid: tuple[int, int], k: int) -> int:
+    return (-(-grid[0] // k)) * (-(-grid[1] // k))
+
+
+def label_weights(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(M, n) -> s / sum(s) over the kept labels (negative scores count as 0; all-zero rows
+    uniform over the kept labels; rows with none kept all 0)."""
     kept = ids != SENTINEL
-    valid = kept.any(dim=1)
     w = torch.where(kept, scores.clamp(min=0), torch.zeros_like(scores))
-    zero = w.sum(dim=1) <= 0
-    w = torch.where(zero[:, None], kept.float(), w)
-    w[~valid] = 1.0  # any row; masked out below
-    choice = torch.multinomial(w, 1, generator=gen).squeeze(1)
-    word = ids.gather(1, choice[:, None]).squeeze(1)
-    return word, valid
+    w = torch.where((w.sum(dim=1, keepdim=True) <= 0), kept.to(w.dtype), w)
+    return w / w.sum(dim=1, keepdim=True).clamp(min=1e-30)
 
 
-def dedupe_words(words: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Indices (sorted) of one random pair per distinct word."""
-    if words.numel() == 0:
-        return words.new_zeros(0, dtype=torch.long)
-    perm = torch.randperm(words.numel(), generator=gen)
-    uniq, inv = torch.unique(words[perm], return_inverse=True)
-    first = torch.full((uniq.numel(),), words.numel(), dtype=torch.long)
-    first = first.scatter_reduce(0, inv, torch.arange(words.numel()), reduce="amin")
-    return perm[first].sort().values
+def draw_labels(ids: torch.Tensor, scores: torch.Tensor, u: torch.Tensor):
+    """ids, scores (M, n), uniforms u (M,) -> (word (M,), valid (M,)): one kept label per row
+    with probability s / sum(s), by inverse CDF (no per-row sampling call)."""
+    valid = (ids != SENTINEL).any(dim=1)
+    cdf = label_weights(ids, scores).cumsum(dim=1)
+    choice = (cdf < u[:, None] * cdf[:, -1:]).sum(dim=1).clamp(max=ids.shape[1] - 1)
+    return ids.gather(1, choice[:, None]).squeeze(1), valid
 
 
-def sample_pairs(label_ids: torch.Tensor, label_scores: torch.Tensor, grid: tuple[int, int],
-                 k: int, gen: torch.Generator):
-    """(B, P, n) labels -> (image index, patch index, word) of the pairs used by L_a."""
-    B = label_ids.shape[0]
-    patches = window_patches(B, grid, k, gen)  # (B, Wn)
-    rows = torch.arange(B)[:, None].expand_as(patches)
-    ids = label_ids[rows, patches].reshape(-1, label_ids.shape[-1]).long()
-    sc = label_scores[rows, patches].reshape(-1, label_scores.shape[-1]).float()
-    words, valid = draw_labels(ids, sc, gen)
-    img, pat, words = rows.reshape(-1)[valid], patches.reshape(-1)[valid], words[valid]
-    keep = dedupe_words(words, gen)
-    return img[keep], pat[keep], words[keep]
+def dedupe(keys: torch.Tensor, prio: torch.Tensor) -> torch.Tensor:
+    """Indices (sorted) keeping one entry per distinct key: the one with the lowest ``prio``
+    (uniforms, so a uniformly random one among duplicates)."""
+    if keys.numel() == 0:
+        return keys.new_zeros(0, dtype=torch.long)
+    order = prio.argsort()
+    by_key = keys[order].sort(stable=True)
+    first = torch.ones_like(by_key.values, dtype=torch.bool)
+    first[1:] = by_key.values[1:] != by_key.values[:-1]
+    return order[by_key.indices[first]].sort().values
+
+
+@dataclass
+class MicroPairs:
+    """SEA's draws for one micro-batch: the sampled visual tokens (image, patch) and their
+    targets: ``words`` (N,) for ``sampled``; ``ids`` and ``weights`` (N, n) for ``multi``.
+    ``rows`` index the step's word table (``StepSample.words``)."""
+
+    img: torch.Tensor
+    pat: torch.Tensor
+    words: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
+@dataclass
+class StepSample:
+    """Every micro-batch's pairs of one optimizer step, and the distinct words they use."""
+
+    micro: list[MicroPairs | None]
+    words: torch.Tensor  # (U,) distinct words of the step
+    table: torch.Tensor | None = None  # their label features, filled on first use in the step
+
+
+def draw_uniforms(gen: torch.Generator, batch: int, windows: int) -> torch.Tensor:
+    """A micro-batch's randomness: per window (dy, dx, label draw, de-duplication priority).
+    Drawn on the CPU, so CPU and GPU runs sample the same pairs."""
+    return torch.rand(batch, windows, 4, generator=gen)
+
+
+def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tuple[int, int],
+                k: int, gens: list[torch.Generator], objective: str = "sampled",
+                device: torch.device | str = "cpu") -> StepSample:
+    """Pairs of every micro-batch of one step in one vectorised pass on ``device``.
+
+    ``labels[i]`` is micro-batch i's (ids, scores), each (B_i, P, n), or None (no labels).
+    """
+    nw = num_windows(grid, k)
+    present = [i for i, lab in enumerate(labels) if lab is not None and lab[0].shape[0] > 0]
+    if not present:
+        return StepSample([None] * len(labels), torch.zeros(0, dtype=torch.long, device=device))
+    u = torch.cat([draw_uniforms(gens[i], labels[i][0].shape[0], nw) for i in present]).to(device)
+    ids = torch.cat([labels[i][0] for i in present]).to(device, non_blocking=True).long()
+    scores = torch.cat([labels[i][1] for i in present]).to(device, non_blocking=True).float()
+    sizes = [labels[i][0].shape[0] for i in present]
+    group = torch.repeat_interleave(torch.arange(len(present), device=device),
+                                    torch.tensor(sizes, device=device))  # micro of each image
+    img_local = torch.cat([torch.arange(b, device=device) for b in sizes])
+    patches = window_patches(u[..., :2], grid, k)  # (B, nw)
+    rows = torch.arange(ids.shape[0], device=device)[:, None].expand_as(patches).reshape(-1)
+    pat = patches.reshape(-1)
+    pid, psc = ids[rows, pat], scores[rows, pat]  # (B*nw, n)
+    u = u.reshape(-1, 4)
+    grp = group[rows]
+    if objective == "sampled":
+        words, valid = draw_labels(pid, psc, u[:, 2])
+        sel = valid.nonzero().squeeze(1)
+        # one pair per distinct word per micro-batch: key (micro-batch, word)
+        sel = sel[dedupe(grp[sel] * (SENTINEL + 1) + words[sel], u[sel, 3])]
+        step_words, inv = torch.unique(words[sel], return_inverse=True)
+    elif objective == "multi":
+        sel = (pid != SENTINEL).any(dim=1).nonzero().squeeze(1)
+        weights = label_weights(pid[sel], psc[sel])
+        step_words = torch.unique(pid[sel][weights > 0])
+    else:
+        raise ValueError(f"sea.objective must be one of {OBJECTIVES}, got '{objective}'")
+    g_sel = grp[sel]
+    out: list[MicroPairs | None] = [None] * len(labels)
+    for j, i in enumerate(present):
+        m = (g_sel == j).nonzero().squeeze(1)
+        mp = MicroPairs(img_local[rows[sel[m]]], pat[sel[m]])
+        if objective == "sampled":
+            mp.words, mp.rows = words[sel[m]], inv[m]
+        else:
+            mp.ids, mp.weights = pid[sel[m]], weights[m]
+        out[i] = mp
+    return StepSample(out, step_words)
 
 
 def info_nce(x: torch.Tensor, t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -147,39 +233,92 @@ def info_nce(x: torch.Tensor, t: torch.Tensor, tau: torch.Tensor) -> torch.Tenso
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def multi_targets(ids: torch.Tensor, weights: torch.Tensor):
+    """(N, n) kept labels and their weights -> (the distinct words U with a positive weight,
+    Q (N, |U|): Q[i, u] = weight of word u among token i's labels, rows summing to 1)."""
+    pos = weights > 0
+    words, inv = torch.unique(ids[pos], return_inverse=True)
+    q = weights.new_zeros(ids.shape[0], words.numel())
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[pos]
+    q.index_put_((rows, inv), weights[pos], accumulate=True)
+    return words, q
+
+
+def multi_info_nce(x: torch.Tensor, t: torch.Tensor, q: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Multi-positive symmetric InfoNCE. x (N, D) visual tokens, t (U, D) the features of the
+    distinct label words, q (N, U) each token's target distribution over U (s / sum(s) of its
+    kept labels). Token -> words: cross-entropy of softmax over U against q[i]. Word -> tokens:
+    for word u, cross-entropy of softmax over the N tokens against q[:, u] / sum_i q[i, u] (the
+    tokens carrying u, by their weight for u). L = mean of both directions' means."""
+    if x.shape[0] == 0 or t.shape[0] == 0:
+        return x.sum() * 0.0
+    logits = F.normalize(x.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T / tau
+    q = q.float()
+    to_words = -(q * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    r = q / q.sum(dim=0, keepdim=True)
+    to_tokens = -(r * logits.log_softmax(dim=0)).sum(dim=0).mean()
+    return 0.5 * (to_words + to_tokens)
+
+
 class AlignmentLoss(nn.Module):
-    """L_a with its learnable temperature; call with visual tokens and the batch's labels."""
+    """L_a with its learnable temperature. ``sample`` draws a step's pairs; ``forward`` takes a
+    micro-batch's visual tokens and its pairs."""
 
     def __init__(self, word_tokens: WordTokens, grid: tuple[int, int], window: int = 2,
-                 log_tau_init: float = 0.0, learn_tau: bool = True, min_tau: float = 0.01):
+                 log_tau_init: float = 0.0, learn_tau: bool = True, min_tau: float = 0.01,
+                 objective: str = "sampled"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"sea.objective must be one of {OBJECTIVES}, got '{objective}'")
         self.log_tau = nn.Parameter(torch.tensor(float(log_tau_init)), requires_grad=learn_tau)
         self.register_buffer("flat_ids", word_tokens.flat_ids, persistent=False)
         self.register_buffer("offsets", word_tokens.offsets, persistent=False)
         self.grid = tuple(grid)
         self.window = window
         self.min_tau = min_tau
+        self.objective = objective
 
     @property
     def tau(self) -> torch.Tensor:
         return self.log_tau.exp().clamp(min=self.min_tau)
 
-    def pairs(self, label_ids, label_scores, gen):
-        return sample_pairs(label_ids, label_scores, self.grid, self.window, gen)
+    def sample(self, labels, gens, device=None) -> StepSample:
+        return sample_step(labels, self.grid, self.window, gens, self.objective,
+                           device if device is not None else self.flat_ids.device)
 
-    def forward(self, visual_tokens: torch.Tensor | None, embed_weight: torch.Tensor, label_ids,
-                label_scores, gen: torch.Generator, gather=None) -> tuple[torch.Tensor, int]:
-        """``label_ids=None`` (a micro-batch without labels) still takes part in ``gather``,
-        which is collective: every rank must call it the same number of times."""
+    def _features(self, embed_weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # targets: no gradient into the embedding table
+            return label_features_table(embed_weight.detach(), self.flat_ids, self.offsets, words)
+
+    def forward(self, visual_tokens: torch.Tensor | None, embed_weight: torch.Tensor,
+                step: StepSample | None, micro: int, gather=None,
+                shared_gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """``gather`` (cross-rank negatives) is collective: every rank calls it for every
+        micro-batch, labelled or not. ``shared_gen`` is the same on every rank: it picks which
+        pair of a word found on several ranks survives."""
         dev = embed_weight.device
-        if label_ids is None or visual_tokens is None:
+        pairs = step.micro[micro] if step is not None else None
+        if pairs is None or visual_tokens is None:  # no pairs here: 0, the temperature attached
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
             x = embed_weight.new_zeros(0, embed_weight.shape[1]) + 0.0 * self.log_tau
-            words = torch.zeros(0, dtype=torch.long)
+            pairs = MicroPairs(empty, empty, words=empty, ids=empty[:, None],
+                               weights=torch.zeros(0, 1, device=dev))
         else:
-            img, pat, words = self.pairs(label_ids.cpu(), label_scores.cpu(), gen)
-            x = visual_tokens[img.to(dev), pat.to(dev)]
-        with torch.no_grad():
-            t = label_features_table(embed_weight.detach(), self.flat_ids, self.offsets, words.to(dev))
-        if gather is not None:  # cross-rank negatives (trainer.distributed)
-            x, t = gather(x, t)
+            x = visual_tokens[pairs.img, pairs.pat]
+        if self.objective == "multi":
+            ids, weights = pairs.ids, pairs.weights
+            if gather is not None:
+                x, ids, weights = gather(x, ids, weights)
+            words, q = multi_targets(ids, weights)
+            return multi_info_nce(x, self._features(embed_weight, words), q, self.tau), int(x.shape[0])
+        if gather is not None:
+            x, words = gather(x, pairs.words)
+            keep = dedupe(words, torch.rand(words.shape[0], generator=shared_gen).to(dev))
+            x, t = x[keep], self._features(embed_weight, words[keep])
+        elif pairs.rows is None or pairs.rows.numel() == 0:
+            t = x.detach()  # no pairs: info_nce returns the attached 0
+        else:
+            if step.table is None:  # once per step: the embedding table does not change within it
+                step.table = self._features(embed_weight, step.words)
+            t = step.table[pairs.rows]
         return info_nce(x, t, self.tau), int(x.shape[0])

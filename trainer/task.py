@@ -21,7 +21,10 @@ class SEATask(nn.Module):
         self.truncation = truncation
         self.train_vision = train_vision
 
-    def forward(self, batch: dict, gen: torch.Generator, gather=None) -> dict:
+    def forward(self, batch: dict, sample=None, micro: int = 0, gather=None,
+                shared_gen: torch.Generator | None = None) -> dict:
+        """One micro-batch. ``sample`` is the step's SEA draws (``AlignmentLoss.sample``),
+        ``micro`` this micro-batch's index in it."""
         m = self.mllm
         device = m.adapter[0].weight.device
         embed = m.llm.get_input_embeddings()
@@ -43,8 +46,7 @@ class SEATask(nn.Module):
         if self.align is not None and self.weight > 0:
             # without labels the loss is 0 but keeps the temperature in the graph, so DDP sees
             # every trainable parameter and gathered negatives stay collective
-            align_loss, pairs = self.align(tokens, embed.weight, batch.get("label_ids"),
-                                           batch.get("label_scores"), gen, gather)
+            align_loss, pairs = self.align(tokens, embed.weight, sample, micro, gather, shared_gen)
         losses.update(align_loss=align_loss, pairs=pairs,
                       loss=lm_loss + self.weight * align_loss)
         if self.align is not None:

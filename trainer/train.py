@@ -154,7 +154,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     align = None
     if cfg.sea.weight > 0:
         align = AlignmentLoss(word_tokens, mllm.grid, cfg.sea.window, cfg.sea.log_tau_init,
-                              cfg.sea.learn_tau, cfg.sea.min_tau).to(device)
+                              cfg.sea.learn_tau, cfg.sea.min_tau, cfg.sea.objective).to(device)
     task = SEATask(mllm, align, cfg.sea.weight, cfg.data.max_length, cfg.data.truncation,
                    train_vision)
     if stage == "finetune" and getattr(cfg, "init_from", None):
@@ -210,20 +210,38 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_003 + micro)
 
 
+def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The same on every rank (local micro-batch index): picks among gathered duplicates."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 100_003 + micro) ^ 0x5EA5EA5EA)
+
+
+def sample_sea(p: Parts, micro_batches: list[dict], step: int):
+    """SEA's pairs for the whole step in one vectorised pass (None when L_a is off)."""
+    align = p.task.align
+    if align is None or p.task.weight <= 0:
+        return None
+    n = len(micro_batches)
+    labels = [(mb["label_ids"], mb["label_scores"]) if mb.get("label_ids") is not None else None
+              for mb in micro_batches]
+    gens = [step_generator(p.cfg.optim.seed, step, p.dist.rank * n + i) for i in range(n)]
+    return align.sample(labels, gens, p.device)
+
+
 def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None) -> dict:
     """Gradients of one optimizer step's micro-batches (averaged over them and the ranks)."""
     sums = {"loss": 0.0, "lm_loss": 0.0, "align_loss": 0.0, "pairs": 0, "dropped": 0}
     tau = None
     n = len(micro_batches)
+    sample = sample_sea(p, micro_batches, step)
     for i, mb in enumerate(micro_batches):
         if not mb["input_ids"]:
             continue
-        gen = step_generator(p.cfg.optim.seed, step, p.dist.rank * n + i)
+        shared = shared_generator(p.cfg.optim.seed, step, i) if gather is not None else None
         # DDP: only the last micro-batch all-reduces gradients
         sync = i == n - 1 or not hasattr(p.model, "no_sync")
         ctx = contextlib.nullcontext() if sync else p.model.no_sync()
         with ctx, _autocast(p.device):
-            out = p.model(mb, gen, gather)
+            out = p.model(mb, sample, i, gather, shared)
             (out["loss"] / n).backward()
         for k in ("loss", "lm_loss", "align_loss"):
             sums[k] += float(out[k].detach()) / n
