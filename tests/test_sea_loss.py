@@ -138,7 +138,6 @@ def test_duplicates_reduced_to_one_random_pair():
 
 
 def test_sample_pairs_skip_unlabelled_and_dedupe():
-    gen = torch.Generator().manual_seed(5)
     ids = torch.full((2, 16, 3), SENTINEL)
     ids[0, :, 0] = torch.arange(16)
     ids[1, :, 0] = 3  # every patch of image 1 has the same label
