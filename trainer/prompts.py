@@ -3,9 +3,10 @@
 - ``plain`` (stage 1, LLaVA's "plain" format): ``<s> <image> caption </s>``; loss on the
   caption and the end token only. LLaVA ends the caption with "\\n"; we end it with the
   tokenizer's EOS so the model learns to stop (our choice).
-- ``chat`` (stage 2): the conversation rendered turn by turn with the tokenizer's chat
-  template (roles: human -> user, gpt -> assistant, system -> system); loss only on the
-  assistant turns' tokens. Without a chat template (Vicuna-v1.5 has none) the fallback is
+- ``chat`` (stage 2): the conversation rendered with the tokenizer's chat template (roles:
+  human -> user, gpt -> assistant, system -> system) and tokenized whole (split only at
+  ``<image>``), so the ids are those of the prompt at inference; loss only on the tokens that
+  start inside an assistant turn (found by character offsets, hence a fast tokenizer). Without a chat template (Vicuna-v1.5 has none) the fallback is
   LLaVA-1.5's ``conv_vicuna_v1``: its system line, then ``USER: ... ASSISTANT: ...</s>``.
   ``<image>`` stays where it is in the first turn.
 """
@@ -23,15 +24,35 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "system": "system"}
 
 
-def _tokens(tokenizer, text: str) -> list[int]:
-    """Text to ids, with each '<image>' replaced by IMAGE_TOKEN_INDEX."""
-    out: list[int] = []
+def _tokens(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Text to (ids, start offsets), each '<image>' replaced by IMAGE_TOKEN_INDEX.
+
+    The text is tokenized whole between images, never turn by turn: a SentencePiece
+    tokenizer (Llama-2, Vicuna) tokenizes a piece that starts mid-text differently (a dummy
+    ``▁`` prefix), so per-turn pieces would not be the ids the model sees at inference.
+    Offsets say where each token starts in ``text``, to mask turns by character span.
+    """
+    ids: list[int] = []
+    starts: list[int] = []
+    base = 0
     for i, part in enumerate(text.split(IMAGE)):
         if i:
-            out.append(IMAGE_TOKEN_INDEX)
+            ids.append(IMAGE_TOKEN_INDEX)
+            starts.append(base - len(IMAGE))
         if part:
-            out.extend(tokenizer(part, add_special_tokens=False)["input_ids"])
-    return out
+            try:
+                enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+            except NotImplementedError:  # transformers 4's Python tokenizers
+                enc = {}
+            if "offset_mapping" not in enc:  # transformers 5's drop the option silently
+                raise ValueError(
+                    f"{type(tokenizer).__name__} gives no character offsets; the chat format "
+                    "needs a fast (tokenizers-backed) tokenizer: load it with "
+                    "AutoTokenizer.from_pretrained(path) without use_fast=False")
+            ids.extend(enc["input_ids"])
+            starts.extend(base + a for a, _ in enc["offset_mapping"])
+        base += len(part) + len(IMAGE)
+    return ids, starts
 
 
 def _messages(item: dict, has_image: bool) -> list[dict]:
@@ -65,24 +86,41 @@ def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool) -> str:
     return text + ("ASSISTANT:" if add_generation_prompt else "")
 
 
-def build_chat(item: dict, tokenizer, has_image: bool) -> tuple[list[int], list[int]]:
-    msgs = _messages(item, has_image)
-    ids: list[int] = []
-    labels: list[int] = []
-    bos = tokenizer.bos_token_id
+def _turn_spans(tokenizer, msgs: list[dict]) -> tuple[str, list[tuple[int, int, str]]]:
+    """The whole conversation rendered once, and each turn's (start, end, role) in it.
+
+    Each user turn's span includes the generation prompt that follows it (``ASSISTANT:``),
+    so an assistant span holds exactly what the model must produce.
+    """
+    spans = []
     prev = ""
     for i, m in enumerate(msgs):
         nxt = msgs[i + 1]["role"] if i + 1 < len(msgs) else None
         text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=nxt == "assistant")
         if not text.startswith(prev):
             raise ValueError("chat template output is not incremental; cannot mask turns")
-        piece = _tokens(tokenizer, text[len(prev):])
+        spans.append((len(prev), len(text), m["role"]))
         prev = text
-        ids.extend(piece)
-        labels.extend(piece if m["role"] == "assistant" else [IGNORE_INDEX] * len(piece))
-    if bos is not None and not prev.startswith(tokenizer.bos_token):  # template had no BOS
+    return prev, spans
+
+
+def _with_bos(tokenizer, text: str, ids: list[int], labels: list[int] | None = None):
+    bos = tokenizer.bos_token_id
+    if bos is not None and not text.startswith(tokenizer.bos_token):  # template had no BOS
         ids.insert(0, bos)
-        labels.insert(0, IGNORE_INDEX)
+        if labels is not None:
+            labels.insert(0, IGNORE_INDEX)
+
+
+def build_chat(item: dict, tokenizer, has_image: bool) -> tuple[list[int], list[int]]:
+    """Ids of the whole rendered conversation; labels on tokens that start in an assistant
+    turn (its text and end token), IGNORE_INDEX elsewhere."""
+    text, spans = _turn_spans(tokenizer, _messages(item, has_image))
+    ids, starts = _tokens(tokenizer, text)
+    answer = [(a, b) for a, b, role in spans if role == "assistant"]
+    labels = [t if any(a <= s < b for a, b in answer) and t != IMAGE_TOKEN_INDEX else IGNORE_INDEX
+              for t, s in zip(ids, starts, strict=True)]
+    _with_bos(tokenizer, text, ids, labels)
     return ids, labels
 
 
@@ -117,7 +155,6 @@ def generation_prompt(tokenizer, prompt: str, fmt: str, has_image: bool = True) 
         return torch.tensor(ids, dtype=torch.long)
     content = (IMAGE + "\n" + prompt) if has_image and IMAGE not in prompt else prompt
     text = _render(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
-    ids = _tokens(tokenizer, text)
-    if tokenizer.bos_token_id is not None and not text.startswith(tokenizer.bos_token):
-        ids.insert(0, tokenizer.bos_token_id)
+    ids, _ = _tokens(tokenizer, text)
+    _with_bos(tokenizer, text, ids)
     return torch.tensor(ids, dtype=torch.long)
