@@ -38,17 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.help_config:
             print("\n".join(describe(ExtractConfig)))
             return 0
+        from pipeline.data import InputError
         from pipeline.encoders import WeightsNotFound
-        from pipeline.extract import RunMismatch
+        from pipeline.extract import RunMismatch, run_problem
         from pipeline.runner import run
 
         try:
             cfg = load_config(ExtractConfig, args.config, args.overrides)
             summary = run(cfg)
-        except (ConfigError, WeightsNotFound, RunMismatch, FileNotFoundError) as e:
+        except (ConfigError, WeightsNotFound, RunMismatch, InputError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(summary, indent=2))
+        problem = run_problem(summary, cfg.run.max_error_rate)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
         return 0 if summary["complete"] else 1
     if args.cmd == "submit":
         import os

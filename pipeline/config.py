@@ -243,6 +243,8 @@ class RunConfig:
     device: str = doc("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
     row_group_size: int = doc(256, "rows per Parquet row group (bounds writer memory)")
     overwrite: bool = doc(False, "replace a run made with another config in the same output")
+    max_error_rate: float = doc(0.05, "largest share of failed images (missing, corrupt) a "
+                                      "run may have and still exit 0; the shards are written either way")
     runner: str = doc("ray", "ray (local Ray sized to the machine, or ray.address) | local (in-process, no Ray)")
     progress: bool = doc(True, "progress bars")
 
@@ -272,6 +274,8 @@ class ExtractConfig:
             raise ConfigError("labels.top_n must be >= 1")
         if self.run.chunk_size < 1 or self.run.batch_size < 1:
             raise ConfigError("run.chunk_size and run.batch_size must be >= 1")
+        if not 0.0 <= self.run.max_error_rate <= 1.0:
+            raise ConfigError(f"run.max_error_rate must be in [0, 1], got {self.run.max_error_rate}")
         if self.run.runner not in ("local", "ray"):
             raise ConfigError(f"run.runner must be local or ray, got '{self.run.runner}'")
         if self.labels.surgery_weights not in ("token", "cls"):

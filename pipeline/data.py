@@ -26,31 +26,78 @@ class BadImage(Exception):
     """An image that cannot be used; the message is the reason recorded in errors.jsonl."""
 
 
+class InputError(ValueError):
+    """The input list itself is unusable (missing, empty, malformed): nothing can run."""
+
+
 @dataclass(frozen=True)
 class Record:
     image_id: str
-    path: str  # relative to the image root, as given
+    path: str  # relative to the image root, normalised (``normalize_path``): the join key
+    error: str | None = None  # an input error (duplicate or null id): recorded, never read
+
+
+def normalize_path(path: str) -> str:
+    """The join key of an image in both stages: its path relative to the image root with
+    ``./``, ``//`` and ``a/../`` folded, so a JSON's ``./x/1.jpg`` and a folder walk's
+    ``x/1.jpg`` are the same image. Escaping paths stay escaping (refused at read time)."""
+    return os.path.normpath(str(path))
+
+
+def read_json_list(json_path: str | Path, key: str) -> list:
+    """A LLaVA-format JSON list, or an InputError naming ``key``, the file and what is wrong."""
+    p = Path(json_path)
+    if not p.is_file():
+        raise InputError(f"{key}: {p} does not exist (set {key}=/path/to/data.json)")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InputError(f"{key}: {p} is empty; expected a JSON list of samples")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{key}: {p} is not valid JSON: {e.msg} at line {e.lineno} "
+                         f"column {e.colno}") from None
+    if not isinstance(data, list):
+        raise InputError(f"{key}: {p} is not a list of samples (its top level is a "
+                         f"{type(data).__name__}); LLaVA's format is [{{id, image, conversations}}, ...]")
+    if not data:
+        raise InputError(f"{key}: {p} has no samples (an empty list)")
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise InputError(f"{key}: {p}: entry {i} is not an object")
+    return data
 
 
 def records_from_json(json_path: str | Path) -> list[Record]:
     """LLaVA format: a list of {id, image, conversations}. Entries without an image are
-    skipped (stage-2 mixes have text-only samples); duplicates of an image id are kept once."""
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, list):
-        raise ValueError(f"{json_path}: expected a JSON list of samples")
-    out, seen = [], set()
-    for i, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise ValueError(f"{json_path}: entry {i} is not an object")
+    skipped (stage-2 mixes have text-only samples); an image listed again (the same sample
+    twice, or several conversations about one image) is labelled once. An ``id`` naming two
+    different images, or a null ``id``, is an input error recorded against the later entry.
+    A missing ``id`` is the image path."""
+    data = read_json_list(json_path, "input.json")
+    out: list[Record] = []
+    paths: set[str] = set()
+    ids: dict[str, str] = {}
+    for item in data:
         image = item.get("image")
         if not image:
             continue
-        image_id = str(item.get("id", image))
-        if image_id in seen:
+        path = normalize_path(image)
+        if "id" in item and item["id"] is None:
+            out.append(Record("null", path, "id is null; give every sample an id"))
             continue
-        seen.add(image_id)
-        out.append(Record(image_id, str(image)))
+        image_id = str(item.get("id", image))
+        if image_id in ids and ids[image_id] != path:
+            out.append(Record(image_id, path, f"duplicate id {image_id!r}: already names "
+                                              f"{ids[image_id]}; ids must be unique per image"))
+            continue
+        ids.setdefault(image_id, path)
+        if path in paths:
+            continue
+        paths.add(path)
+        out.append(Record(image_id, path))
+    if not out:
+        raise InputError(f"input.json: {json_path}: no sample has an 'image' ({len(data)} entries)")
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline import shards
 from pipeline.config import ExtractConfig, config_hash
-from pipeline.data import Record, records_from_folder, records_from_json
+from pipeline.data import IMAGE_EXTS, InputError, Record, records_from_folder, records_from_json
 from pipeline.stages import Decoder, Labeler, label_batches, write_chunk
 
 RUN_FILE = "run.json"
@@ -32,19 +32,27 @@ class RunMismatch(ValueError):
 
 
 def load_records(cfg: ExtractConfig) -> list[Record]:
+    """The input list, or an InputError naming the key, the file and the fix: called before
+    anything starts (Ray included), so a wrong path costs nothing."""
+    root = Path(cfg.input.image_root)
+    if not root.is_dir():
+        raise InputError(f"input.image_root: {root} is not a folder (set "
+                         f"input.image_root=/path/to/images, the folder image paths are relative to)")
     if cfg.input.json:
         recs = records_from_json(cfg.input.json)
     else:
-        if not Path(cfg.input.image_root).is_dir():
-            raise FileNotFoundError(f"input.image_root {cfg.input.image_root} is not a folder")
-        recs = records_from_folder(cfg.input.image_root)
+        recs = records_from_folder(root)
+        if not recs:
+            raise InputError(f"input.image_root: {root} holds no image files "
+                             f"({', '.join(sorted(IMAGE_EXTS))}) and no input.json is given")
     return recs[: cfg.input.limit] if cfg.input.limit is not None else recs
 
 
 def input_hash(records: list[Record]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(r.image_id.encode() + b"\0" + r.path.encode() + b"\n")
+        h.update(r.image_id.encode() + b"\0" + r.path.encode()
+                 + (b"\0" + r.error.encode() if r.error else b"") + b"\n")
     return h.hexdigest()
 
 
@@ -108,12 +116,38 @@ def finish_run(plan: Plan, metadata: dict) -> dict:
     manifest = shards.write_manifest(plan.out_dir, plan.config_hash, metadata, len(plan.chunks))
     done = shards.list_done(plan.out_dir)
     tmp = plan.out_dir / f".{ERRORS_FILE}.tmp"
+    reasons: dict[str, int] = {}
     with open(tmp, "w") as f:
         for i in sorted(done):
             for err in done[i].get("error_list", []):
                 f.write(json.dumps({"chunk": i, **err}) + "\n")
+                kind = reason_kind(err["reason"])
+                reasons[kind] = reasons.get(kind, 0) + 1
     tmp.replace(plan.out_dir / ERRORS_FILE)
+    manifest["errors_by_reason"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     return manifest
+
+
+def reason_kind(reason: str) -> str:
+    """An error reason without its particulars ("cannot decode: OSError: ..." -> "cannot
+    decode"), to count errors per kind."""
+    return reason.split(":")[0].split(" (")[0].strip()
+
+
+def run_problem(summary: dict, max_error_rate: float) -> str | None:
+    """Why a finished run is not a success (None when it is): nothing labelled, or more
+    failed images than ``run.max_error_rate`` allows."""
+    ok, bad = summary["images_labelled"], summary["images_failed"]
+    total = ok + bad
+    counts = ", ".join(f"{k}: {v}" for k, v in summary["errors_by_reason"].items()) or "none"
+    where = f"see {summary['output']}/{ERRORS_FILE}"
+    if total and ok == 0:
+        return f"0 of {total} images labelled; errors by reason: {counts} ({where})"
+    if total and bad / total > max_error_rate:
+        return (f"{bad} of {total} images failed ({bad / total:.1%} > run.max_error_rate="
+                f"{max_error_rate}); errors by reason: {counts} ({where}). Fix the inputs, or "
+                f"raise run.max_error_rate to accept the run as it is (the shards are kept)")
+    return None
 
 
 def prefetch_batches(decoder: Decoder, records: list[Record], batch_size: int, workers: int):
@@ -149,6 +183,7 @@ def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
         "images_in_input": len(plan.records),
         "images_labelled": rows,
         "images_failed": errors,
+        "errors_by_reason": manifest.get("errors_by_reason", {}),
         "chunks": len(plan.chunks),
         "chunks_done": len(manifest["shards"]),
         "complete": manifest["complete"],

@@ -138,6 +138,7 @@ def run_ray(cfg: ExtractConfig) -> dict:
 
     from pipeline.encoders import resolve_checkpoint
 
+    records = load_records(cfg)  # a wrong input path fails here, before Ray starts
     # Fail fast, before any actor starts, when the weights are missing (the driver must see
     # the same weights path or HF cache as the nodes: a shared filesystem on a cluster).
     resolve_checkpoint(cfg.encoder.model, cfg.encoder.pretrained, cfg.encoder.allow_download,
@@ -154,7 +155,6 @@ def run_ray(cfg: ExtractConfig) -> dict:
         cfg_dict = to_dict(cfg)
         actors = [actor_cls.remote(cfg_dict, progress) for _ in range(n_actors)]
         metadata = ray.get(actors[0].metadata.remote())  # also: fails fast without weights
-        records = load_records(cfg)
         plan = plan_run(cfg, metadata, records)
         todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)
         bar = tqdm(total=todo_images, desc=f"labelling ({n_actors} actor(s))", unit="img",

@@ -54,6 +54,8 @@ class Decoder:
         self.max_pixels = max_pixels
 
     def __call__(self, record: Record) -> Decoded:
+        if record.error:
+            return Decoded(record, None, record.error)
         try:
             path = resolve_inside(self.image_root, record.path)
             img = load_rgb(path, self.max_pixels)

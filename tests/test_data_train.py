@@ -71,7 +71,7 @@ def test_batches_carry_labels_and_plain_prompt(source, tiny_llm):
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     assert ids[0] == tok.bos_token_id and ids[1] == IMAGE_TOKEN_INDEX and ids[-1] == tok.eos_token_id
     assert (labels[:2] == IGNORE_INDEX).all() and torch.equal(labels[2:], ids[2:])
-    item = source.items[source.index[source.rows(source.blocks[0])[0]["image_id"]]]
+    item = source.items[source.index[source.rows(source.blocks[0])[0]["image"]]]
     assert "background" in item["conversations"][1]["value"]
 
 

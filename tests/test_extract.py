@@ -172,5 +172,6 @@ def test_cli_extract_and_missing_weights(extract_cfg, tmp_path, capsys):
                "run.progress=false", "input.limit=3", "run.runner=local"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["images_labelled"] == 3
     rc = main(["extract", "encoder.model=ViT-L-14-336", "encoder.pretrained=openai",
-               f"encoder.cache_dir={tmp_path / 'nohf'}"])
+               f"encoder.cache_dir={tmp_path / 'nohf'}", f"input.json={cfg.input.json}",
+               f"input.image_root={cfg.input.image_root}"])
     assert rc == 2 and "vit_large_patch14_clip_336" in capsys.readouterr().err

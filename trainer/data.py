@@ -15,9 +15,9 @@ form the alignment-evaluation set.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data import BadImage, load_rgb, resolve_inside
+from pipeline.data import BadImage, load_rgb, normalize_path, read_json_list, resolve_inside
 from pipeline.shards import SENTINEL, open_label_set
 from trainer.prompts import build_sample
 
@@ -40,17 +40,36 @@ class Block:
 
 
 def load_conversations(json_path: str) -> tuple[list[dict], dict[str, int]]:
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
-    index = {}
+    """The JSON list and its image index: normalised image path -> first entry naming it
+    (the join key of both stages; ids are kept for reporting only)."""
+    data = read_json_list(json_path, "data.json")
+    index: dict[str, int] = {}
     for i, item in enumerate(data):
-        key = str(item.get("id", item.get("image", i)))
-        index.setdefault(key, i)
+        if item.get("image"):
+            index.setdefault(normalize_path(item["image"]), i)
     return data, index
 
 
+def _image_state(root: str, path: str) -> str | None:
+    """Why an image cannot be trained on, checked at start-up without decoding (None: found)."""
+    try:
+        return None if resolve_inside(root, path).is_file() else "image file missing"
+    except BadImage:
+        return "path outside data.image_root"
+
+
+def _states(root: str, paths: list[str]) -> list[str | None]:
+    with ThreadPoolExecutor(max_workers=16) as pool:  # stat calls: I/O bound on network disks
+        return list(pool.map(lambda q: _image_state(root, q), paths, chunksize=256))
+
+
 class SampleSource:
-    """Everything a worker needs to turn a block into samples; picklable."""
+    """Everything a worker needs to turn a block into samples; picklable.
+
+    At start-up the JSON and the labels are joined by normalised image path and every image
+    is looked up on disk (no decoding); rows that cannot train (labelled image absent from
+    the JSON, image missing) leave the stream here, so every batch is full, and are counted in
+    ``report`` (printed by the trainer before it starts)."""
 
     def __init__(self, cfg, tokenizer, preprocess, fmt: str, expect: dict | None = None,
                  max_pixels: int = 89_478_485):
@@ -62,28 +81,63 @@ class SampleSource:
         self.top_n = None
         self.items, self.index = load_conversations(cfg.json)
         self.meta, self.shards, self.by_path = None, [], None
+        self.keep: dict[tuple[int, int], np.ndarray] = {}  # (shard, group) -> rows used
+        with_image = sum(1 for it in self.items if it.get("image"))
+        self.report: dict = {"json_rows": len(self.items), "json_rows_with_image": with_image}
+        dropped: dict[str, int] = {}
         if cfg.shards:
             self.meta, self.shards = open_label_set(cfg.shards, expect)
             self.top_n = self.meta["top_n"]
         if cfg.shards and fmt == "plain":
-            # stage 1: the stream is the labelled images, in shard order
-            self.blocks = []
-            row = 0
+            # stage 1: the stream is the labelled images that join the JSON, in shard order
+            groups, paths = [], []
             for s, path in enumerate(self.shards):
-                md = pq.ParquetFile(path).metadata
-                for g in range(md.num_row_groups):
-                    n = md.row_group(g).num_rows
-                    self.blocks.append(Block(s, g, n, row))
-                    row += n
+                pf = pq.ParquetFile(path)
+                for g in range(pf.metadata.num_row_groups):
+                    col = pf.read_row_group(g, columns=["path"]).column(0).to_pylist()
+                    groups.append((s, g, len(col)))
+                    paths.extend(normalize_path(q) for q in col)
+            joined = [q in self.index for q in paths]
+            states = _states(cfg.image_root, [q for q, j in zip(paths, joined) if j])
+            it = iter(states)
+            ok = []
+            for j in joined:
+                why = next(it) if j else "labelled image not in data.json"
+                if why:
+                    dropped[why] = dropped.get(why, 0) + 1
+                ok.append(why is None)
+            ok = np.asarray(ok, dtype=bool)
+            self.blocks, row, at = [], 0, 0
+            for s, g, n in groups:
+                rows = np.flatnonzero(ok[at:at + n])
+                at += n
+                if len(rows):
+                    self.keep[(s, g)] = rows
+                    self.blocks.append(Block(s, g, len(rows), row))
+                    row += len(rows)
+            self.report.update({"labelled_rows": len(paths), "joined": int(sum(joined)),
+                                "images_found": int(sum(st is None for st in states))})
         else:
             # stage 2: the stream is the JSON (text-only samples included); labels are looked
             # up by image path where the label run has them
+            imgs = [i for i, it in enumerate(self.items) if it.get("image")]
+            states = _states(cfg.image_root, [normalize_path(self.items[i]["image"]) for i in imgs])
+            bad = {i for i, st in zip(imgs, states) if st}
+            for st in states:
+                if st:
+                    dropped[st] = dropped.get(st, 0) + 1
+            self.order = [i for i in range(len(self.items)) if i not in bad]
             step = cfg.shuffle_block
-            self.blocks = [Block(-1, s, min(step, len(self.items) - s), s)
-                           for s in range(0, len(self.items), step)]
+            self.blocks = [Block(-1, s, min(step, len(self.order) - s), s)
+                           for s in range(0, len(self.order), step)]
+            self.report["images_found"] = len(imgs) - len(bad)
             if cfg.shards:
                 self.by_path = self._path_index()
+                self.report["with_labels"] = sum(
+                    1 for i in self.order if self.items[i].get("image")
+                    and normalize_path(self.items[i]["image"]) in self.by_path)
         self.total_rows = sum(b.rows for b in self.blocks)
+        self.report.update({"dropped": dropped, "trainable": self.total_rows})
         self._groups: dict = {}  # small cache of decoded row groups for path lookups
 
     def _path_index(self) -> dict[str, tuple[int, int, int]]:
@@ -93,11 +147,11 @@ class SampleSource:
             pf = pq.ParquetFile(path)
             for g in range(pf.metadata.num_row_groups):
                 for r, p in enumerate(pf.read_row_group(g, columns=["path"]).column(0).to_pylist()):
-                    index.setdefault(p, (s, g, r))
+                    index.setdefault(normalize_path(p), (s, g, r))
         return index
 
     def _labels_for(self, image: str | None):
-        loc = self.by_path.get(image) if (self.by_path is not None and image) else None
+        loc = self.by_path.get(normalize_path(image)) if (self.by_path is not None and image) else None
         if loc is None:
             return None, None
         key = loc[:2]
@@ -108,31 +162,31 @@ class SampleSource:
         ids, sc, _ = self._groups[key]
         return ids[loc[2]], sc[loc[2]]
 
-    def _decode_group(self, shard: int, group: int, skip: int = 0, rows: int | None = None):
+    def _decode_group(self, shard: int, group: int, rows: np.ndarray | None = None):
         t = pq.ParquetFile(self.shards[shard]).read_row_group(group)
-        t = t.slice(skip, rows)
+        if rows is not None:
+            t = t.take(rows)
         n = self.top_n
         ids = t.column("label_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
         sc = t.column("scores").combine_chunks().values.to_numpy(zero_copy_only=False)
         return (ids.reshape(t.num_rows, -1, n), sc.astype(np.float32).reshape(t.num_rows, -1, n),
-                t.column("image_id").to_pylist())
+                [normalize_path(q) for q in t.column("path").to_pylist()])
 
     def rows(self, block: Block) -> list[dict]:
-        """A block's rows as dicts: image_id, item (conversation), labels when present."""
+        """A block's rows as dicts: item (conversation), labels when present."""
         if block.shard < 0:
             start = block.group + block.skip
             out = []
-            for i in range(start, start + block.rows):
+            for j in range(start, start + block.rows):
+                i = self.order[j]
                 ids, sc = self._labels_for(self.items[i].get("image"))
-                out.append({"item": self.items[i], "row": i, "label_ids": ids, "label_scores": sc})
+                out.append({"item": self.items[i], "row": j, "label_ids": ids, "label_scores": sc})
             return out
-        ids, sc, image_ids = self._decode_group(block.shard, block.group, block.skip, block.rows)
-        out = []
-        for r, image_id in enumerate(image_ids):
-            i = self.index.get(image_id)
-            out.append({"item": self.items[i] if i is not None else None, "row": block.first_row + r,
-                        "label_ids": ids[r], "label_scores": sc[r], "image_id": image_id})
-        return out
+        keep = self.keep[(block.shard, block.group)][block.skip:block.skip + block.rows]
+        ids, sc, paths = self._decode_group(block.shard, block.group, keep)
+        return [{"item": self.items[self.index[q]], "row": block.first_row + r,
+                 "label_ids": ids[r], "label_scores": sc[r], "image": q}
+                for r, q in enumerate(paths)]
 
     def sample(self, row: dict) -> dict | None:
         item = row["item"]
@@ -169,6 +223,36 @@ def collate(samples: list[dict]) -> dict:
         batch["label_ids"] = torch.stack([s.get("label_ids", blank_ids) for s in with_img])
         batch["label_scores"] = torch.stack([s.get("label_scores", blank_sc) for s in with_img])
     return batch
+
+
+def format_report(report: dict) -> str:
+    """The join report in one line, e.g. for the start-up print and error messages."""
+    parts = [f"{k.replace('_', ' ')} {v}" for k, v in report.items() if k != "dropped"]
+    drops = ", ".join(f"{k}: {v}" for k, v in report["dropped"].items()) or "none"
+    return "; ".join(parts) + f"; dropped: {drops}"
+
+
+def data_problem(report: dict, rank_batches: list[int], accum: int, world: int, blocks: int,
+                 global_batch: int, holdout: int) -> str | None:
+    """Why the data cannot make one optimizer step (None when it can), naming the cause and
+    the setting that fixes it. ``rank_batches``: micro-batches per rank and epoch."""
+    if min(rank_batches) // accum > 0:
+        return None
+    rows = report["trainable"]
+    if rows == 0:
+        cause = ("check data.image_root (the folder the JSON's image paths are relative to), "
+                 "data.json and data.shards")
+    elif holdout and rows - holdout < global_batch:
+        cause = (f"data.holdout_images={holdout} leaves {max(rows - holdout, 0)} of {rows} rows "
+                 f"for training; lower it")
+    elif world > 1 and min(rank_batches) == 0:
+        cause = (f"the data has {blocks} block(s) (Parquet row groups) for {world} ranks x loader "
+                 f"workers, so some rank gets none: rerun the extraction with a smaller "
+                 f"run.row_group_size, or use fewer ranks or data.num_workers")
+    else:
+        cause = f"lower optim.global_batch_size ({global_batch})"
+    return (f"{rows} rows can train, fewer than one optimizer step needs (global batch "
+            f"{global_batch}): {cause}. Join report: {format_report(report)}")
 
 
 def worker_batch_counts(blocks: list[Block], micro: int, global_workers: int) -> list[int]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from pipeline.stages import pick_device
 from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
-from trainer.data import SampleSource, StreamDataset, holdout_rows
+from trainer.data import SampleSource, StreamDataset, data_problem, format_report, holdout_rows
 from trainer.model import MLLM
 from trainer.sea_loss import AlignmentLoss, load_word_tokens
 from trainer.task import SEATask
@@ -165,15 +166,19 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     if accum < 1 or accum * o.micro_batch_size * d.world != o.global_batch_size:
         raise ValueError(f"global batch {o.global_batch_size} is not micro {o.micro_batch_size} "
                          f"x world {d.world} x an integer accumulation")
+    holdout = cfg.data.holdout_images if cfg.data.shards else 0
     dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world,
-                            cfg.data.num_workers, cfg.data.shuffle_window,
-                            cfg.data.holdout_images if cfg.data.shards else 0)
+                            cfg.data.num_workers, cfg.data.shuffle_window, holdout)
+    if d.is_main():
+        print(f"data ({stage}): {format_report(source.report)}", file=sys.stderr)
     # ranks may hold a few more batches than others: every rank stops the epoch at the
     # smallest count, so all change epoch together and rank 0's data position is everyone's
-    per_epoch = min(D.gather_objects(sum(dataset.batches_per_worker()), d)) // accum
-    if per_epoch == 0:
-        raise ValueError(f"{source.total_rows} rows give no optimizer step at global batch "
-                         f"{o.global_batch_size}")
+    counts = D.gather_objects(sum(dataset.batches_per_worker()), d)
+    problem = data_problem(source.report, counts, accum, d.world, len(source.blocks),
+                           o.global_batch_size, holdout)
+    if problem:
+        raise ValueError(problem)
+    per_epoch = min(counts) // accum
     total = per_epoch * o.epochs
     if o.max_steps:
         total = min(total, o.max_steps)
@@ -462,6 +467,9 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
             return {"step": st.step, "stopped_early": True, "losses": history}
         st.batches_in_epoch = epoch_batches  # the epoch is over (a short tail is dropped)
     bar.close()
+    if st.samples == 0:  # every image failed to decode: never "succeed" having learnt nothing
+        raise ValueError(f"trained on 0 samples in {st.step} steps: every sample was dropped "
+                         f"(unreadable images; see the bad_images metric in {cfg.log.output}/metrics.jsonl)")
     final = save_checkpoint(p, st)
     if p.dist.is_main():
         last_eval = eval_alignment(p)
