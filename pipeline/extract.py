@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -99,8 +100,14 @@ def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> Plan:
     shards.write_json_atomic(run_file, ident)
     cs = cfg.run.chunk_size
     chunks = [(s, min(s + cs, len(records))) for s in range(0, len(records), cs)]
-    done = shards.list_done(out)
+    done = shards.list_done(out, verify=True)  # reads every finished shard once
     todo = [i for i in range(len(chunks)) if i not in done]
+    for i in todo:  # a damaged shard or unreadable marker: redone from scratch
+        for stale in (out / shards.shard_name(i), out / shards.done_name(i)):
+            if stale.exists():
+                print(f"warning: {stale} is damaged or incomplete; chunk {i} is labelled again",
+                      file=sys.stderr)
+                stale.unlink()
     return Plan(out, records, chunks, todo, ident, chash)
 
 

@@ -2,8 +2,8 @@
 
 Layout of ``shards/<run>/``:
   shard-000000.parquet   one row per image (schema below), zstd, bounded row groups
-  shard-000000.done      JSON written last: rows, bytes, errors of that chunk
-  manifest.json          shards, row counts, config hash and the shared metadata
+  shard-000000.done      JSON written last: rows, bytes, sha256 of the shard, errors
+  manifest.json          shards (rows, bytes, sha256), config hash and the shared metadata
   errors.jsonl           images that could not be used, with the reason
 
 Row schema (``SCHEMA``):
@@ -20,6 +20,7 @@ The kept-label count per patch is not stored: it is ``(ids != SENTINEL).sum(-1)`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -182,13 +183,43 @@ def batch_arrays(rb: pa.RecordBatch, top_n: int):
 # --- the directory level -------------------------------------------------------------
 
 
-def list_done(out_dir: str | Path) -> dict[int, dict]:
-    """Completed chunks: index -> done-marker content. Only shards with markers count."""
+def file_sha256(path: str | Path, bufsize: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_damage(path: Path, entry: dict) -> str | None:
+    """What is wrong with a shard file against its marker/manifest entry (None: intact)."""
+    if not path.is_file():
+        return "file missing"
+    if "sha256" not in entry:
+        return "no sha256 recorded (written before checksums)"
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        return f"size {size} bytes, {entry.get('bytes')} recorded (truncated or replaced)"
+    if file_sha256(path) != entry["sha256"]:
+        return "sha256 differs from the recorded one (altered or damaged)"
+    return None
+
+
+def list_done(out_dir: str | Path, verify: bool = False) -> dict[int, dict]:
+    """Completed chunks: index -> done-marker content. Only shards with a readable marker
+    count; with ``verify`` also only those whose size and sha256 match their marker."""
     done = {}
     for marker in sorted(Path(out_dir).glob("shard-*.done")):
         index = int(marker.stem.split("-")[1])
-        if (Path(out_dir) / shard_name(index)).is_file():
-            done[index] = json.loads(marker.read_text())
+        try:
+            content = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # a marker cut short by a crash: the chunk is redone
+        path = Path(out_dir) / shard_name(index)
+        if verify and shard_damage(path, content):
+            continue
+        if path.is_file():
+            done[index] = content
     return done
 
 
@@ -209,7 +240,7 @@ def write_manifest(out_dir: str | Path, config_hash: str, metadata: dict, num_ch
         "num_chunks": num_chunks,
         "complete": len(done) == num_chunks,
         "shards": [{"name": shard_name(i), "rows": d["rows"], "bytes": d["bytes"],
-                    "errors": d.get("errors", 0), "kept_labels": d.get("kept_labels", 0),
+                    "sha256": d.get("sha256"), "errors": d.get("errors", 0), "kept_labels": d.get("kept_labels", 0),
                     "patches": d.get("patches", 0)} for i, d in sorted(done.items())],
         "rows": sum(d["rows"] for d in done.values()),
     }
@@ -224,12 +255,35 @@ def read_manifest(out_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def open_label_set(out_dir: str | Path, expect: dict | None = None) -> tuple[dict, list[Path]]:
-    """Check a run directory's manifest against ``expect``; return (metadata, shard paths)."""
+def open_label_set(out_dir: str | Path, expect: dict | None = None,
+                   verify: bool = True) -> tuple[dict, list[Path]]:
+    """Check a run directory's manifest against ``expect``; return (metadata, shard paths).
+    With ``verify`` every shard is checked against the manifest (size, sha256) and its own
+    metadata against the run's, so a damaged or foreign shard is refused naming the file."""
     manifest = read_manifest(out_dir)
     check_metadata(manifest["metadata"], expect or {}, where=f"{out_dir}/{MANIFEST}")
     paths = [Path(out_dir) / s["name"] for s in manifest["shards"]]
+    if verify:
+        for path, entry in zip(paths, manifest["shards"], strict=True):
+            why = shard_damage(path, entry)
+            if why:
+                raise ShardMismatch(f"{path}: {why}; rerun the extraction into {out_dir} (it "
+                                    f"verifies every shard and redoes damaged ones)")
+            run_meta = {k: v for k, v in manifest["metadata"].items() if k != "package_version"}
+            check_metadata(read_metadata(path), run_meta, where=str(path))
     return manifest["metadata"], paths
+
+
+def check_values(ids: np.ndarray, scores: np.ndarray, wordlist_size: int, where: str) -> None:
+    """Label values a reader must never train on: ids past the word list (other than the
+    sentinel) and non-finite scores."""
+    bad = (ids >= wordlist_size) & (ids != SENTINEL)
+    if bad.any():
+        raise ShardMismatch(f"{where}: field 'label_ids' holds {int(ids[bad].max())}, past the "
+                            f"word list ({wordlist_size} words) and not the sentinel {SENTINEL}")
+    if not np.isfinite(scores).all():
+        raise ShardMismatch(f"{where}: field 'scores' holds {int((~np.isfinite(scores)).sum())} "
+                            f"non-finite value(s)")
 
 
 def iter_label_set(out_dir: str | Path, expect: dict | None = None, batch_size: int = 256):

@@ -192,6 +192,7 @@ def write_chunk(out_dir: Path, index: int, metadata: dict, batches, errors: list
         writer.abort()
         raise
     done = {"index": index, "rows": rows, "bytes": path.stat().st_size,
+            "sha256": shards.file_sha256(path),
             "errors": len(errors), "error_list": errors, "kept_labels": kept, "patches": patches}
     shards.write_json_atomic(Path(out_dir) / shards.done_name(index), done)
     return done

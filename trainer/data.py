@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import BadImage, load_rgb, normalize_path, read_json_list, resolve_inside
-from pipeline.shards import SENTINEL, open_label_set
+from pipeline.shards import SENTINEL, check_values, open_label_set
 from trainer.prompts import build_sample
 
 
@@ -169,6 +169,8 @@ class SampleSource:
         n = self.top_n
         ids = t.column("label_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
         sc = t.column("scores").combine_chunks().values.to_numpy(zero_copy_only=False)
+        check_values(ids, sc, self.meta["wordlist_size"],
+                     where=f"{self.shards[shard]} (row group {group})")
         return (ids.reshape(t.num_rows, -1, n), sc.astype(np.float32).reshape(t.num_rows, -1, n),
                 [normalize_path(q) for q in t.column("path").to_pylist()])
 

@@ -1,0 +1,124 @@
+"""Issue 12, item 3: shard checksums in the done markers and the manifest; a rerun redoes a
+damaged shard, the trainer refuses one naming the file and the field."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards
+from pipeline.extract import run_local
+from trainer.train import build, train
+
+
+def _flip_bit(path, at=None):
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if at is None else at
+    data[i] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.parquet"))}
+
+
+def test_markers_and_manifest_carry_checksums(label_run):
+    man = shards.read_manifest(label_run)
+    for entry in man["shards"]:
+        assert entry["sha256"] == shards.file_sha256(label_run / entry["name"])
+        marker = json.loads((label_run / entry["name"].replace(".parquet", ".done")).read_text())
+        assert marker["sha256"] == entry["sha256"]
+
+
+@pytest.mark.parametrize("damage", ["truncated-marker", "truncated-shard", "bit-flip"])
+def test_rerun_redoes_a_damaged_shard_only(extract_cfg, tmp_path, damage):
+    cfg = extract_cfg(out=tmp_path / "s")
+    run_local(cfg)
+    clean = _bytes(tmp_path / "s")
+    victim = tmp_path / "s" / shards.shard_name(1)
+    if damage == "truncated-marker":
+        m = tmp_path / "s" / shards.done_name(1)
+        m.write_text(m.read_text()[:25])
+    elif damage == "truncated-shard":
+        victim.write_bytes(victim.read_bytes()[:-100])
+    else:
+        _flip_bit(victim)
+    s = run_local(cfg)  # no crash, and only chunk 1 is labelled again
+    assert s["images_processed_this_run"] == 10 and s["complete"]
+    assert _bytes(tmp_path / "s") == clean
+
+
+def _copy(label_run, tmp_path):
+    out = tmp_path / "labels"
+    shutil.copytree(label_run, out)
+    return out
+
+
+def _rewrite(out, index, fn):
+    """Rewrite shard ``index`` through ``fn(table) -> table`` and re-seal its marker and the
+    manifest with the new checksum: what a buggy writer would leave, not damage in transit."""
+    path = out / shards.shard_name(index)
+    pf = pq.ParquetFile(path)
+    table = fn(pf.read())
+    pq.write_table(table, path, row_group_size=4)
+    marker = out / shards.done_name(index)
+    m = json.loads(marker.read_text())
+    m.update(bytes=path.stat().st_size, sha256=shards.file_sha256(path))
+    marker.write_text(json.dumps(m))
+    man = json.loads((out / shards.MANIFEST).read_text())
+    shards.write_manifest(out, man["config_hash"], man["metadata"], man["num_chunks"])
+
+
+def test_trainer_refuses_a_bit_flipped_shard(pretrain_cfg, label_run, tmp_path):
+    out = _copy(label_run, tmp_path)
+    _flip_bit(out / shards.shard_name(2))
+    with pytest.raises(shards.ShardMismatch, match=r"shard-000002.parquet.*sha256"):
+        build(pretrain_cfg(f"data.shards={out}"), "pretrain")
+
+
+def test_trainer_refuses_out_of_range_ids(pretrain_cfg, label_run, tmp_path):
+    import pyarrow as pa
+
+    out = _copy(label_run, tmp_path)
+
+    def bad_ids(t):
+        col = t.column("label_ids").combine_chunks()
+        vals = col.values.to_numpy(zero_copy_only=False).copy()
+        vals[vals != shards.SENTINEL] = 60000  # a valid uint16, but past the word list
+        new = pa.ListArray.from_arrays(col.offsets, pa.array(vals, pa.uint16()))
+        return t.set_column(t.schema.get_field_index("label_ids"), "label_ids", new)
+
+    _rewrite(out, 1, bad_ids)
+    cfg = pretrain_cfg(f"data.shards={out}")
+    with pytest.raises(shards.ShardMismatch, match=r"shard-000001.parquet.*label_ids.*60000"):
+        train(cfg, "pretrain")  # values are checked as each row group is decoded
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_trainer_refuses_non_finite_scores(pretrain_cfg, label_run, tmp_path):
+    import pyarrow as pa
+
+    out = _copy(label_run, tmp_path)
+
+    def nan_scores(t):
+        col = t.column("scores").combine_chunks()
+        vals = col.values.to_numpy(zero_copy_only=False).copy()
+        vals[3] = np.nan
+        new = pa.ListArray.from_arrays(col.offsets, pa.array(vals, pa.float16()))
+        return t.set_column(t.schema.get_field_index("scores"), "scores", new)
+
+    _rewrite(out, 0, nan_scores)
+    with pytest.raises(shards.ShardMismatch, match=r"shard-000000.parquet.*scores"):
+        train(pretrain_cfg(f"data.shards={out}", "data.holdout_images=0"), "pretrain")
+
+
+def test_trainer_refuses_a_shard_from_another_run(pretrain_cfg, label_run, extract_cfg, tmp_path):
+    other = tmp_path / "top5"
+    run_local(extract_cfg("labels.top_n=5", "input.limit=10", out=other))
+    out = _copy(label_run, tmp_path)
+    shutil.copy(other / shards.shard_name(0), out / shards.shard_name(1))
+    _rewrite(out, 1, lambda t: t)  # re-sealed: the checksum alone cannot see it
+    with pytest.raises(shards.ShardMismatch, match=r"shard-000001.parquet.*'top_n' is 5"):
+        build(pretrain_cfg(f"data.shards={out}"), "pretrain")
