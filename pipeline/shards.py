@@ -195,7 +195,7 @@ def shard_damage(path: Path, entry: dict) -> str | None:
     """What is wrong with a shard file against its marker/manifest entry (None: intact)."""
     if not path.is_file():
         return "file missing"
-    if "sha256" not in entry:
+    if not entry.get("sha256"):
         return "no sha256 recorded (written before checksums)"
     size = path.stat().st_size
     if size != entry.get("bytes"):

@@ -109,7 +109,8 @@ def test_manifest_and_label_set(tmp_path):
         p = tmp_path / shards.shard_name(i)
         rows = _write(p, [_batch(rng, 10 * i, 3)])
         shards.write_json_atomic(tmp_path / shards.done_name(i),
-                                 {"rows": rows, "bytes": p.stat().st_size, "errors": 0})
+                                 {"rows": rows, "bytes": p.stat().st_size, "errors": 0,
+                                  "sha256": shards.file_sha256(p)})
     # a shard without its done marker does not count
     _write(tmp_path / shards.shard_name(2), [_batch(rng, 20, 1)])
     m = shards.write_manifest(tmp_path, "cafe", META, num_chunks=3)
