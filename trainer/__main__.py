@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.encoders import WeightsNotFound
     from pipeline.shards import ShardMismatch
     from trainer import distributed
+    from trainer.checkpoint import CheckpointError
     from trainer.train import LLMNotFound, build, eval_alignment, train
 
     try:
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             weights, _ = checkpoint.load(path)
             parts.task.load_state_dict(weights, strict=False)
             result = {"checkpoint": str(path), "align": eval_alignment(parts)}
-    except (ConfigError, WeightsNotFound, LLMNotFound, ShardMismatch, FileNotFoundError, ValueError) as e:
+    except (ConfigError, WeightsNotFound, LLMNotFound, ShardMismatch, CheckpointError,
+            FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,23 +1,86 @@
-"""Atomic, resumable checkpoints: ``<output>/checkpoints/step-00000123/``.
+"""Atomic, verified, pickle-free checkpoints: ``<output>/checkpoints/step-00000123/``.
 
 A checkpoint is written into a hidden temporary folder, ``COMPLETE`` last (it lists every
-file's size), then renamed into place. ``latest`` only considers folders whose marker is
-there and whose files still have the recorded sizes, so a half-written, truncated or
-interrupted save is never picked up. The last ``keep`` are kept.
+file's size and sha256), then renamed into place. ``list_complete`` only considers folders
+whose marker is there and whose files have the recorded sizes, so a half-written or
+truncated save is never picked up; ``load`` also checks every file's sha256, so one altered in
+place is refused by name. Nothing is pickled: tensors go to safetensors, everything else
+(data position, scheduler, RNG states, optimizer scalars) to JSON, with tensors referenced by
+key (``split_state`` / ``join_state``), so loading a checkpoint can never run code. The last
+``keep`` are kept; stale temporary folders of killed saves are removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 MARKER = "COMPLETE"
-FILES = ("trainable.safetensors", "state.pt", "config.json")
+FILES = ("trainable.safetensors", "state.safetensors", "state.json", "config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be resumed from (damaged, or an older pickled format)."""
+
+
+def split_state(obj, tensors: dict[str, torch.Tensor], prefix: str = "s"):
+    """A nested state (dicts, lists, tuples, scalars, tensors, numpy arrays) -> a JSON-able
+    skeleton; tensors move into ``tensors`` under unique keys. Anything else is an error,
+    never a pickle."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [split_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [split_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not any(k.startswith("__") for k in obj):
+            return {k: split_state(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+        return {"__items__": [[split_state(k, tensors, f"{prefix}.k{i}"),
+                               split_state(v, tensors, f"{prefix}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"checkpoint state at '{prefix}' is a {type(obj).__name__}: only tensors, "
+                    f"arrays, numbers, strings and containers of them are saved")
+
+
+def join_state(obj, tensors: dict[str, torch.Tensor]):
+    """The inverse of ``split_state``."""
+    if isinstance(obj, list):
+        return [join_state(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(join_state(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {join_state(k, tensors): join_state(v, tensors) for k, v in obj["__items__"]}
+        return {k: join_state(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def ckpt_root(output: str | Path) -> Path:
@@ -45,23 +108,37 @@ def latest(output: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def remove_stale(output: str | Path) -> list[Path]:
+    """Temporary folders left by saves that were killed (this process has none in flight)."""
+    root = ckpt_root(output)
+    stale = [d for d in root.glob(".tmp-step-*") if not d.name.endswith(f"-{os.getpid()}")]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
 def save(output: str | Path, step: int, weights: dict[str, torch.Tensor], state: dict,
          config: dict, keep: int = 3) -> Path:
     root = ckpt_root(output)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale(output)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
               str(tmp / "trainable.safetensors"))
-    torch.save(state, tmp / "state.pt")
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = split_state(state, tensors)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(skeleton))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for f in FILES:
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
     sizes = {f: (tmp / f).stat().st_size for f in FILES}
-    (tmp / MARKER).write_text(json.dumps({"step": step, "sizes": sizes}))
+    sums = {f: _sha256(tmp / f) for f in FILES}
+    (tmp / MARKER).write_text(json.dumps({"step": step, "sizes": sizes, "sha256": sums}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -71,10 +148,35 @@ def save(output: str | Path, step: int, weights: dict[str, torch.Tensor], state:
     return final
 
 
-def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    path = Path(path)
+def verify(path: Path) -> None:
+    """Refuse a checkpoint whose files do not match its marker's checksums."""
+    if (path / "state.pt").exists():
+        raise CheckpointError(f"{path} is in the older pickled format (state.pt), which is never "
+                              f"loaded (unpickling can run code); start the run over")
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (missing or mismatched "
                                 f"{MARKER} marker)")
-    return load_file(str(path / "trainable.safetensors")), torch.load(path / "state.pt",
-                                                                      weights_only=False)
+    sums = json.loads((path / MARKER).read_text()).get("sha256", {})
+    for f in FILES:
+        if sums.get(f) != _sha256(path / f):
+            raise CheckpointError(f"{path / f}: sha256 differs from the one in {MARKER} "
+                                  f"(altered or damaged); this checkpoint cannot be resumed")
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable weights, state), after ``verify``; no pickle is ever read."""
+    path = Path(path)
+    verify(path)
+    state = join_state(json.loads((path / "state.json").read_text()),
+                       load_file(str(path / "state.safetensors")))
+    return load_file(str(path / "trainable.safetensors")), state
+
+
+def load_latest(output: str | Path, warn=print) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that verifies; each newer damaged one is reported by name."""
+    for path in reversed(list_complete(output)):
+        try:
+            return (path, *load(path))
+        except CheckpointError as e:
+            warn(f"warning: {e}; falling back to the previous checkpoint")
+    return None

@@ -356,10 +356,15 @@ def resume(p: Parts) -> TrainState:
     )
 
     where = p.cfg.resume
-    path = checkpoint.latest(p.cfg.log.output) if where == "latest" else Path(where)
-    if path is None:
-        return TrainState()  # 'latest' with nothing saved yet: a fresh start
-    weights, state = checkpoint.load(path)
+    if where == "latest":
+        found = checkpoint.load_latest(p.cfg.log.output,
+                                       warn=lambda m: print(m, file=sys.stderr) if p.dist.is_main() else None)
+        if found is None:
+            return TrainState()  # 'latest' with nothing saved yet: a fresh start
+        path, weights, state = found
+    else:
+        path = Path(where)
+        weights, state = checkpoint.load(path)  # an explicit path is verified, never skipped
     if state["world"] != p.dist.world:
         raise ValueError(f"checkpoint {path} was written by {state['world']} processes, this run "
                          f"has {p.dist.world}: the data position would not line up; resume with "
