@@ -75,6 +75,8 @@ class LogConfig:
     keep_last: int = doc(3, "checkpoints kept")
     tensorboard: bool = doc(True, "also write TensorBoard events when tensorboard is installed")
     progress: bool = doc(True, "progress bar")
+    overwrite: bool = doc(False, "start over in a log.output that already holds checkpoints or "
+                                 "final/ (they are deleted); without it such a run is refused")
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +36,7 @@ from trainer.task import SEATask
 # config keys that may change between a run and its resume (nothing that moves the data
 # order, e.g. data.num_workers, or the schedule, e.g. optim.max_steps)
 RESUME_FREE = ("resume", "log.progress", "log.every", "log.eval_every", "log.save_every",
-               "log.keep_last", "log.tensorboard")
+               "log.keep_last", "log.tensorboard", "log.overwrite")
 
 
 class LLMNotFound(RuntimeError):
@@ -385,13 +386,41 @@ def resume(p: Parts) -> TrainState:
     return TrainState(**state["train_state"])
 
 
+def check_output(cfg, main: bool) -> None:
+    """A run into a folder that holds another run's checkpoints or final/ is refused unless it
+    resumes (``resume``) or starts over on purpose (``log.overwrite``, which deletes them)."""
+    out = Path(cfg.log.output)
+    found = sorted(checkpoint.ckpt_root(out).glob("step-*")) + sorted(out.glob("final"))
+    if cfg.resume or not found:
+        return
+    if not cfg.log.overwrite:
+        raise ValueError(f"log.output {out} already holds a run ({found[-1].name}): continue it with "
+                         f"resume=latest, start over with log.overwrite=true (deletes its "
+                         f"checkpoints, final/ and metrics), or pick another log.output")
+    if main:
+        for d in ("checkpoints", "final", "tensorboard"):
+            shutil.rmtree(out / d, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
 class Logger:
-    def __init__(self, cfg, main: bool):
+    """metrics.jsonl (and TensorBoard). On a resume from step S the lines of steps after S,
+    logged by the interrupted run after its last checkpoint, are dropped first, so every step
+    appears once."""
+
+    def __init__(self, cfg, main: bool, from_step: int = 0):
         self.main = main
         self.out = Path(cfg.log.output)
         self.tb = None
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+            metrics = self.out / "metrics.jsonl"
+            if metrics.is_file():
+                keep = [line for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= from_step]
+                tmp = metrics.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in keep))
+                tmp.replace(metrics)
             if cfg.log.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -421,10 +450,11 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     what a killed job leaves behind (tests resume from the last periodic checkpoint)."""
     from tqdm.auto import tqdm
 
+    check_output(cfg, D.from_env().is_main())
     p = parts or build(cfg, stage)
     st = resume(p) if cfg.resume else TrainState()
     gather = D.gather_pairs if (p.dist.enabled and cfg.sea.gather_negatives) else None
-    logger = Logger(cfg, p.dist.is_main())
+    logger = Logger(cfg, p.dist.is_main(), from_step=st.step)
     bar = tqdm(total=p.total_steps, initial=st.step, desc=stage, unit="step",
                disable=not (cfg.log.progress and p.dist.is_main()))
     set_train_mode(p)
