@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline import shards
 from pipeline.config import ExtractConfig, config_hash
 from pipeline.data import IMAGE_EXTS, InputError, Record, records_from_folder, records_from_json
+from pipeline.lock import OutputLock
 from pipeline.stages import Decoder, Labeler, label_batches, write_chunk
 
 RUN_FILE = "run.json"
@@ -215,8 +216,13 @@ def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
 
 def run_local(cfg: ExtractConfig, labeler: Labeler | None = None) -> dict:
     """Label every missing chunk in this process; returns the run summary."""
-    labeler = labeler or Labeler(cfg, progress=cfg.run.progress)  # fails fast without weights
     records = load_records(cfg)
+    with OutputLock(cfg.run.output):  # one writer per folder, taken before any work
+        return _run_local(cfg, labeler, records)
+
+
+def _run_local(cfg: ExtractConfig, labeler: Labeler | None, records: list[Record]) -> dict:
+    labeler = labeler or Labeler(cfg, progress=cfg.run.progress)  # fails fast without weights
     metadata = labeler.metadata()
     plan = plan_run(cfg, metadata, records)
     decoder = Decoder(cfg.input.image_root, labeler.preprocess, cfg.input.max_pixels)

@@ -20,6 +20,7 @@ from collections import deque
 
 from pipeline.config import ExtractConfig, from_dict, to_dict
 from pipeline.extract import finish_run, load_records, plan_run, summarize
+from pipeline.lock import OutputLock
 
 
 def _ray():
@@ -134,11 +135,16 @@ def default_actors(cfg: ExtractConfig) -> tuple[int, float]:
 
 
 def run_ray(cfg: ExtractConfig) -> dict:
+    records = load_records(cfg)  # a wrong input path fails here, before Ray starts
+    with OutputLock(cfg.run.output):  # and so does a second driver on the same output
+        return _run_ray(cfg, records)
+
+
+def _run_ray(cfg: ExtractConfig, records: list) -> dict:
     from tqdm.auto import tqdm
 
     from pipeline.encoders import resolve_checkpoint
 
-    records = load_records(cfg)  # a wrong input path fails here, before Ray starts
     # Fail fast, before any actor starts, when the weights are missing (the driver must see
     # the same weights path or HF cache as the nodes: a shared filesystem on a cluster).
     resolve_checkpoint(cfg.encoder.model, cfg.encoder.pretrained, cfg.encoder.allow_download,

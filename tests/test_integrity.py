@@ -88,3 +88,51 @@ def test_duplicate_and_null_ids_are_recorded_errors(extract_cfg, sample, tmp_pat
     assert "id is null" in errors[d["image"]]
     got = sorted(r for rb in shards.iter_label_set(out) for r in rb.column("image_id").to_pylist())
     assert got == sorted([a["id"], b["id"]]) and s["images_failed"] == 2
+
+
+def _lock_file(out, host, pid):
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".lock").write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
+                                           "since": 0}))
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_a_second_driver_on_the_same_output_exits_at_once(extract_cfg, tmp_path, capsys, runner):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "out"
+        _lock_file(out, None, holder.pid)
+        (out / ".shard-000000.parquet.tmp123").write_bytes(b"the holder's temp shard")
+        cfg = extract_cfg(out=out)
+        rc = main(_args(cfg, f"run.runner={runner}", "input.limit=3"))
+        err = capsys.readouterr().err
+        assert rc == 2 and f"pid {holder.pid}" in err and "this host" in err
+        assert (out / ".shard-000000.parquet.tmp123").exists()  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_from_another_host_is_refused_naming_it(extract_cfg, tmp_path, capsys):
+    out = tmp_path / "out"
+    _lock_file(out, "gpu-node-7", 4242)
+    rc = main(_args(extract_cfg(out=out), "run.runner=local", "input.limit=3"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "gpu-node-7" in err and "pid 4242" in err and ".lock" in err
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(extract_cfg, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    _lock_file(out, None, dead.pid)
+    assert main(_args(extract_cfg(out=out), "run.runner=local", "input.limit=3")) == 0
+    assert not (out / ".lock").exists()  # released at the end
