@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.encoders import WeightsNotFound
         from pipeline.extract import RunMismatch, run_problem
         from pipeline.lock import FolderLocked
+        from pipeline.ray_runner import RayUnreachable
         from pipeline.runner import run
 
         try:
             cfg = load_config(ExtractConfig, args.config, args.overrides)
             summary = run(cfg)
         except (ConfigError, WeightsNotFound, RunMismatch, InputError, FolderLocked,
-                FileNotFoundError) as e:
+                RayUnreachable, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(summary, indent=2))

@@ -251,7 +251,9 @@ class RunConfig:
 
 @dataclasses.dataclass
 class RayConfig:
-    address: str | None = doc(None, "Ray cluster address; null starts/joins a local Ray")
+    address: str | None = doc(None, "Ray cluster address (or $RAY_ADDRESS); null starts a new "
+                                    "local Ray, never joining one found on the machine")
+    connect_timeout_s: float = doc(30.0, "seconds to reach ray.address before giving up")
     num_actors: int | None = doc(None, "model actors; null = GPUs, or 1 on a CPU machine")
     cpus_per_actor: float = doc(1.0, "CPUs reserved by each model actor (Ray scheduling)")
     decode_cpus: float = doc(1.0, "CPUs per decode task")

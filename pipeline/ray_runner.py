@@ -29,18 +29,46 @@ def _ray():
     return ray
 
 
+class RayUnreachable(ConnectionError):
+    pass
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """A TCP connect to the cluster's GCS (or client server) first, so a dead address is a
+    clear error within ``timeout`` instead of Ray's minutes of retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address == "auto":
+        return
+    hostport = urlsplit(address if "://" in address else f"tcp://{address}")
+    host, port = hostport.hostname, hostport.port
+    if not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnreachable(
+            f"cannot reach the Ray cluster at {address} (from ray.address or RAY_ADDRESS) within "
+            f"{timeout:.0f} s: {e}. Start it, fix the address, or unset both to let the run start "
+            f"its own local Ray") from None
+
+
 def init_ray(cfg: ExtractConfig) -> bool:
-    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray sized to the
-    machine. Returns True when this call started Ray (and so should shut it down)."""
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS`` (as under ``ray job submit``), or start a
+    new local Ray sized to the machine: ``address="local"``, so a cluster left on the machine
+    (Ray's ``ray_current_cluster`` file of an old ``ray start``, alive or dead) is never
+    joined. Returns True when this call started Ray (and so should shut it down)."""
     ray = _ray()
     if ray.is_initialized():
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address, cfg.ray.connect_timeout_s)
         ray.init(address=address, log_to_driver=True)
         return True
-    # Local: loopback dashboard is Ray's default; no dashboard at all keeps start-up light.
-    ray.init(include_dashboard=False, log_to_driver=False,
+    # Local: no dashboard at all keeps start-up light (and opens no HTTP port).
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     return True
 

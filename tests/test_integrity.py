@@ -136,3 +136,47 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(extract_cfg, tmp_path, cap
     _lock_file(out, None, dead.pid)
     assert main(_args(extract_cfg(out=out), "run.runner=local", "input.limit=3")) == 0
     assert not (out / ".lock").exists()  # released at the end
+
+
+def _dead_port():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_an_unreachable_ray_address_is_a_quick_clear_error(extract_cfg, tmp_path, capsys):
+    cfg = extract_cfg(out=tmp_path / "out")
+    rc = main(_args(cfg, f"ray.address=127.0.0.1:{_dead_port()}", "ray.connect_timeout_s=5",
+                    "input.limit=3"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot reach the Ray cluster" in err and "RAY_ADDRESS" in err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_stale_cluster_on_the_machine_is_never_joined(extract_cfg, tmp_path):
+    """An old `ray start` left its address in Ray's temp folder and died: a plain extract
+    starts its own Ray instead of retrying the dead GCS (it used to hang for minutes)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="sea-r", dir="/tmp")  # short: Ray's socket paths
+    try:
+        with open(os.path.join(ray_tmp, "ray_current_cluster"), "w") as f:
+            f.write(f"127.0.0.1:{_dead_port()}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=ray_tmp, OMP_NUM_THREADS="1")
+        cfg = extract_cfg(out=tmp_path / "out")
+        r = subprocess.run([sys.executable, "-m", "pipeline", *_args(cfg, "input.limit=3")],
+                           env=env, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout)["images_labelled"] == 3
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
