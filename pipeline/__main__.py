@@ -44,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.lock import FolderLocked
         from pipeline.ray_runner import RayUnreachable
         from pipeline.runner import run
+        from pipeline.stages import DeviceUnavailable
 
         try:
             cfg = load_config(ExtractConfig, args.config, args.overrides)
             summary = run(cfg)
         except (ConfigError, WeightsNotFound, RunMismatch, InputError, FolderLocked,
-                RayUnreachable, FileNotFoundError) as e:
+                RayUnreachable, DeviceUnavailable, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(summary, indent=2))

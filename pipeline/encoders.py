@@ -75,21 +75,25 @@ def _hf_cached_weights(pretrained_cfg: dict, cache_dir: str | None) -> str | Non
     return None
 
 
-def _missing_weights_message(model: str, tag: str, cfg: dict) -> str:
+def _missing_weights_message(model: str, tag: str, cfg: dict, section: str = "encoder") -> str:
     hub = cfg.get("hf_hub", "").rstrip("/")
+    off = (f"({section}.allow_download=false)" if section == "encoder"
+           else "(the trainer never downloads)")
+    last = ("Or set encoder.allow_download=true." if section == "encoder" else
+            "Use the same weights as the label run.")
     return (
         f"weights for {model} / '{tag}' are not on this machine and downloads are off "
-        f"(encoder.allow_download=false). On a machine with network access run\n"
+        f"{off}. On a machine with network access run\n"
         f"  python -c \"import open_clip; open_clip.create_model('{model}', pretrained='{tag}')\"\n"
         f"which fills the Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME), then copy "
         f"that cache here; or download the checkpoint from https://huggingface.co/{hub} and pass "
-        f"encoder.pretrained=/path/to/open_clip_model.safetensors. "
-        f"Or set encoder.allow_download=true."
+        f"{section}.pretrained=/path/to/open_clip_model.safetensors. {last}"
     )
 
 
 def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
-                       cache_dir: str | None = None) -> tuple[str | None, str, dict]:
+                       cache_dir: str | None = None,
+                       section: str = "encoder") -> tuple[str | None, str, dict]:
     """Return (checkpoint path or None, weights tag, the tag's settings) for a model spec.
 
     The tag's settings are its preprocessing (mean, std, ...) and ``quick_gelu``: OpenAI's
@@ -104,7 +108,8 @@ def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
         return None, "local-dir", {}
     if model.startswith("hf-hub:"):
         if not allow_download:
-            raise WeightsNotFound(f"{model}: hf-hub models need encoder.allow_download=true")
+            raise WeightsNotFound(f"{model}: hf-hub models need a download ({section}.model: "
+                                  f"use a local-dir: path{' or encoder.allow_download=true' if section == 'encoder' else ''})")
         return None, "hf-hub", {}
     if not pretrained:
         return None, "random", {}
@@ -114,22 +119,24 @@ def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model)
         raise WeightsNotFound(
-            f"'{pretrained}' is neither a file nor a known tag for {model} (tags: {tags})")
+            f"{section}.pretrained: '{pretrained}' is neither a file nor a known tag for {model} "
+            f"(tags: {tags})")
     pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode", "quick_gelu")
           if k in cfg}
     path = _hf_cached_weights(cfg, cache_dir)
     if path is None:
         if not allow_download:
-            raise WeightsNotFound(_missing_weights_message(model, pretrained, cfg))
+            raise WeightsNotFound(_missing_weights_message(model, pretrained, cfg, section))
         path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     return path, pretrained, pp
 
 
 def load_encoder(model: str, pretrained: str | None = None, allow_download: bool = False,
-                 cache_dir: str | None = None, device: str | torch.device = "cpu") -> LoadedEncoder:
+                 cache_dir: str | None = None, device: str | torch.device = "cpu",
+                 section: str = "encoder") -> LoadedEncoder:
     import open_clip
 
-    ckpt, tag, pp = resolve_checkpoint(model, pretrained, allow_download, cache_dir)
+    ckpt, tag, pp = resolve_checkpoint(model, pretrained, allow_download, cache_dir, section)
     kwargs = {"force_quick_gelu": bool(pp.pop("quick_gelu", False))}
     for key, arg in (("mean", "image_mean"), ("std", "image_std"),
                      ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):

@@ -29,10 +29,18 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+class DeviceUnavailable(ValueError):
+    pass
+
+
+def pick_device(name: str, local_rank: int | None = None, key: str = "device") -> torch.device:
     """'auto' is CUDA when present; a bare 'cuda' under torchrun means this rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"{key}={name}, but this machine has no usable CUDA device "
+                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                                f"use {key}=auto or cpu")
     if name == "cuda" and local_rank is not None:
         return torch.device("cuda", local_rank)
     return torch.device(name)
@@ -85,7 +93,7 @@ class Labeler:
         from wordlist import load_wordlist
 
         self.cfg = cfg
-        self.device = pick_device(device or cfg.run.device)
+        self.device = pick_device(device or cfg.run.device, key="run.device")
         self.encoder = load_encoder(cfg.encoder.model, cfg.encoder.pretrained,
                                     cfg.encoder.allow_download, cfg.encoder.cache_dir,
                                     device=self.device)

@@ -154,29 +154,3 @@ def test_an_unreachable_ray_address_is_a_quick_clear_error(extract_cfg, tmp_path
                     "input.limit=3"))
     err = capsys.readouterr().err
     assert rc == 2 and "cannot reach the Ray cluster" in err and "RAY_ADDRESS" in err
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_stale_cluster_on_the_machine_is_never_joined(extract_cfg, tmp_path):
-    """An old `ray start` left its address in Ray's temp folder and died: a plain extract
-    starts its own Ray instead of retrying the dead GCS (it used to hang for minutes)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="sea-r", dir="/tmp")  # short: Ray's socket paths
-    try:
-        with open(os.path.join(ray_tmp, "ray_current_cluster"), "w") as f:
-            f.write(f"127.0.0.1:{_dead_port()}")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_TMPDIR=ray_tmp, OMP_NUM_THREADS="1")
-        cfg = extract_cfg(out=tmp_path / "out")
-        r = subprocess.run([sys.executable, "-m", "pipeline", *_args(cfg, "input.limit=3")],
-                           env=env, capture_output=True, text=True, timeout=240)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert json.loads(r.stdout)["images_labelled"] == 3
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -105,3 +105,22 @@ def test_cli_refuses_a_run_with_no_data(pretrain_cfg, tmp_path, capsys):
                "optim.global_batch_size=4", "optim.micro_batch_size=2"])
     assert rc == 2 and "image file missing" in capsys.readouterr().err
     assert not (tmp_path / "r" / "final").exists()
+
+
+def test_trainer_errors_name_trainer_keys(pretrain_cfg, tmp_path):
+    import torch
+
+    from pipeline.encoders import WeightsNotFound
+    from pipeline.stages import DeviceUnavailable
+    from trainer.train import LLMNotFound
+
+    with pytest.raises(WeightsNotFound) as e:
+        build(pretrain_cfg("vision.model=ViT-L-14-336", "vision.pretrained=openai",
+                           f"vision.cache_dir={tmp_path / 'nohf'}"), "pretrain")
+    assert "vision.pretrained" in str(e.value) and "encoder." not in str(e.value)
+    with pytest.raises(LLMNotFound, match="filesystem path but not a folder") as e:
+        build(pretrain_cfg(f"llm.path={tmp_path / 'no-such-llm'}"), "pretrain")
+    assert "huggingface-cli download" not in str(e.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailable, match="device=cuda, but this machine has no usable CUDA"):
+            build(pretrain_cfg("device=cuda"), "pretrain")

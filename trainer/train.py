@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -82,10 +83,18 @@ def load_llm(path: str, dtype: str, device: torch.device, trained: bool = False)
     auto = torch.bfloat16 if device.type == "cuda" and not trained else torch.float32
     torch_dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
+    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if local and not os.path.isdir(os.path.expanduser(path)):
+        raise LLMNotFound(f"llm.path {path} is a filesystem path but not a folder; point it at a "
+                          f"folder with config.json, the weights and the tokenizer (or give a "
+                          f"Hugging Face model id such as lmsys/vicuna-7b-v1.5 already in the cache)")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     except OSError as e:
+        if os.path.isdir(os.path.expanduser(path)):
+            raise LLMNotFound(f"llm.path {path} is a folder, but not a loadable model ({e}); it "
+                              f"needs config.json, the weights and the tokenizer files") from e
         raise LLMNotFound(
             f"LLM '{path}' is not a local folder nor in the Hugging Face cache ({e}). On a machine "
             f"with network access run `huggingface-cli download {path}` (fills ~/.cache/huggingface), "
@@ -140,7 +149,8 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     device = pick_device(cfg.device, d.local_rank if d.enabled else None)
     d = D.init(device)
     torch.manual_seed(cfg.optim.seed)
-    enc = load_encoder(cfg.vision.model, cfg.vision.pretrained, False, cfg.vision.cache_dir, device)
+    enc = load_encoder(cfg.vision.model, cfg.vision.pretrained, False, cfg.vision.cache_dir, device,
+                       section="vision")
     tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device, trained=stage == "finetune")
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable()
