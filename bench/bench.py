@@ -185,6 +185,13 @@ def bench_storage(work: Path, res: dict):
         w.close()
         out[label] = {"bytes_per_image": path.stat().st_size / b, "raw_bytes_per_image": p * n * 4}
     res["storage"] = out
+    # integrity: the sha256 read every rerun and trainer start does per shard byte (256 MiB of
+    # incompressible bytes; the second and third passes come from the page cache, as on a rerun)
+    blob = work / "verify.bin"
+    blob.write_bytes(rng.integers(0, 256, 256 << 20, dtype=np.uint8).tobytes())
+    t = timed(lambda: shards.file_sha256(blob), 3)
+    res["verify"] = {"mib": 256, "s_per_gib": stat([x * 4 for x in t])}
+    blob.unlink()
 
 
 def bench_training(work: Path, repeats: int, res: dict):
@@ -321,6 +328,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
                  f"{e['bytes_per_image_196x10']:.0f} | {e['grid'][0] * e['grid'][1] * 40} |")
     lines += ["", f"- streaming reader (labels + image decode + tokenization), demo set: {f(t['reader_img_s'], 1)} img/s",
               f"- trainer consumption at the demo config: {t['trainer_consumes_img_s']:.1f} img/s", "",
+              f"- shard verification (sha256 of every shard byte, each extraction rerun and trainer "
+              f"start): {f(res['verify']['s_per_gib'], 2)} s per GiB (from the page cache; a cold "
+              f"disk reads at its own speed)", "",
               "## SEA's overhead in training (" + t["config"] + ")", "",
               f"- step time lambda = 0: {f(t['step_s_lambda0'], 4)} s; lambda = 1: "
               f"{f(t['step_s_lambda1'], 4)} s (`sea.objective=sampled`), "

@@ -134,5 +134,10 @@ def test_cli_pretrain_then_eval_align(pretrain_cfg, tmp_path, capsys):
     assert main(["eval-align", "--checkpoint", "latest", *args]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["align"] == out["align"]  # the saved checkpoint reproduces the final eval
-    assert main(["pretrain", *args, "llm.path=/no/such/model"]) == 2
-    assert "huggingface-cli download" in capsys.readouterr().err
+    assert main(["pretrain", *args]) == 2  # a rerun into the finished run's folder
+    assert "already holds a run" in capsys.readouterr().err
+    fresh = f"log.output={tmp_path / 'cli2'}"
+    assert main(["pretrain", *args, fresh, "llm.path=no-such-org/no-such-model"]) == 2
+    assert "huggingface-cli download" in capsys.readouterr().err  # a hub id: the hub hint
+    assert main(["pretrain", *args, fresh, "llm.path=/no/such/model"]) == 2
+    assert "not a folder" in capsys.readouterr().err  # a path: no hub hint
