@@ -20,7 +20,6 @@ The kept-label count per patch is not stored: it is ``(ids != SENTINEL).sum(-1)`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from wordlist import sha256_file as file_sha256  # the one file-hash helper
 
 SCHEMA_VERSION = 2
 SENTINEL = 65535
@@ -181,14 +182,6 @@ def batch_arrays(rb: pa.RecordBatch, top_n: int):
 
 
 # --- the directory level -------------------------------------------------------------
-
-
-def file_sha256(path: str | Path, bufsize: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shard_damage(path: Path, entry: dict) -> str | None:

@@ -12,7 +12,6 @@ key (``split_state`` / ``join_state``), so loading a checkpoint can never run co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from wordlist import sha256_file
 
 MARKER = "COMPLETE"
 FILES = ("trainable.safetensors", "state.safetensors", "state.json", "config.json")
@@ -73,14 +74,6 @@ def join_state(obj, tensors: dict[str, torch.Tensor]):
             return {join_state(k, tensors): join_state(v, tensors) for k, v in obj["__items__"]}
         return {k: join_state(v, tensors) for k, v in obj.items()}
     return obj
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ckpt_root(output: str | Path) -> Path:
@@ -137,7 +130,7 @@ def save(output: str | Path, step: int, weights: dict[str, torch.Tensor], state:
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
     sizes = {f: (tmp / f).stat().st_size for f in FILES}
-    sums = {f: _sha256(tmp / f) for f in FILES}
+    sums = {f: sha256_file(tmp / f) for f in FILES}
     (tmp / MARKER).write_text(json.dumps({"step": step, "sizes": sizes, "sha256": sums}))
     if final.exists():
         shutil.rmtree(final)
@@ -158,7 +151,7 @@ def verify(path: Path) -> None:
                                 f"{MARKER} marker)")
     sums = json.loads((path / MARKER).read_text()).get("sha256", {})
     for f in FILES:
-        if sums.get(f) != _sha256(path / f):
+        if sums.get(f) != sha256_file(path / f):
             raise CheckpointError(f"{path / f}: sha256 differs from the one in {MARKER} "
                                   f"(altered or damaged); this checkpoint cannot be resumed")
 

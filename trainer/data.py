@@ -16,6 +16,7 @@ form the alignment-evaluation set.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class SampleSource:
         self.keep: dict[tuple[int, int], np.ndarray] = {}  # (shard, group) -> rows used
         with_image = sum(1 for it in self.items if it.get("image"))
         self.report: dict = {"json_rows": len(self.items), "json_rows_with_image": with_image}
-        dropped: dict[str, int] = {}
+        dropped: Counter = Counter()
         if cfg.shards:
             self.meta, self.shards = open_label_set(cfg.shards, expect)
             self.top_n = self.meta["top_n"]
@@ -98,15 +99,10 @@ class SampleSource:
                     groups.append((s, g, len(col)))
                     paths.extend(normalize_path(q) for q in col)
             joined = [q in self.index for q in paths]
-            states = _states(cfg.image_root, [q for q, j in zip(paths, joined) if j])
-            it = iter(states)
-            ok = []
-            for j in joined:
-                why = next(it) if j else "labelled image not in data.json"
-                if why:
-                    dropped[why] = dropped.get(why, 0) + 1
-                ok.append(why is None)
-            ok = np.asarray(ok, dtype=bool)
+            found = iter(_states(cfg.image_root, [q for q, j in zip(paths, joined) if j]))
+            why = [next(found) if j else "labelled image not in data.json" for j in joined]
+            dropped = Counter(w for w in why if w)
+            ok = np.array([w is None for w in why], dtype=bool)
             self.blocks, row, at = [], 0, 0
             for s, g, n in groups:
                 rows = np.flatnonzero(ok[at:at + n])
@@ -116,16 +112,14 @@ class SampleSource:
                     self.blocks.append(Block(s, g, len(rows), row))
                     row += len(rows)
             self.report.update({"labelled_rows": len(paths), "joined": int(sum(joined)),
-                                "images_found": int(sum(st is None for st in states))})
+                                "images_found": int(ok.sum())})
         else:
             # stage 2: the stream is the JSON (text-only samples included); labels are looked
             # up by image path where the label run has them
             imgs = [i for i, it in enumerate(self.items) if it.get("image")]
             states = _states(cfg.image_root, [normalize_path(self.items[i]["image"]) for i in imgs])
             bad = {i for i, st in zip(imgs, states) if st}
-            for st in states:
-                if st:
-                    dropped[st] = dropped.get(st, 0) + 1
+            dropped = Counter(st for st in states if st)
             self.order = [i for i in range(len(self.items)) if i not in bad]
             step = cfg.shuffle_block
             self.blocks = [Block(-1, s, min(step, len(self.order) - s), s)
@@ -137,7 +131,7 @@ class SampleSource:
                     1 for i in self.order if self.items[i].get("image")
                     and normalize_path(self.items[i]["image"]) in self.by_path)
         self.total_rows = sum(b.rows for b in self.blocks)
-        self.report.update({"dropped": dropped, "trainable": self.total_rows})
+        self.report.update({"dropped": dict(dropped), "trainable": self.total_rows})
         self._groups: dict = {}  # small cache of decoded row groups for path lookups
 
     def _path_index(self) -> dict[str, tuple[int, int, int]]:

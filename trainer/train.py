@@ -400,7 +400,7 @@ def check_output(cfg, main: bool) -> None:
     """A run into a folder that holds another run's checkpoints or final/ is refused unless it
     resumes (``resume``) or starts over on purpose (``log.overwrite``, which deletes them)."""
     out = Path(cfg.log.output)
-    found = sorted(checkpoint.ckpt_root(out).glob("step-*")) + sorted(out.glob("final"))
+    found = sorted(checkpoint.ckpt_root(out).glob("step-*")) + [d for d in [out / "final"] if d.exists()]
     if cfg.resume or not found:
         return
     if not cfg.log.overwrite:
