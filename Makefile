@@ -11,7 +11,7 @@ NPROC  ?= 1
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint labels submit ray-up ray-down train-pretrain train-finetune bench clean
+.PHONY: help setup demo evidence test lint labels submit ray-up ray-down train-pretrain train-finetune bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m wordlist fetch
 	touch $@
 
-demo: $(STAMP) ## sample set + tiny models: labels, then stage 1 with lambda 0 and 1 (output in demo_out/)
-	$(PY) -m pipeline demo --out demo_out
+demo: $(STAMP) ## the ground-truth world, short: labels scored against truth, stage 1 lambda 0 and 1 (demo_out/)
+	$(PY) -m world demo --out demo_out
+
+evidence: $(STAMP) ## label precision and SEA's effect in the ground-truth world -> EVIDENCE.md (QUICK=1: < 3 min, evidence_quick/)
+ifdef QUICK
+	$(PY) -m world evidence --quick --out evidence_quick --md evidence_quick/EVIDENCE.md
+else
+	$(PY) -m world evidence --out evidence --md EVIDENCE.md
+endif
 
 test: $(STAMP) lint ## lint, then the whole test suite
 	$(PY) -m pytest -q
@@ -41,11 +48,11 @@ submit: $(STAMP) ## ray job submit the extraction: RAY_ADDRESS=http://head:8265 
 	@test -n "$(RAY_ADDRESS)" || { echo "set RAY_ADDRESS=http://<head>:8265"; exit 2; }
 	$(PY) -m pipeline submit --address $(RAY_ADDRESS) --config $(CONFIG) $(ARGS)
 
-ray-up: $(STAMP) ## start a local Ray head on 127.0.0.1 (token auth; dashboard on loopback :8265)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --dashboard-port=8265
+ray-up: $(STAMP) ## start a local Ray head on 127.0.0.1 (token auth; dashboard on loopback :8265), in .ray-head/
+	RAY_AUTH_MODE=token $(PY) -m pipeline ray-up --temp-dir .ray-head
 
-ray-down: $(STAMP) ## stop the local Ray started by ray-up
-	$(VENV)/bin/ray stop
+ray-down: $(STAMP) ## stop the Ray head ray-up started (only it: other Ray instances keep running)
+	$(PY) -m pipeline ray-down --temp-dir .ray-head
 
 train-pretrain: $(STAMP) ## SEA stage 1 (adapter only): TRAIN_CONFIG=configs/pretrain.yaml NPROC=1 ARGS='...'
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m trainer pretrain --config $(TRAIN_CONFIG) $(ARGS)
@@ -57,4 +64,4 @@ bench: $(STAMP) ## benchmarks (< 10 min on 2 cores) -> BENCHMARKS.md and bench/r
 	$(PY) bench/bench.py
 
 clean: ## remove demo output and caches (keeps .venv)
-	rm -rf demo_out .pytest_cache .ruff_cache
+	rm -rf demo_out evidence_quick evidence/work .pytest_cache .ruff_cache

@@ -196,24 +196,24 @@ def bench_storage(work: Path, res: dict):
 
 def bench_training(work: Path, repeats: int, res: dict):
     """SEA overhead and reader speed on the demo's tiny setup."""
-    from pipeline.demo import make_sample
-    from pipeline.demo_run import demo_config, pretrain_demo_config
     from pipeline.extract import run_local
     from pipeline.tiny import save_tiny
     from trainer.data import StreamDataset
     from trainer.tiny import save_tiny_llm
     from trainer.train import build, train_step
     from wordlist import load_wordlist
+    from world.sample import extract_config, make_sample, pretrain_config, sample_text
 
     spec = save_tiny("clip", work / "models" / "tiny-clip")
     make_sample(work / "sample", n=48)
-    s = run_local(demo_config(work, spec))
+    s = run_local(extract_config(work, spec))
     res["storage"]["demo_8x8x10"] = {"bytes_per_image": s["bytes_per_image"],
                                      "raw_bytes_per_image": 64 * 10 * 4}
-    llm = save_tiny_llm(work / "models" / "tiny-llm", list(load_wordlist().words))
+    llm = save_tiny_llm(work / "models" / "tiny-llm", list(load_wordlist().words),
+                        extra_text=sample_text())
     step_times = {}
     for w, objective in ((0.0, "sampled"), (1.0, "sampled"), (1.0, "multi")):
-        cfg = pretrain_demo_config(work, spec, llm, w, f"sea.objective={objective}")
+        cfg = pretrain_config(work, spec, llm, w, f"sea.objective={objective}")
         p = build(cfg, "pretrain")
         p.task.train()
         p.dataset.set_position(0, 0)
@@ -262,7 +262,7 @@ def peak_rss(cmd: list[str], env=None) -> float:
 
 
 def bench_memory(work: Path, spec: str, res: dict, n_small: int):
-    from pipeline.demo import make_sample
+    from world.sample import make_sample
 
     out = {}
     for n in (n_small, 4 * n_small):
@@ -360,8 +360,8 @@ def main() -> int:
         write_markdown(res, Path(args.out), "make bench")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline.demo import make_sample
     from pipeline.tiny import save_tiny
+    from world.sample import make_sample
 
     work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {extract,demo,tiny} ...`` (also ``sea-pipeline``)."""
+"""Command line: ``python -m pipeline {extract,submit,ray-up,ray-down,tiny} ...`` (also ``sea-pipeline``)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--no-wait", action="store_true", help="return once submitted")
     sm.add_argument("--python", default="python", help="python on the cluster nodes")
     sm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    demo = sub.add_parser("demo", help="sample set + tiny model + labels, with a summary")
-    demo.add_argument("--out", default="demo_out", help="where the demo writes everything")
-    demo.add_argument("--images", type=int, default=48)
+    for name, text in (("ray-up", "start a single-machine Ray head of our own (own process group)"),
+                       ("ray-down", "stop the head ray-up started, and nothing else")):
+        r = sub.add_parser(name, help=text)
+        r.add_argument("--temp-dir", default=".ray-head", help="the head's Ray temp dir and state")
+        if name == "ray-up":
+            r.add_argument("--port", type=int, default=6379, help="GCS port")
+            r.add_argument("--dashboard-port", type=int, default=8265)
+            r.add_argument("--num-cpus", type=int, default=None)
     tiny = sub.add_parser("tiny", help="save a tiny random encoder as an open_clip local dir")
     tiny.add_argument("kind", choices=["clip", "siglip", "vitb16"])
     tiny.add_argument("out")
@@ -70,10 +75,24 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return submit(address, args.config, args.overrides, not args.no_wait, args.python)
-    if args.cmd == "demo":
-        from pipeline.demo_run import run_demo
+    if args.cmd == "ray-up":
+        from pipeline.rayhead import start_head
 
-        return run_demo(args.out, args.images)
+        try:
+            state = start_head(args.temp_dir, args.port, args.dashboard_port, args.num_cpus)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"Ray head up: dashboard {state['dashboard']}, GCS 127.0.0.1:{state['port']}, "
+              f"process group {state['pgid']}; submit with RAY_ADDRESS={state['dashboard']}")
+        return 0
+    if args.cmd == "ray-down":
+        from pipeline.rayhead import stop_head
+
+        n = stop_head(args.temp_dir)
+        print(f"stopped {n} processes of the head from {args.temp_dir}" if n else
+              f"no head from {args.temp_dir} was running")
+        return 0
     if args.cmd == "tiny":
         from pipeline.tiny import save_tiny
 

@@ -35,7 +35,7 @@ def tiny_siglip(workdir):
 
 @pytest.fixture(scope="session")
 def sample(workdir):
-    from pipeline.demo import make_sample
+    from world.sample import make_sample
 
     js = make_sample(workdir / "sample", n=24, size=80)
     return js, workdir / "sample" / "images"
@@ -67,8 +67,9 @@ def extract_cfg(tiny_clip, sample, text_cache, tmp_path):
 def tiny_llm(workdir):
     from trainer.tiny import save_tiny_llm
     from wordlist import load_wordlist
+    from world.sample import sample_text
 
-    return save_tiny_llm(workdir / "tiny-llm", list(load_wordlist().words))
+    return save_tiny_llm(workdir / "tiny-llm", list(load_wordlist().words), extra_text=sample_text())
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +139,7 @@ def bad_corpus(sample, tmp_path):
 
 @pytest.fixture(scope="session")
 def instruct_json(sample, workdir):
-    from pipeline.demo import make_instruct_sample
+    from world.sample import make_instruct_sample
 
     js, _ = sample
     return make_instruct_sample(js, workdir / "instruct.json", text_only=4)

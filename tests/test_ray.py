@@ -2,10 +2,12 @@
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from pipeline import shards
 from pipeline.extract import run_local
 from pipeline.ray_runner import run_ray
+from pipeline.rayhead import start_head, stop_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -87,11 +90,8 @@ def test_ray_start_head_and_submit_through_project_path(extract_cfg, tmp_path):
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     dash, gcs = _free_port(), _free_port()
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={gcs}",
-                    "--num-cpus=2", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True)
+    head = Path(tempfile.mkdtemp(prefix="sea-ray-"))  # short: Ray's socket paths have a limit
+    start_head(head, gcs, dash, num_cpus=2, env=env)
     try:
         out = tmp_path / "submitted"
         cfg = extract_cfg(out=out)
@@ -103,4 +103,37 @@ def test_ray_start_head_and_submit_through_project_path(extract_cfg, tmp_path):
         m = shards.read_manifest(out)
         assert m["complete"] and m["rows"] == 24
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
+        stop_head(head)  # only this head: never `ray stop`, which ends every Ray on the machine
+        shutil.rmtree(head, ignore_errors=True)
+
+
+def _gcs_pids() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and b"gcs_server" in (p / "cmdline").read_bytes().split(b"\0")[0]} if Path("/proc").is_dir() else set()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc (Linux)")
+def test_ray_down_stops_only_its_own_head(tmp_path):
+    """Two heads on the machine: stopping ours leaves the other running (`ray stop` would end
+    both, and every other user's Ray with them)."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env.pop("RAY_ADDRESS", None)
+    before = _gcs_pids()
+    ours, other = (Path(tempfile.mkdtemp(prefix=f"sea-ray-{n}-")) for n in ("a", "b"))
+    try:
+        start_head(other, _free_port(), _free_port(), num_cpus=1, env=env)
+        theirs = _gcs_pids() - before
+        start_head(ours, _free_port(), _free_port(), num_cpus=1, env=env)
+        mine = _gcs_pids() - before - theirs
+        assert len(theirs) == 1 and len(mine) == 1
+        with pytest.raises(RuntimeError, match="still running"):
+            start_head(ours, _free_port(), _free_port(), num_cpus=1, env=env)
+        assert stop_head(ours) > 0
+        alive = _gcs_pids()
+        assert not (mine & alive), "our head's GCS survived ray-down"
+        assert theirs <= alive, "ray-down stopped another Ray instance"
+        assert stop_head(ours) == 0  # nothing left to stop
+    finally:
+        for d in (ours, other):
+            stop_head(d)
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A tiny Hugging Face causal LM and tokenizer, built offline and saved as a model folder.
 
 The tokenizer is a byte-level BPE (GPT-2 style: a leading space is part of a token) trained
-with ``tokenizers`` on the word list plus the demo's caption vocabulary, so it behaves like a
+with ``tokenizers`` on the word list plus the captions it will see, so it behaves like a
 real LLM tokenizer: common words are one token, rare words split into pieces. The folder
 loads with ``AutoModelForCausalLM.from_pretrained(path)``: the same code as a real LLM.
 """
@@ -19,8 +19,10 @@ CHAT_TEMPLATE = (
 
 
 def save_tiny_llm(out_dir: str | Path, words, seed: int = 0, vocab_size: int = 4096,
-                  hidden: int = 64, layers: int = 2, heads: int = 4) -> str:
-    """Train a tokenizer on ``words``, build a random Llama, save both; return the path."""
+                  hidden: int = 64, layers: int = 2, heads: int = 4,
+                  extra_text: list[str] | None = None) -> str:
+    """Train a tokenizer on ``words`` (and ``extra_text``, the sentences the model will see,
+    so their words become single tokens), build a random Llama, save both; return the path."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -29,10 +31,9 @@ def save_tiny_llm(out_dir: str | Path, words, seed: int = 0, vocab_size: int = 4
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return str(out)
     out.mkdir(parents=True, exist_ok=True)
-    from pipeline.demo import COLOURS, SHAPES
-
-    extra = list(COLOURS) + list(SHAPES) + ["a", "and", "on", "background", "USER:", "ASSISTANT:"]
-    corpus = [" ".join(words[i:i + 64]) for i in range(0, len(words), 64)] + [" ".join(extra)] * 50
+    corpus = [" ".join(words[i:i + 64]) for i in range(0, len(words), 64)]
+    corpus += list(extra_text or []) * max(1, 2000 // max(1, len(extra_text or [1])))
+    corpus += ["USER: ASSISTANT:"] * 50
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=2,
                             special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False)

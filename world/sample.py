@@ -1,8 +1,10 @@
-"""A small synthetic sample set in LLaVA-Pretrain's layout, for the demo and the tests.
+"""A small synthetic sample set in LLaVA-Pretrain's layout, for the tests and benchmarks
+(no ground truth: that is ``world.scenes``).
 
 Each image is a few coloured shapes on a background; its caption names them
 ("a red circle and a blue square on a green background"), so the tiny trainer has a
-caption that depends on the image.
+caption that depends on the image. ``sample_configs`` gives the extraction and stage-1
+configs the benchmarks use on it.
 """
 
 from __future__ import annotations
@@ -87,3 +89,37 @@ def make_instruct_sample(sample_json: str | Path, out_json: str | Path, text_onl
     rng.shuffle(items)
     Path(out_json).write_text(json.dumps(items, indent=1))
     return Path(out_json)
+
+
+def sample_text() -> list[str]:
+    """The sample's caption vocabulary, for a tiny LLM's tokenizer (one token per word)."""
+    return [" ".join(list(COLOURS) + list(SHAPES) + ["a", "and", "on", "background"])]
+
+
+def extract_config(out: Path, spec: str):
+    """Extraction of ``out/sample`` with the tiny CLIP ``spec`` into ``out/shards``."""
+    from pipeline.config import ExtractConfig, load_config
+
+    return load_config(ExtractConfig, None, [
+        f"encoder.model={spec}", "encoder.pretrained=null",
+        f"input.json={out / 'sample' / 'sample.json'}",
+        f"input.image_root={out / 'sample' / 'images'}",
+        f"run.output={out / 'shards'}", "run.chunk_size=16", "run.batch_size=16",
+        f"labels.text_cache_dir={out / 'cache'}", "run.overwrite=true",
+    ])
+
+
+def pretrain_config(out: Path, spec: str, llm: str, weight: float, *extra: str):
+    """Stage 1 on ``out/sample`` with its labels (tiny CLIP ``spec``, tiny LLM ``llm``)."""
+    from pipeline.config import load_config
+    from trainer.config import PretrainConfig
+
+    return load_config(PretrainConfig, None, [
+        f"vision.model={spec}", "vision.pretrained=null", f"llm.path={llm}",
+        f"data.json={out / 'sample' / 'sample.json'}", f"data.image_root={out / 'sample' / 'images'}",
+        f"data.shards={out / 'shards'}", "data.holdout_images=8", "data.num_workers=0",
+        "optim.global_batch_size=8", "optim.micro_batch_size=4", "optim.epochs=20",
+        "optim.lr=1e-2", "log.eval_every=0", "log.save_every=1000", f"sea.weight={weight}",
+        f"log.output={out / 'runs' / f'pretrain-lambda{weight:g}'}", "log.progress=false",
+        *extra,
+    ])

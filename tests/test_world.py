@@ -1,0 +1,222 @@
+"""The ground-truth world: scenes whose per-patch truth matches the pixels the encoder sees,
+and ``make evidence QUICK=1`` end to end, its figures recomputed by an independent reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from world import scenes
+
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+
+
+def test_vocabulary_is_2of12():
+    from wordlist import load_wordlist
+
+    words = set(load_wordlist().words)
+    assert len(scenes.VOCAB) == len(set(scenes.VOCAB)) == 28
+    assert set(scenes.VOCAB) <= words
+
+
+def test_truth_agrees_with_the_pixels_the_encoder_sees(tiny_clip, tmp_path):
+    """Through the encoder's own resize and crop: a patch the truth says one plain object
+    covers has that object's colour; a background-only patch has no object colour."""
+    from PIL import Image
+
+    from pipeline.encoders import load_encoder
+
+    enc = load_encoder(tiny_clip)
+    scenes.make_world(tmp_path, 40, seed=3, image_size=enc.image_size[0], grid=enc.grid)
+    truth = scenes.read_truth(tmp_path / "ground_truth.jsonl")
+    gh, gw = enc.grid
+    s = enc.image_size[0] // gw
+    checked = 0
+    for rec in truth.values():
+        px = (enc.preprocess(Image.open(tmp_path / "images" / rec["image"])) * STD + MEAN) * 255
+        areas = np.array(rec["areas"])
+        for p in range(gh * gw):
+            k = int(areas[p].argmax())
+            if k == 0 or areas[p, k] < 0.97:
+                continue
+            obj = rec["objects"][k - 1]
+            if obj["pattern"] != "plain":
+                continue
+            r, c = divmod(p, gw)
+            mean = px[:, r * s:(r + 1) * s, c * s:(c + 1) * s].reshape(3, -1).mean(1)
+            assert (mean - torch.tensor(scenes.COLOURS[obj["colour"]], dtype=torch.float)).abs().max() < 25
+            assert obj["colour"] in rec["true_words"][p] and obj["shape"] in rec["true_words"][p]
+            share = {}  # the dominant word covers the largest share (summed over its regions)
+            for reg, a in zip(rec["regions"], areas[p], strict=True):
+                for w in reg:
+                    share[w] = share.get(w, 0) + a
+            assert share[rec["dominant"][p]] == pytest.approx(max(share.values()), abs=1e-3)
+            checked += 1
+    assert checked > 30
+
+
+def test_crop_geometry_matches_torchvision():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    for w, h, size in ((128, 96, 64), (97, 130, 64), (300, 200, 336)):
+        g = scenes.crop_geometry(w, h, size)
+        img = Image.fromarray(np.arange(w * h, dtype=np.int32).reshape(h, w) % 251, mode="I").convert("L")
+        ref = T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.NEAREST)(img))
+        rw, rh = g["resized"]
+        left, top = g["offset"]
+        ours = img.resize((rw, rh), Image.NEAREST).crop((left, top, left + size, top + size))
+        assert np.array_equal(np.asarray(ref), np.asarray(ours)), (w, h, size)
+
+
+def test_world_is_deterministic_and_its_text_is_true(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        scenes.make_world(d, 12, seed=7, image_size=64, grid=(8, 8))
+    assert (a / "ground_truth.jsonl").read_text() == (b / "ground_truth.jsonl").read_text()
+    truth = scenes.read_truth(a / "ground_truth.jsonl")
+    for rec in truth.values():
+        assert (a / "images" / rec["image"]).read_bytes() == (b / "images" / rec["image"]).read_bytes()
+        assert len(rec["true_words"]) == 64 and all(set(t) <= set(scenes.VOCAB) for t in rec["true_words"])
+    caps = {c["image"]: c["conversations"][1]["value"] for c in json.loads((a / "captions.json").read_text())}
+    for img, cap in caps.items():
+        rec = truth[img]
+        assert rec["regions"][0][0] in cap
+        for o in rec["objects"]:
+            assert o["colour"] in cap and o["shape"] in cap
+    for q in (json.loads(x) for x in (a / "questions.jsonl").read_text().splitlines()):
+        objs = truth[q["image"]]["objects"]
+        if q["type"] == "count":
+            shape = q["question"].split()[2][:-1]
+            assert scenes.NUMBERS.index(q["answer"]) == sum(o["shape"] == shape for o in objs)
+        if q["type"] == "exists":
+            colour = q["question"].split()[3]
+            assert (q["answer"] == "yes") == any(o["colour"] == colour for o in objs)
+
+
+def test_image_stats_hand_computed():
+    from world.metrics import STATS, image_stats
+
+    words = ("red", "circle", "grass", "blue", "sky")
+    truth = {"true_words": [["red", "circle"], ["grass"], ["sky"]],
+             "dominant": ["circle", "grass", "sky"]}
+    S = 65535
+    ids = np.array([[0, 3, S], [3, 4, S], [S, S, S]])  # red+blue | blue+sky | nothing
+    s = dict(zip(STATS, image_stats(ids, truth, words), strict=True))
+    assert s["labelled"] == 2 and s["top1_hits"] == 1  # 'red' true, 'blue' not
+    assert s["kept"] == 4 and s["kept_true"] == 1
+    assert s["patches"] == 3 and s["dom_hits"] == 0 and s["no_label"] == 1
+    assert s["chance_top1"] == pytest.approx(2 / 5 + 1 / 5)
+
+
+# --- make evidence QUICK=1 ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def quick_evidence(tmp_path_factory):
+    from world.__main__ import main
+
+    out = tmp_path_factory.mktemp("evidence")
+    rc = main(["evidence", "--quick", "--out", str(out / "ev"), "--md", str(out / "EVIDENCE.md"),
+               "--cache", str(out / "cache")])
+    assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+def test_quick_evidence_writes_everything(quick_evidence):
+    from PIL import Image
+
+    res = json.loads((quick_evidence / "ev" / "results.json").read_text())
+    md = (quick_evidence / "EVIDENCE.md").read_text()
+    for name in ("precision", "alignment_curve", "answers", "scene"):
+        with Image.open(quick_evidence / "ev" / f"{name}.png") as im:
+            assert im.size[0] > 400 and im.size[1] > 300
+        assert f"ev/{name}.png" in md
+    assert Path(res["world"]["ground_truth"]).is_file()
+    assert set(res["label_precision"]) == {"sea", "vanilla", "surgery-token", "surgery-cls"}
+    # one stage-1 + stage-2 run per arm and seed, each with its figures
+    assert len(res["runs"]) == 3 * len(res["protocol"]["seeds"])
+    for r in res["runs"]:
+        assert 0 <= r["answers"]["all"]["accuracy"] <= 1 and r["stage2_steps"] > 0
+        assert 0 <= r["alignment_truth"]["truth_match_world"] <= 1
+        assert np.isfinite(r["caption_loss"])
+    assert res["total_seconds"] < 180 * 2  # the quick setting stays quick (loose: shared CI cores)
+
+
+@pytest.mark.slow
+def test_quick_evidence_clip_beats_chance(quick_evidence):
+    """Even after a minute of training, the world's CLIP knows the background better than
+    chance on held-out scenes, and the best labelling mode beats chance on the world's words."""
+    res = json.loads((quick_evidence / "ev" / "results.json").read_text())
+    bg = res["clip"]["zero_shot"]["background"]
+    assert bg["accuracy"] > bg["chance"] + 0.3
+    best = res["label_precision"][res["best_mode"]]["world"]
+    assert best["top1_precision"]["value"] > 3 * best["chance_top1_precision"]["value"]
+
+
+@pytest.mark.slow
+def test_quick_evidence_metrics_recomputed_independently(quick_evidence):
+    """Re-read every test shard with polars and the word-list file with plain Python, score it
+    against ground_truth.jsonl with a loop written from the README's definitions: the
+    reported figures must come out exactly."""
+    import polars as pl
+
+    res = json.loads((quick_evidence / "ev" / "results.json").read_text())
+    work = quick_evidence / "ev" / "work"
+    truth = {}
+    for line in Path(res["world"]["ground_truth"]).read_text().splitlines():
+        r = json.loads(line)
+        truth[r["image"]] = r
+    full, seen = [], set()  # the README's rule: strip, skip blanks, drop repeats, file order
+    for w in (Path(__file__).parents[1] / "wordlist" / "data" / "2of12.txt").read_text().splitlines():
+        if w.strip() and w.strip() not in seen:
+            seen.add(w.strip())
+            full.append(w.strip())
+    lists = {"full": full, "world": (work / "vocab.txt").read_text().split()}
+    for mode, per_list in res["label_precision"].items():
+        for lst, reported in per_list.items():
+            words = lists[lst]
+            df = pl.read_parquet(sorted((work / "shards" / f"test-{mode}-{lst}").glob("shard-*.parquet")))
+            top1 = labelled = kept_n = kept_true = dom = patches = empty = 0
+            for path, ids in zip(df["path"].to_list(), df["label_ids"].to_list(), strict=True):
+                rec = truth[path]
+                n = len(ids) // len(rec["true_words"])
+                for p, true in enumerate(rec["true_words"]):
+                    kept = [words[i] for i in ids[p * n:(p + 1) * n] if i != 65535]
+                    patches += 1
+                    if not kept:
+                        empty += 1
+                        continue
+                    labelled += 1
+                    top1 += kept[0] in true
+                    kept_n += len(kept)
+                    kept_true += sum(k in true for k in kept)
+                    dom += rec["dominant"][p] in kept
+            assert reported["images"] == len(df) == len(truth)
+            assert reported["top1_precision"]["value"] == pytest.approx(top1 / labelled, abs=1e-12)
+            assert reported["precision_at_n"]["value"] == pytest.approx(kept_true / kept_n, abs=1e-12)
+            assert reported["dominant_recall"]["value"] == pytest.approx(dom / patches, abs=1e-12)
+            assert reported["no_label_share"]["value"] == pytest.approx(empty / patches, abs=1e-12)
+            lo, hi = reported["top1_precision"]["ci95"]
+            assert lo <= top1 / labelled <= hi
+
+
+@pytest.mark.slow
+def test_batched_answers_equal_generate(quick_evidence):
+    """The evaluation's batched greedy decoding gives the answers ``trainer generate`` gives."""
+    from trainer.generate import answer, load_final
+    from world.metrics import greedy_answers
+
+    work = quick_evidence / "ev" / "work"
+    s2 = sorted((work / "runs").glob("s2-*"))[0]
+    mllm, tok, pre, meta = load_final(s2)
+    rows = [json.loads(x) for x in (work / "world-test" / "questions.jsonl").read_text().splitlines()[:6]]
+    batched = greedy_answers(mllm, tok, pre, work / "world-test", rows, max_new_tokens=4)
+    one = [answer(mllm, tok, pre, meta, str(work / "world-test" / "images" / r["image"]), r["question"],
+                  max_new_tokens=4) for r in rows]
+    assert batched == one

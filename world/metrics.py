@@ -1,0 +1,251 @@
+"""Measures against the world's ground truth. Everything here reads only the written label
+shards, the ground-truth file and trained models, so another program can recompute it.
+
+Label precision (per patch of the encoder's grid; definitions fixed before any result):
+- ``top1_precision``: over patches with at least one kept label, the share whose top-1 word
+  is true at that patch. Chance: a uniformly drawn word of the list is true with probability
+  |true words at p| / |list|.
+- ``precision_at_n``: over all kept labels, the share true at their patch (same chance).
+- ``dominant_recall``: over all patches, the share whose dominant word is among the kept
+  labels (a patch with none counts as a miss). Chance: kept count / |list|.
+- ``no_label_share``: patches with no kept label.
+Intervals: 95 % percentile bootstrap over images (1,000 resamples, fixed seed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.shards import SENTINEL, batch_arrays, iter_label_set
+from world.scenes import read_truth
+
+STATS = ("labelled", "top1_hits", "kept", "kept_true", "patches", "dom_hits", "no_label",
+         "chance_top1", "chance_kept", "chance_dom")
+
+
+def read_labels(shard_dir: str | Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """-> (run metadata, {image path: (ids (P, n), scores (P, n))})."""
+    from pipeline.data import normalize_path
+    from pipeline.shards import open_label_set
+
+    meta, _ = open_label_set(shard_dir)
+    out = {}
+    for rb in iter_label_set(shard_dir):
+        _, ids, scores = batch_arrays(rb, meta["top_n"])
+        for path, i, s in zip(rb.column("path").to_pylist(), ids, scores, strict=True):
+            out[normalize_path(path)] = (i, s)
+    return meta, out
+
+
+def image_stats(ids: np.ndarray, truth: dict, words: tuple[str, ...]) -> np.ndarray:
+    """One image's counts (``STATS`` order) from its label ids (P, n) and its truth record."""
+    W = len(words)
+    s = np.zeros(len(STATS))
+    for p, (row, true, dom) in enumerate(zip(ids, truth["true_words"], truth["dominant"], strict=True)):
+        kept = [words[i] for i in row if i != SENTINEL]
+        tset = set(true)
+        s[4] += 1
+        s[9] += min(1.0, len(kept) / W)
+        if not kept:
+            s[6] += 1
+            continue
+        del p
+        s[0] += 1
+        s[1] += kept[0] in tset
+        s[2] += len(kept)
+        s[3] += sum(k in tset for k in kept)
+        s[5] += dom in kept
+        s[7] += len(tset) / W
+        s[8] += len(kept) * len(tset) / W
+    return s
+
+
+def _ratios(s: np.ndarray) -> dict:
+    """Metric values from summed ``STATS`` (works on (..., len(STATS)) arrays)."""
+    def div(a, b):
+        return np.divide(a, b, out=np.full(np.shape(a), np.nan), where=np.asarray(b) > 0)
+
+    return {"top1_precision": div(s[..., 1], s[..., 0]),
+            "precision_at_n": div(s[..., 3], s[..., 2]),
+            "dominant_recall": div(s[..., 5], s[..., 4]),
+            "no_label_share": div(s[..., 6], s[..., 4]),
+            "chance_top1_precision": div(s[..., 7], s[..., 0]),
+            "chance_precision_at_n": div(s[..., 8], s[..., 2]),
+            "chance_dominant_recall": div(s[..., 9], s[..., 4])}
+
+
+def bootstrap(per_image: np.ndarray, reps: int = 1000, seed: int = 0) -> dict:
+    """Point values and 95 % intervals of every metric, resampling images."""
+    point = {k: float(v) for k, v in _ratios(per_image.sum(0)).items()}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_image), size=(reps, len(per_image)))
+    boots = _ratios(per_image[idx].sum(1))
+    return {k: {"value": point[k],
+                "ci95": [float(np.nanpercentile(boots[k], 2.5)), float(np.nanpercentile(boots[k], 97.5))]}
+            for k in point}
+
+
+def label_precision(shard_dir: str | Path, truth_path: str | Path, words: tuple[str, ...]) -> dict:
+    """Label precision of a label run against the ground truth (see the module docstring)."""
+    meta, labels = read_labels(shard_dir)
+    truth = read_truth(truth_path)
+    missing = sorted(set(truth) - set(labels))
+    if missing:
+        raise ValueError(f"{shard_dir}: no labels for {len(missing)} ground-truth images "
+                         f"(first: {missing[0]})")
+    per = np.stack([image_stats(labels[k][0], truth[k], words) for k in sorted(truth)])
+    out = bootstrap(per)
+    out["images"] = len(per)
+    out["patches"] = int(per[:, 4].sum())
+    out["wordlist_size"] = len(words)
+    out["mode"] = meta.get("mode")
+    out["surgery_weights"] = meta.get("surgery_weights")
+    return out
+
+
+# --- trained models -----------------------------------------------------------------------------
+
+def _pixels(root: Path, paths: list[str], preprocess) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.stack([preprocess(Image.open(root / "images" / p).convert("RGB")) for p in paths])
+
+
+@torch.inference_mode()
+def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | Path,
+                    preprocess, vocab: tuple[str, ...], batch: int = 64) -> dict:
+    """Share of visual tokens whose nearest word (cosine to the Eq. 8 label features in the
+    LLM's input-embedding space) is true at that patch, over the whole list and over the
+    world's vocabulary; chance = mean |true words| / |words searched|."""
+    root = Path(world_dir)
+    truth = read_truth(root / "ground_truth.jsonl")
+    embed = mllm.llm.get_input_embeddings().weight.detach().float()
+    table = F.normalize(word_tokens.features(embed), dim=-1)
+    vocab_ids = torch.tensor([words.index(w) for w in vocab])
+    keys = sorted(truth)
+    hits = {"full": 0, "world": 0}
+    chance = {"full": 0.0, "world": 0.0}
+    n = 0
+    for i in range(0, len(keys), batch):
+        chunk = keys[i:i + batch]
+        tok = F.normalize(mllm.visual_tokens(_pixels(root, chunk, preprocess)).float(), dim=-1)
+        sims = tok @ table.T  # (B, P, W)
+        near_full = sims.argmax(-1)
+        near_world = vocab_ids[sims[..., vocab_ids].argmax(-1)]
+        for b, k in enumerate(chunk):
+            for p, true in enumerate(truth[k]["true_words"]):
+                t = set(true)
+                hits["full"] += words[int(near_full[b, p])] in t
+                hits["world"] += words[int(near_world[b, p])] in t
+                chance["full"] += len(t) / len(words)
+                chance["world"] += len(t) / len(vocab)
+                n += 1
+    return {"patches": n, "truth_match_full": hits["full"] / n, "truth_match_world": hits["world"] / n,
+            "chance_full": chance["full"] / n, "chance_world": chance["world"] / n}
+
+
+@torch.inference_mode()
+def caption_loss(mllm, tok, preprocess, world_dir: str | Path, batch: int = 32) -> float:
+    """Mean caption (next-token) loss per target token on a world's captions, stage-1 format."""
+    from trainer.model import splice
+    from trainer.prompts import build_sample
+
+    root = Path(world_dir)
+    items = json.loads((root / "captions.json").read_text())
+    embed = mllm.llm.get_input_embeddings()
+    total, count = 0.0, 0
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        built = [build_sample(it, tok, "plain", True) for it in chunk]
+        feats = mllm.visual_tokens(_pixels(root, [it["image"] for it in chunk], preprocess))
+        sp = splice(embed, [b[0] for b in built], [b[1] for b in built], feats,
+                    [True] * len(chunk), max_length=4096)
+        logits = mllm.llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask).logits
+        tgt = sp.labels[:, 1:]
+        lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, ignore_index=-100,
+                             reduction="sum")
+        total += float(lp)
+        count += int((tgt != -100).sum())
+    return total / max(1, count)
+
+
+@torch.inference_mode()
+def greedy_answers(mllm, tok, preprocess, world_dir: str | Path, rows: list[dict],
+                   max_new_tokens: int = 4, batch: int = 64) -> list[str]:
+    """Greedy answers to ``rows`` (questions.jsonl records), batched: each prompt is built as
+    ``trainer.generate.answer`` builds it, left-padded, decoded token by token."""
+    from trainer.model import IGNORE_INDEX, splice
+    from trainer.prompts import generation_prompt
+
+    root = Path(world_dir)
+    embed = mllm.llm.get_input_embeddings()
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        ids = [generation_prompt(tok, r["question"], "chat", True) for r in chunk]
+        feats = mllm.visual_tokens(_pixels(root, [r["image"] for r in chunk], preprocess))
+        sp = splice(embed, ids, [torch.full_like(x, IGNORE_INDEX) for x in ids], feats,
+                    [True] * len(chunk), max_length=4096)
+        lens = sp.attention_mask.sum(1)
+        T = sp.inputs_embeds.shape[1]
+        x = torch.zeros_like(sp.inputs_embeds)
+        mask = torch.zeros_like(sp.attention_mask)
+        for b in range(len(chunk)):  # right padding -> left padding
+            n = int(lens[b])
+            x[b, T - n:] = sp.inputs_embeds[b, :n]
+            mask[b, T - n:] = 1
+        gen = [[] for _ in chunk]
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = mllm.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos).logits[:, -1]
+            nxt = logits.argmax(-1)
+            for b in range(len(chunk)):
+                if not done[b]:
+                    if int(nxt[b]) == tok.eos_token_id:
+                        done[b] = True
+                    else:
+                        gen[b].append(int(nxt[b]))
+            if bool(done.all()):
+                break
+            x = torch.cat([x, embed(nxt)[:, None].to(x.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
+        out += [tok.decode(g, skip_special_tokens=True).strip() for g in gen]
+    return out
+
+
+def normalise_answer(a: str) -> str:
+    return a.strip().lower().rstrip(".").strip()
+
+
+def answer_accuracy(answers: list[str], rows: list[dict]) -> dict:
+    """Exact match (after lower-casing and a trailing full stop) per question type and overall."""
+    per: dict[str, list[bool]] = {}
+    for a, r in zip(answers, rows, strict=True):
+        per.setdefault(r["type"], []).append(normalise_answer(a) == r["answer"])
+    out = {t: {"accuracy": float(np.mean(v)), "questions": len(v)} for t, v in sorted(per.items())}
+    allv = [x for v in per.values() for x in v]
+    out["all"] = {"accuracy": float(np.mean(allv)), "questions": len(allv)}
+    return out
+
+
+def majority_baseline(train_rows: list[dict], test_rows: list[dict]) -> dict:
+    """Chance for answers: per type, the accuracy of always giving the type's most frequent
+    training answer (what a model that ignores the image can reach)."""
+    from collections import Counter
+
+    top = {}
+    for r in train_rows:
+        top.setdefault(r["type"], Counter())[r["answer"]] += 1
+    per: dict[str, list[bool]] = {}
+    for r in test_rows:
+        guess = top[r["type"]].most_common(1)[0][0] if r["type"] in top else ""
+        per.setdefault(r["type"], []).append(guess == r["answer"])
+    out = {t: float(np.mean(v)) for t, v in sorted(per.items())}
+    out["all"] = float(np.mean([x for v in per.values() for x in v]))
+    return out

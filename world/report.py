@@ -1,0 +1,299 @@
+"""Figures (PNG, matplotlib) and ``EVIDENCE.md`` from an evidence run's ``results.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figures(res: dict, out: Path, test_dir: Path, work: Path) -> list[Path]:
+    return [precision_figure(res, out / "precision.png"),
+            alignment_curve_figure(res, out / "alignment_curve.png"),
+            answers_figure(res, out / "answers.png"),
+            scene_figure(res, out / "scene.png", test_dir, work)]
+
+
+def precision_figure(res: dict, path: Path) -> Path:
+    plt = _plt()
+    table = res["label_precision"]
+    modes = list(table)
+    keys = ("top1_precision", "precision_at_n", "dominant_recall")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, lst in zip(axes, ("full", "world"), strict=True):
+        x = np.arange(len(modes))
+        for j, k in enumerate(keys):
+            v = [table[m][lst][k]["value"] for m in modes]
+            lo = [v[i] - table[m][lst][k]["ci95"][0] for i, m in enumerate(modes)]
+            hi = [table[m][lst][k]["ci95"][1] - v[i] for i, m in enumerate(modes)]
+            ax.bar(x + (j - 1) * 0.26, v, 0.26, yerr=[lo, hi], capsize=2, label=k.replace("_", " "))
+            ch = [table[m][lst][f"chance_{k}"]["value"] for m in modes]
+            ax.scatter(x + (j - 1) * 0.26, ch, marker="_", color="k", s=120, zorder=3,
+                       label="chance" if j == 0 else None)
+        ax.set_xticks(x, modes)
+        n = table[modes[0]][lst]["wordlist_size"]
+        ax.set_title(f"word list: {'2of12' if lst == 'full' else 'world vocabulary'} ({n} words)")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share (95 % bootstrap CI)")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.suptitle("Label precision against the ground truth, per mode (held-out scenes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def alignment_curve_figure(res: dict, path: Path) -> Path:
+    """eval-align (the trainer's periodic held-out evaluation) over stage-1 steps."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    colours = {}
+    for run in res["runs"]:
+        lines = [json.loads(x) for x in (Path(run["stage1_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+        ev = [x for x in lines if x.get("kind") == "eval" and x.get("in_labels") is not None]
+        if not ev:
+            continue
+        c = colours.setdefault(run["arm"], f"C{len(colours)}")
+        for ax, k in zip(axes, ("in_labels", "top1_match"), strict=True):
+            ax.plot([x["step"] for x in ev], [x[k] for x in ev], color=c, alpha=0.8,
+                    label=run["arm"] if run["seed"] == res["protocol"]["seeds"][0] else None)
+    for ax, k in zip(axes, ("in_labels", "top1_match"), strict=True):
+        ax.set_xlabel("stage-1 step")
+        ax.set_ylabel(k)
+        ax.set_title(f"eval-align {k} (training labels' held-out images)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarise(res: dict) -> dict:
+    """Per arm: mean and standard deviation over seeds of every stage-1 and stage-2 figure."""
+    arms: dict[str, list[dict]] = {}
+    for r in res["runs"]:
+        arms.setdefault(r["arm"], []).append(r)
+    out = {}
+    for arm, runs in arms.items():
+        vals: dict[str, list[float]] = {}
+
+        def add(k, v, vals=vals):
+            if v is not None:
+                vals.setdefault(k, []).append(float(v))
+
+        for r in runs:
+            for k in ("truth_match_full", "truth_match_world"):
+                add(k, r["alignment_truth"][k])
+            for k, v in r.items():
+                if k.startswith("eval_align_") and isinstance(v, dict):
+                    add(f"{k}.top1_match", v.get("top1_match"))
+                    add(f"{k}.in_labels", v.get("in_labels"))
+            add("caption_loss", r["caption_loss"])
+            for t, a in r["answers"].items():
+                add(f"answers.{t}", a["accuracy"])
+        out[arm] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                        "n": len(v)} for k, v in vals.items()}
+    return out
+
+
+def answers_figure(res: dict, path: Path) -> Path:
+    plt = _plt()
+    summ = summarise(res)
+    types = [t for t in res["answer_chance"] if t != "all"] + ["all"]
+    arms = list(summ)
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    x = np.arange(len(types))
+    w = 0.8 / max(1, len(arms))
+    for j, arm in enumerate(arms):
+        m = [summ[arm].get(f"answers.{t}", {}).get("mean", np.nan) for t in types]
+        s = [summ[arm].get(f"answers.{t}", {}).get("std", 0) for t in types]
+        ax.bar(x + (j - (len(arms) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=arm)
+    ax.scatter(x, [res["answer_chance"][t] for t in types], marker="_", s=300, color="k",
+               zorder=3, label="majority answer (chance)")
+    ax.set_xticks(x, types)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"exact match (mean ± sd over {len(res['protocol']['seeds'])} seeds)")
+    ax.set_title("Held-out answer accuracy after stage 2")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scene_figure(res: dict, path: Path, test_dir: Path, work: Path, index: int = 0) -> Path:
+    """One held-out scene as the encoder saw it: per patch the dominant true word (top) and
+    the best mode's top-1 label (bottom, green when true at the patch, red when not)."""
+    from PIL import Image
+
+    from wordlist import load_wordlist
+    from world.metrics import read_labels
+    from world.scenes import read_truth
+
+    plt = _plt()
+    truth = read_truth(test_dir / "ground_truth.jsonl")
+    key = sorted(truth)[index]
+    t = truth[key]
+    _, labels = read_labels(work / "shards" / f"test-{res['best_mode']}-full")
+    words = load_wordlist().words
+    img = Image.open(test_dir / "images" / key).convert("RGB")
+    (rw, rh), (left, top), s = t["crop"]["resized"], t["crop"]["offset"], t["crop"]["image_size"]
+    img = img.resize((rw, rh), Image.BICUBIC).crop((left, top, left + s, top + s))
+    gh, gw = t["grid"]
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.imshow(img, extent=(0, gw, gh, 0))
+    ids = labels[key][0]
+    for p in range(gh * gw):
+        r, c = divmod(p, gw)
+        top1 = words[int(ids[p, 0])] if ids[p, 0] != 65535 else "-"
+        ok = top1 in t["true_words"][p]
+        ax.text(c + 0.5, r + 0.32, t["dominant"][p], ha="center", va="center", fontsize=7,
+                color="white", bbox={"facecolor": "black", "alpha": 0.55, "pad": 1, "lw": 0})
+        ax.text(c + 0.5, r + 0.7, top1, ha="center", va="center", fontsize=7, color="white",
+                bbox={"facecolor": "green" if ok else "red", "alpha": 0.7, "pad": 1, "lw": 0})
+    for k in range(1, gw):
+        ax.axvline(k, color="white", lw=0.5, alpha=0.6)
+    for k in range(1, gh):
+        ax.axhline(k, color="white", lw=0.5, alpha=0.6)
+    ax.set_axis_off()
+    ax.set_title(f"{key}: dominant true word (black) / top-1 label, {res['best_mode']} mode "
+                 f"(green: true at the patch)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "-"
+    if 0 < abs(x) < 10 ** -digits:
+        return f"{x:.1e}"
+    return f"{x:.{digits}f}"
+
+
+def _ci(d: dict) -> str:
+    return f"{_f(d['value'])} ({_f(d['ci95'][0])}-{_f(d['ci95'][1])})"
+
+
+def precision_table(res: dict, lst: str) -> list[str]:
+    rows = ["| mode | top-1 precision | chance | precision@n | chance | dominant recall | chance | no-label share |",
+            "|---|---|---|---|---|---|---|---|"]
+    for mode, v in res["label_precision"].items():
+        m = v[lst]
+        rows.append(f"| `{mode}` | {_ci(m['top1_precision'])} | {_f(m['chance_top1_precision']['value'])} "
+                    f"| {_ci(m['precision_at_n'])} | {_f(m['chance_precision_at_n']['value'])} "
+                    f"| {_ci(m['dominant_recall'])} | {_f(m['chance_dominant_recall']['value'])} "
+                    f"| {_f(m['no_label_share']['value'])} |")
+    return rows
+
+
+def effect_table(res: dict) -> list[str]:
+    summ = summarise(res)
+    any_run = res["runs"][0]
+    ev = sorted(k for k in any_run if k.startswith("eval_align_"))
+    head = (["arm", "truth match (2of12)", "truth match (world)"]
+            + [f"eval-align top-1 vs `{k[len('eval_align_'):]}` labels" for k in ev]
+            + ["held-out caption loss", "answer accuracy (all)"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ms(arm, k):
+        d = summ[arm].get(k)
+        return "-" if d is None else f"{_f(d['mean'])} ± {_f(d['std'])}"
+
+    for arm in summ:
+        cells = [arm, ms(arm, "truth_match_full"), ms(arm, "truth_match_world")]
+        cells += [ms(arm, f"{k}.top1_match") for k in ev]
+        cells += [ms(arm, "caption_loss"), ms(arm, "answers.all")]
+        rows.append("| " + " | ".join(cells) + " |")
+    t = any_run["alignment_truth"]
+    rows.append(f"| chance | {_f(t['chance_full'])} | {_f(t['chance_world'])} |"
+                + " |" * len(ev) + " | " + _f(res["answer_chance"]["all"]) + " (majority answer) |")
+    return rows
+
+
+def answers_table(res: dict) -> list[str]:
+    summ = summarise(res)
+    types = [t for t in res["answer_chance"] if t != "all"]
+    rows = ["| arm | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    for arm in summ:
+        rows.append(f"| {arm} | " + " | ".join(
+            f"{_f(summ[arm][f'answers.{t}']['mean'])} ± {_f(summ[arm][f'answers.{t}']['std'])}"
+            if f"answers.{t}" in summ[arm] else "-" for t in types) + " |")
+    rows.append("| majority answer (chance) | " + " | ".join(_f(res["answer_chance"][t]) for t in types) + " |")
+    return rows
+
+
+def markdown(res: dict, command: str, figures_dir: str) -> str:
+    p, c, m = res["protocol"], res["clip"], res["machine"]
+    zs = "; ".join(f"{fam} {_f(v['accuracy'])} (chance {_f(v['chance'])})" for fam, v in c["zero_shot"].items())
+    lines = [
+        "# Evidence: label precision and SEA's effect in a world with known truth", "",
+        f"Produced by `{command}` in {res['total_seconds'] / 60:.1f} min on {m['cpus']} CPU cores "
+        f"(GPU: {m['gpu'] or 'none'}; {m['platform']}, torch {m['torch']}). Every figure here is in "
+        f"`results.json`; the protocol (below) was fixed before lambda = 1 was compared with lambda = 0. "
+        f"Step times: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timings_s"].items()) + ".", "",
+        "## The world and its models", "",
+        f"- Scenes: {p['train_scenes']} for training, {p['test_scenes']} held out (other scene "
+        f"indices, same generator); grid {res['world']['grid'][0]}x{res['world']['grid'][1]} "
+        f"after the encoder's resize and crop; {len(res['world']['vocab'])} patch words "
+        f"(shapes, backgrounds, colours, patterns, sizes), a word true at a patch when its region "
+        f"covers >= {res['world']['min_area']:.0%} of it. Ground truth: `ground_truth.jsonl` "
+        f"(format in the README).",
+        f"- CLIP trained from scratch on image-caption pairs only ({c['spec']['steps']} steps, "
+        f"batch {c['spec']['batch_size']}, final loss {_f(c['final_loss'])}, {c['train_seconds']:.0f} s). "
+        f"Zero-shot on held-out scenes (best word of the family present in the scene): {zs}.",
+        f"- LM: Llama architecture, {res['lm']['spec']['hidden']} wide, {res['lm']['spec']['layers']} "
+        f"layers, trained on {res['lm']['sentences']} world sentences ({res['lm']['spec']['steps']} "
+        f"steps, final loss {_f(res['lm']['final_loss'])}).",
+        "", "## Label precision per mode (held-out scenes, 95 % bootstrap CI over images)", "",
+        f"Extraction: the real pipeline (`run.runner={p['runner']}`), top n = {p['top_n']}, "
+        f"scores <= 0 dropped, surgery over the last {p['surgery_depth']} blocks.", "",
+        "Full 2of12 list (41,241 words):", "", *precision_table(res, "full"), "",
+        f"World vocabulary only ({len(res['world']['vocab'])} words, `labels.wordlist`):", "",
+        *precision_table(res, "world"), "",
+        f"Best mode by the fixed criterion (top-1 precision, full list): **`{res['best_mode']}`**.",
+        "", "![precision](evidence/precision.png)", "",
+        "## SEA's effect (mean ± sd over seeds " + ", ".join(map(str, p["seeds"])) + ")", "",
+        f"Stage 1: {p['stage1_epochs']} epochs, lr {p['stage1_lr']}, global batch {p['global_batch']}; "
+        f"stage 2 from each: {p['stage2_epochs']} epochs, lr {p['stage2_lr']}, LLM + adapter. "
+        "Truth match: share of held-out visual tokens whose nearest word (Eq. 8 features, cosine) "
+        "is true at the patch, searching the 2of12 list or the world's words. eval-align: the "
+        "trainer's own figure (nearest word over 2of12 equals the patch's top-1 label).", "",
+        *effect_table(res), "", *comparisons(res), "",
+        "Answer accuracy per question type (exact match):", "",
+        *answers_table(res), "",
+        "![alignment](evidence/alignment_curve.png)", "", "![answers](evidence/answers.png)", "",
+        "![scene](evidence/scene.png)", "",
+    ]
+    return "\n".join(lines).replace("evidence/", figures_dir.rstrip("/") + "/")
+
+
+def comparisons(res: dict) -> list[str]:
+    """Each lambda = 1 arm minus lambda = 0, paired by seed (same data order and init)."""
+    base = {r["seed"]: r for r in res["runs"] if r["weight"] == 0}
+    arms: dict[str, list[dict]] = {}
+    for r in res["runs"]:
+        if r["weight"] > 0 and r["seed"] in base:
+            arms.setdefault(r["arm"], []).append(r)
+    out = ["Paired by seed, lambda = 1 minus lambda = 0 (mean, and the per-seed range):", ""]
+    for arm, runs in arms.items():
+        parts = []
+        for name, get in (("truth match (world)", lambda r: r["alignment_truth"]["truth_match_world"]),
+                          ("truth match (2of12)", lambda r: r["alignment_truth"]["truth_match_full"]),
+                          ("caption loss", lambda r: r["caption_loss"]),
+                          ("answer accuracy", lambda r: r["answers"]["all"]["accuracy"])):
+            d = [get(r) - get(base[r["seed"]]) for r in runs]
+            parts.append(f"{name} {np.mean(d):+.3f} [{min(d):+.3f}, {max(d):+.3f}]")
+        out.append(f"- {arm}: " + "; ".join(parts))
+    return out
