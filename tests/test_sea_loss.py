@@ -286,3 +286,21 @@ def test_gathered_negatives_hold_each_word_once(tmp_path):
     loss.backward()
     for k in range(2):  # each rank holds world x its slice (DDP then averages over ranks)
         torch.testing.assert_close(ranks[k]["grad"], 2 * toks[k].grad)
+
+
+def test_step_label_features_equal_eq8_table():
+    """The loss's padded, weighted embedding bag (one gather per step) gives the Eq. 8 mean of
+    each word's token embeddings, as the straightforward per-word table does."""
+    from trainer.model import label_features_table
+    from trainer.sea_loss import AlignmentLoss, WordTokens
+
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 6, (500,), generator=g)
+    flat = torch.randint(0, 300, (int(lens.sum()),), generator=g)
+    offs = torch.cumsum(lens, 0) - lens
+    mod = AlignmentLoss(WordTokens(flat, offs), (4, 4))
+    emb = torch.randn(300, 16, generator=g)
+    words = torch.randint(0, 500, (77,), generator=g)
+    ref = torch.stack([emb[flat[o:o + n]].mean(0) for o, n in zip(offs[words].tolist(), lens[words].tolist())])
+    assert torch.allclose(mod._features(emb, words), ref, atol=1e-6)
+    assert torch.allclose(label_features_table(emb, flat, offs, words), ref, atol=1e-6)

@@ -97,19 +97,28 @@ def load_word_tokens(tokenizer, wordlist, rule: str, cache_dir: str | Path | Non
 OBJECTIVES = ("sampled", "multi")
 
 
+def _window_geometry(grid: tuple[int, int], k: int, device) -> tuple[torch.Tensor, ...]:
+    """Per window (row-major): its first patch's flat index, its height and width."""
+    key = (tuple(grid), k, str(device))
+    if key not in _GEOMETRY:
+        gh, gw = grid
+        ys = torch.arange(0, gh, k)
+        xs = torch.arange(0, gw, k)
+        base = (ys[:, None] * gw + xs[None, :]).reshape(-1)
+        hs = torch.clamp(gh - ys, max=k)[:, None].expand(len(ys), len(xs)).reshape(-1)
+        ws = torch.clamp(gw - xs, max=k)[None, :].expand(len(ys), len(xs)).reshape(-1)
+        _GEOMETRY[key] = tuple(t.to(device) for t in (base, hs.float(), ws.float()))
+    return _GEOMETRY[key]
+
+
+_GEOMETRY: dict = {}
+
+
 def window_patches(u: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
     """One patch per k x k window from uniforms ``u`` (B, num_windows, 2): (B, num_windows)
     flat indices into the grid. Edge windows may be smaller when k does not divide the grid."""
-    gh, gw = grid
-    dev = u.device
-    ys = torch.arange(0, gh, k, device=dev)
-    xs = torch.arange(0, gw, k, device=dev)
-    hs = torch.clamp(gh - ys, max=k)
-    ws = torch.clamp(gw - xs, max=k)
-    r = u.reshape(u.shape[0], len(ys), len(xs), 2)
-    py = ys[None, :, None] + (r[..., 0] * hs[None, :, None]).long()
-    px = xs[None, None, :] + (r[..., 1] * ws[None, None, :]).long()
-    return (py * gw + px).reshape(u.shape[0], -1)
+    base, hs, ws = _window_geometry(grid, k, u.device)
+    return base + (u[..., 0] * hs).long() * grid[1] + (u[..., 1] * ws).long()
 
 
 def num_windows(grid: tuple[int, int], k: int) -> int:
@@ -166,7 +175,7 @@ class StepSample:
 
     micro: list[MicroPairs | None]
     words: torch.Tensor  # (U,) distinct words of the step
-    table: torch.Tensor | None = None  # their label features, filled on first use in the step
+    table: torch.Tensor | None = None  # their unit label features, filled on first use in the step
 
 
 def draw_uniforms(gen: torch.Generator, batch: int, windows: int) -> torch.Tensor:
@@ -186,24 +195,23 @@ def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tu
     present = [i for i, lab in enumerate(labels) if lab is not None and lab[0].shape[0] > 0]
     if not present:
         return StepSample([None] * len(labels), torch.zeros(0, dtype=torch.long, device=device))
-    u = torch.cat([draw_uniforms(gens[i], labels[i][0].shape[0], nw) for i in present]).to(device)
-    ids = torch.cat([labels[i][0] for i in present]).to(device, non_blocking=True).long()
-    scores = torch.cat([labels[i][1] for i in present]).to(device, non_blocking=True).float()
     sizes = [labels[i][0].shape[0] for i in present]
-    group = torch.repeat_interleave(torch.arange(len(present), device=device),
-                                    torch.tensor(sizes, device=device))  # micro of each image
-    img_local = torch.cat([torch.arange(b, device=device) for b in sizes])
+    u = torch.cat([draw_uniforms(gens[i], b, nw) for i, b in zip(present, sizes)]).to(device)
+    ids = torch.cat([labels[i][0] for i in present]).to(device, torch.long, non_blocking=True)
+    scores = torch.cat([labels[i][1] for i in present]).to(device, torch.float, non_blocking=True)
     patches = window_patches(u[..., :2], grid, k)  # (B, nw)
-    rows = torch.arange(ids.shape[0], device=device)[:, None].expand_as(patches).reshape(-1)
+    rows = torch.arange(ids.shape[0], device=device).repeat_interleave(nw)
     pat = patches.reshape(-1)
     pid, psc = ids[rows, pat], scores[rows, pat]  # (B*nw, n)
     u = u.reshape(-1, 4)
-    grp = group[rows]
+    # rows are in micro-batch order, so every selection below stays grouped by micro-batch
+    first_row = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)  # of each micro-batch
     if objective == "sampled":
         words, valid = draw_labels(pid, psc, u[:, 2])
         sel = valid.nonzero().squeeze(1)
         # one pair per distinct word per micro-batch: key (micro-batch, word)
-        sel = sel[dedupe(grp[sel] * (SENTINEL + 1) + words[sel], u[sel, 3])]
+        micro = torch.bucketize(rows[sel], first_row, right=True) - 1
+        sel = sel[dedupe(micro * (SENTINEL + 1) + words[sel], u[sel, 3])]
         step_words, inv = torch.unique(words[sel], return_inverse=True)
     elif objective == "multi":
         sel = (pid != SENTINEL).any(dim=1).nonzero().squeeze(1)
@@ -211,24 +219,29 @@ def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tu
         step_words = torch.unique(pid[sel][weights > 0])
     else:
         raise ValueError(f"sea.objective must be one of {OBJECTIVES}, got '{objective}'")
-    g_sel = grp[sel]
+    r_sel = rows[sel]
+    counts = torch.bucketize(first_row, r_sel).diff(append=r_sel.new_tensor([r_sel.numel()])).tolist()
+    img = r_sel - first_row.repeat_interleave(torch.tensor(counts, device=device))
+    parts = [img.split(counts), pat[sel].split(counts)]
+    if objective == "sampled":
+        parts += [words[sel].split(counts), inv.split(counts)]
+    else:
+        parts += [pid[sel].split(counts), weights.split(counts)]
     out: list[MicroPairs | None] = [None] * len(labels)
     for j, i in enumerate(present):
-        m = (g_sel == j).nonzero().squeeze(1)
-        mp = MicroPairs(img_local[rows[sel[m]]], pat[sel[m]])
-        if objective == "sampled":
-            mp.words, mp.rows = words[sel[m]], inv[m]
-        else:
-            mp.ids, mp.weights = pid[sel[m]], weights[m]
-        out[i] = mp
+        a, b, c, d = (t[j] for t in parts)
+        out[i] = (MicroPairs(a, b, words=c, rows=d) if objective == "sampled"
+                  else MicroPairs(a, b, ids=c, weights=d))
     return StepSample(out, step_words)
 
 
-def info_nce(x: torch.Tensor, t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE (Eq. 9) over N matched rows of x and t, cosine similarity / tau."""
+def info_nce(x: torch.Tensor, t: torch.Tensor, tau: torch.Tensor, t_unit: bool = False) -> torch.Tensor:
+    """Symmetric InfoNCE (Eq. 9) over N matched rows of x and t, cosine similarity / tau.
+    ``t_unit``: t is already L2-normalised (the step's label table is normalised once)."""
     if x.shape[0] == 0:
         return x.sum() * 0.0
-    logits = F.normalize(x.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T / tau
+    t = t.float() if t_unit else F.normalize(t.float(), dim=-1)
+    logits = F.normalize(x.float(), dim=-1) @ t.T / tau
     target = torch.arange(x.shape[0], device=x.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
@@ -273,6 +286,15 @@ class AlignmentLoss(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(float(log_tau_init)), requires_grad=learn_tau)
         self.register_buffer("flat_ids", word_tokens.flat_ids, persistent=False)
         self.register_buffer("offsets", word_tokens.offsets, persistent=False)
+        # each word's tokens padded to the longest word, with weights 1/len (0 on padding): a
+        # step's Eq. 8 features are then one gather and one weighted embedding bag
+        flat, offsets = word_tokens.flat_ids, word_tokens.offsets
+        lengths = torch.diff(offsets, append=offsets.new_tensor([flat.numel()]))
+        pos = torch.arange(int(lengths.max()) if lengths.numel() else 1)
+        mask = pos[None, :] < lengths[:, None]
+        pad = flat[(offsets[:, None] + pos[None, :]).clamp(max=max(0, flat.numel() - 1))]
+        self.register_buffer("pad_ids", torch.where(mask, pad, 0), persistent=False)
+        self.register_buffer("pad_w", mask.float() / lengths[:, None].clamp(min=1), persistent=False)
         self.grid = tuple(grid)
         self.window = window
         self.min_tau = min_tau
@@ -287,8 +309,12 @@ class AlignmentLoss(nn.Module):
                            device if device is not None else self.flat_ids.device)
 
     def _features(self, embed_weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # targets: no gradient into the embedding table
-            return label_features_table(embed_weight.detach(), self.flat_ids, self.offsets, words)
+        """Eq. 8 for ``words``: the mean of each word's token embeddings (as
+        ``label_features_table``). Targets: no gradient into the embedding table."""
+        with torch.no_grad():
+            w = embed_weight.detach()
+            return F.embedding_bag(self.pad_ids[words], w, mode="sum",
+                                   per_sample_weights=self.pad_w[words].to(w.dtype))
 
     def forward(self, visual_tokens: torch.Tensor | None, embed_weight: torch.Tensor,
                 step: StepSample | None, micro: int, gather=None,
@@ -319,6 +345,6 @@ class AlignmentLoss(nn.Module):
             t = x.detach()  # no pairs: info_nce returns the attached 0
         else:
             if step.table is None:  # once per step: the embedding table does not change within it
-                step.table = self._features(embed_weight, step.words)
-            t = step.table[pairs.rows]
+                step.table = F.normalize(self._features(embed_weight, step.words).float(), dim=-1)
+            return info_nce(x, step.table[pairs.rows], self.tau, t_unit=True), int(x.shape[0])
         return info_nce(x, t, self.tau), int(x.shape[0])

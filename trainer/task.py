@@ -49,6 +49,4 @@ class SEATask(nn.Module):
             align_loss, pairs = self.align(tokens, embed.weight, sample, micro, gather, shared_gen)
         losses.update(align_loss=align_loss, pairs=pairs,
                       loss=lm_loss + self.weight * align_loss)
-        if self.align is not None:
-            losses["tau"] = float(self.align.tau.detach())
         return losses

@@ -246,7 +246,6 @@ def sample_sea(p: Parts, micro_batches: list[dict], step: int):
 def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None) -> dict:
     """Gradients of one optimizer step's micro-batches (averaged over them and the ranks)."""
     sums = {"loss": 0.0, "lm_loss": 0.0, "align_loss": 0.0, "pairs": 0, "dropped": 0}
-    tau = None
     n = len(micro_batches)
     sample = sample_sea(p, micro_batches, step)
     for i, mb in enumerate(micro_batches):
@@ -263,9 +262,8 @@ def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None
             sums[k] += float(out[k].detach()) / n
         sums["pairs"] += out["pairs"]
         sums["dropped"] += out["dropped"]
-        tau = out.get("tau", tau)
-    if tau is not None:
-        sums["tau"] = tau
+    if p.task.align is not None:  # once per step (it changes only at the optimizer step)
+        sums["tau"] = float(p.task.align.tau.detach())
     return sums
 
 

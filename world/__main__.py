@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--work", default=None, help="scenes, models, shards, runs (default OUT/work)")
     ev.add_argument("--md", default="EVIDENCE.md", help="the report")
     ev.add_argument("--cache", default=None, help="trained-model cache (default $SEA_CACHE/world)")
+    rp = sub.add_parser("report", help="redraw the figures and the report from OUT/results.json")
+    rp.add_argument("--out", default="evidence")
+    rp.add_argument("--md", default="EVIDENCE.md")
+    rp.add_argument("--command", default="make evidence", help="the command named in the report")
     demo = sub.add_parser("demo", help="the world's short version: labels and stage 1, lambda 0 and 1")
     demo.add_argument("--out", default="demo_out")
     sc = sub.add_parser("scenes", help="only write scenes with ground truth")
@@ -39,14 +44,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.out)
     from world import report
-    from world.evidence import run_evidence
 
-    preset = "quick" if args.quick else args.preset
-    res = run_evidence(preset, args.out, args.work, args.cache)
+    if args.cmd == "report":
+        res = json.loads((Path(args.out) / "results.json").read_text())
+        test_dir = Path(res["world"]["ground_truth"]).parent
+        report.figures(res, Path(args.out), test_dir, test_dir.parent)
+        cmd = args.command
+    else:
+        from world.evidence import run_evidence
+
+        preset = "quick" if args.quick else args.preset
+        res = run_evidence(preset, args.out, args.work, args.cache)
+        cmd = "make evidence" + (" QUICK=1" if preset == "quick" else "") if preset in ("full", "quick") \
+            else f"python -m world evidence --preset {preset}"
     md = Path(args.md)
     rel = os.path.relpath(Path(args.out).resolve(), md.resolve().parent)
-    cmd = "make evidence" + (" QUICK=1" if preset == "quick" else "") if preset in ("full", "quick") \
-        else f"python -m world evidence --preset {preset}"
     md.write_text(report.markdown(res, cmd, rel))
     print(f"wrote {md}, {args.out}/results.json and figures", file=sys.stderr)
     return 0

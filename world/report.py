@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+WORDLIST_SIZE = 41241  # 2of12 after the word-list rule; eval-align's chance is 1 / this
+
 
 def _plt():
     import matplotlib
@@ -45,7 +47,7 @@ def precision_figure(res: dict, path: Path) -> Path:
         ax.set_title(f"word list: {'2of12' if lst == 'full' else 'world vocabulary'} ({n} words)")
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("share (95 % bootstrap CI)")
-    axes[1].legend(fontsize=8, loc="upper right")
+    axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle("Label precision against the ground truth, per mode (held-out scenes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -217,8 +219,9 @@ def effect_table(res: dict) -> list[str]:
         cells += [ms(arm, "caption_loss"), ms(arm, "answers.all")]
         rows.append("| " + " | ".join(cells) + " |")
     t = any_run["alignment_truth"]
-    rows.append(f"| chance | {_f(t['chance_full'])} | {_f(t['chance_world'])} |"
-                + " |" * len(ev) + " | " + _f(res["answer_chance"]["all"]) + " (majority answer) |")
+    ans = _f(res["answer_chance"]["all"]) + " (majority answer)" if "answer_chance" in res else "-"
+    rows.append(f"| chance | {_f(t['chance_full'])} | {_f(t['chance_world'])} | "
+                + " | ".join(_f(1 / WORDLIST_SIZE) for _ in ev) + f" | | {ans} |")
     return rows
 
 
