@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
             r.add_argument("--port", type=int, default=6379, help="GCS port")
             r.add_argument("--dashboard-port", type=int, default=8265)
             r.add_argument("--num-cpus", type=int, default=None)
+    sh = sub.add_parser("show", help="one image's labels: the grid of top-1 words, or a patch's words")
+    sh.add_argument("--shards", required=True, help="label run folder")
+    sh.add_argument("--image", required=True, help="image path (relative to the image root) or id")
+    sh.add_argument("--patch", default=None, help="ROW,COL: that patch's kept words and scores")
+    sh.add_argument("--wordlist", default=None, help="the run's word list (default: found by hash)")
+    st = sub.add_parser("stats", help="label statistics (JSON and PNG plots), streamed")
+    st.add_argument("--shards", required=True, help="label run folder")
+    st.add_argument("--out", default=None, help="folder for stats.json and plots (default: print only)")
+    st.add_argument("--wordlist", default=None, help="the run's word list (default: found by hash)")
     tiny = sub.add_parser("tiny", help="save a tiny random encoder as an open_clip local dir")
     tiny.add_argument("kind", choices=["clip", "siglip", "vitb16"])
     tiny.add_argument("out")
@@ -93,12 +102,52 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped {n} processes of the head from {args.temp_dir}" if n else
               f"no head from {args.temp_dir} was running")
         return 0
+    if args.cmd in ("show", "stats"):
+        return _inspect(args)
     if args.cmd == "tiny":
         from pipeline.tiny import save_tiny
 
         print(save_tiny(args.kind, args.out, args.seed))
         return 0
     return 2
+
+
+def _inspect(args) -> int:
+    from pipeline.labelset import LabelSet, plot_statistics, statistics
+    from pipeline.shards import ShardMismatch
+    from wordlist import WordListError
+
+    try:
+        ls = LabelSet(args.shards, args.wordlist)
+        if args.cmd == "stats":
+            st = statistics(ls)
+            if args.out:
+                from pathlib import Path
+
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "stats.json").write_text(json.dumps(st, indent=1))
+                plot_statistics(st, args.out)
+            brief = {k: v for k, v in st.items() if k not in ("score", "top_words")}
+            brief["top_words"] = [f"{w['word']} {w['share_of_labels']:.3f}" for w in st["top_words"][:10]]
+            brief["score"] = {k: st["score"][k] for k in ("min", "max", "mean")}
+            print(json.dumps(brief, indent=1))
+            return 0
+        img = ls.image(args.image)
+    except (FileNotFoundError, KeyError, WordListError, ShardMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.patch:
+        r, c = (int(x) for x in args.patch.split(","))
+        print(f"{img.path} (id {img.image_id}), patch {r},{c} of {img.grid[0]}x{img.grid[1]}:")
+        for w, s in img.patch(r, c):
+            print(f"  {w:24} {s:+.4f}")
+        return 0
+    grid = img.top1_grid()
+    width = max(len(w) for row in grid for w in row)
+    print(f"{img.path} (id {img.image_id}): top-1 word per patch, {img.grid[0]}x{img.grid[1]}")
+    for row in grid:
+        print(" ".join(w.ljust(width) for w in row))
+    return 0
 
 
 if __name__ == "__main__":

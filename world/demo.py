@@ -14,7 +14,7 @@ from world.evidence import PRESETS, Evidence
 def run_demo(out_dir: str) -> int:
     ev = Evidence(PRESETS["demo"], out_dir, progress=True)
     ev.out.mkdir(parents=True, exist_ok=True)
-    for step in (ev.worlds, ev.models, ev.precision, ev.sea_effect):
+    for step in (ev.worlds, ev.models, ev.labels, ev.sea_effect):
         step()
     res = ev.results
     (Path(out_dir) / "demo_results.json").write_text(json.dumps(res, indent=1, default=str))

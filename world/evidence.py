@@ -17,6 +17,7 @@ lambda = 1 against lambda = 0 comparison was looked at and is not tuned toward a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from wordlist import sha256_file
 from world import metrics, scenes
 from world.models import ClipSpec, LMSpec, spec_key, train_clip, train_lm, zero_shot
 
@@ -35,7 +37,8 @@ MODES = (("sea", "token"), ("vanilla", "token"), ("surgery", "token"), ("surgery
 
 @dataclass
 class Protocol:
-    train_scenes: int = 3000
+    train_scenes: int = 3000  # the CLIP's and the LM's training scenes
+    mllm_scenes: int = 2000  # the first of them: stage 1 and stage 2 data (as LLaVA's own sets)
     test_scenes: int = 300
     world_seed: int = 0
     clip: ClipSpec = field(default_factory=ClipSpec)
@@ -59,12 +62,12 @@ class Protocol:
 
 PRESETS = {
     "full": Protocol(),
-    "demo": Protocol(train_scenes=600, test_scenes=100, clip=ClipSpec(steps=250),
+    "demo": Protocol(train_scenes=600, mllm_scenes=600, test_scenes=100, clip=ClipSpec(steps=250),
                      lm=LMSpec(steps=150), seeds=(0,), runner="local", stage1_epochs=3,
                      objectives_best=("sampled",), sea_default_arm=False, stage2=False,
                      holdout=48),
-    "quick": Protocol(train_scenes=320, test_scenes=48, clip=ClipSpec(steps=60, batch_size=64),
-                      lm=LMSpec(steps=60), seeds=(0,), runner="local", stage1_epochs=1,
+    "quick": Protocol(train_scenes=320, mllm_scenes=320, test_scenes=48, clip=ClipSpec(steps=60, batch_size=64),
+                      lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1,
                       stage2_epochs=1, objectives_best=("sampled",), holdout=32,
                       evals_per_run=2),
 }
@@ -100,21 +103,26 @@ class Evidence:
         self.train_dir, self.test_dir = self.work / "world-train", self.work / "world-test"
         for d, n, start in ((self.train_dir, p.train_scenes, 0), (self.test_dir, p.test_scenes, 10**6)):
             stamp = d / "done.json"
-            want = {"n": n, "seed": p.world_seed, "start": start, "image_size": img}
+            want = {"n": n, "seed": p.world_seed, "start": start, "image_size": img,
+                    "generator": sha256_file(scenes.__file__)}  # the scene code itself
             if stamp.is_file() and json.loads(stamp.read_text()) == want:
                 continue
             shutil.rmtree(d, ignore_errors=True)
             scenes.make_world(d, n, p.world_seed, img, grid, start=start)
             stamp.write_text(json.dumps(want))
+        for name in ("captions", "instruct"):  # the MLLM's data: the first mllm_scenes scenes
+            items = json.loads((self.train_dir / f"{name}.json").read_text())[:p.mllm_scenes]
+            (self.train_dir / f"{name}-mllm.json").write_text(json.dumps(items))
         (self.work / "vocab.txt").write_text("\n".join(scenes.VOCAB) + "\n")
-        self.results["world"] = {"train_scenes": p.train_scenes, "test_scenes": p.test_scenes,
+        self.results["world"] = {"train_scenes": p.train_scenes, "mllm_scenes": p.mllm_scenes,
+                                 "test_scenes": p.test_scenes,
                                  "grid": list(grid), "vocab": list(scenes.VOCAB),
                                  "min_area": scenes.MIN_AREA,
                                  "ground_truth": str(self.test_dir / "ground_truth.jsonl")}
 
     def models(self) -> None:
         p = self.p
-        key = f"world{p.world_seed}-n{p.train_scenes}"
+        key = sha256_file(self.train_dir / "ground_truth.jsonl")  # what the models learn from
         bar = self._bar("train CLIP", p.clip.steps)
         self.clip, info = train_clip(self.train_dir, self.cache / f"clip-{spec_key(p.clip, key)}",
                                      p.clip, self._tick(bar))
@@ -133,14 +141,15 @@ class Evidence:
         self.results["lm"] = {"spec": asdict(p.lm), "final_loss": info["log"][-1]["loss"],
                               "train_seconds": info["seconds"], "sentences": len(texts)}
 
-    def extract(self, world: Path, mode: tuple[str, str], wordlist: str | None, name: str) -> Path:
+    def extract(self, world: Path, mode: tuple[str, str], wordlist: str | None, name: str,
+                json_name: str = "captions.json") -> Path:
         from pipeline.config import ExtractConfig, load_config
         from pipeline.runner import run
 
         out = self.work / "shards" / name
         cfg = load_config(ExtractConfig, None, [
             f"encoder.model={self.clip}", "encoder.pretrained=null",
-            f"input.json={world / 'captions.json'}", f"input.image_root={world / 'images'}",
+            f"input.json={world / json_name}", f"input.image_root={world / 'images'}",
             f"run.output={out}", "run.chunk_size=512", "run.batch_size=64",
             f"run.runner={self.p.runner}", f"run.progress={str(self.progress).lower()}",
             f"labels.mode={mode[0]}", f"labels.surgery_weights={mode[1]}",
@@ -183,20 +192,28 @@ class Evidence:
                              "mode": m, "objective": obj})
         return arms
 
+    def labels(self) -> None:
+        """Every extraction, in one Ray session: the held-out scenes in each mode and list
+        (label precision), then the training scenes in the modes the arms train on."""
+        with self.ray_session():
+            self.precision()
+            self.train_labels = {}
+            for arm in self.arms():
+                m = arm["mode"]
+                if m not in self.train_labels:
+                    self.train_labels[m] = self.extract(self.train_dir, m, None,
+                                                        f"train-{_mode_name(m)}", "captions-mllm.json")
+
     def sea_effect(self) -> None:
-        self.train_labels = {}
-        for arm in self.arms():
-            m = arm["mode"]
-            if m not in self.train_labels:
-                self.train_labels[m] = self.extract(self.train_dir, m, None, f"train-{_mode_name(m)}")
         runs = []
         for arm in self.arms():
             for seed in self.p.seeds:
                 runs.append(self._one_run(arm, seed))
         self.results["runs"] = runs
         if self.p.stage2:
-            self.results["answer_chance"] = metrics.majority_baseline(
-                _questions(self.train_dir), _questions(self.test_dir))
+            mllm = {it["image"] for it in json.loads((self.train_dir / "instruct-mllm.json").read_text())}
+            self.results["answer_chance"] = metrics.majority_baseline(  # what stage 2 saw
+                [q for q in _questions(self.train_dir) if q["image"] in mllm], _questions(self.test_dir))
 
     def _one_run(self, arm: dict, seed: int) -> dict:
         from pipeline.config import load_config
@@ -206,14 +223,14 @@ class Evidence:
         p = self.p
         tag = f"{arm['name'].replace(' ', '_').replace(',', '').replace('=', '')}-seed{seed}"
         labels = self.train_labels[arm["mode"]]
-        per_epoch = (p.train_scenes - p.holdout) // p.global_batch
+        per_epoch = (p.mllm_scenes - p.holdout) // p.global_batch
         common = [f"vision.model={self.clip}", "vision.pretrained=null", f"llm.path={self.llm}",
                   f"data.image_root={self.train_dir / 'images'}", "data.num_workers=0",
                   f"optim.global_batch_size={p.global_batch}", f"optim.micro_batch_size={p.micro_batch}",
                   f"optim.seed={seed}", "log.overwrite=true", f"log.progress={str(self.progress).lower()}",
                   "log.tensorboard=false", "device=cpu"]
         s1 = load_config(PretrainConfig, None, common + [
-            f"data.json={self.train_dir / 'captions.json'}", f"data.shards={labels}",
+            f"data.json={self.train_dir / 'captions-mllm.json'}", f"data.shards={labels}",
             f"data.holdout_images={p.holdout}", f"optim.epochs={p.stage1_epochs}",
             f"optim.lr={p.stage1_lr}", f"sea.weight={arm['weight']}", f"sea.objective={arm['objective']}",
             f"log.eval_every={max(1, per_epoch * p.stage1_epochs // p.evals_per_run)}",
@@ -230,7 +247,7 @@ class Evidence:
         if not p.stage2:
             return run
         s2 = load_config(FinetuneConfig, None, common + [
-            f"data.json={self.train_dir / 'instruct.json'}", f"optim.epochs={p.stage2_epochs}",
+            f"data.json={self.train_dir / 'instruct-mllm.json'}", f"optim.epochs={p.stage2_epochs}",
             f"optim.lr={p.stage2_lr}", f"init_from={s1.log.output}", "log.eval_every=0",
             "log.save_every=100000", f"log.output={self.work / 'runs' / ('s2-' + tag)}"])
         t = time.time()
@@ -274,7 +291,7 @@ class Evidence:
     def run(self) -> dict:
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
-        steps = [("scenes", self.worlds), ("models", self.models), ("label precision", self.precision),
+        steps = [("scenes", self.worlds), ("models", self.models), ("labels", self.labels),
                  ("SEA effect", self.sea_effect)]
         for name, fn in steps:
             print(f"== evidence: {name} ==", file=sys.stderr, flush=True)
@@ -287,6 +304,25 @@ class Evidence:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
         report.figures(self.results, self.out, self.test_dir, self.work)
         return self.results
+
+    @contextlib.contextmanager
+    def ray_session(self):
+        """One local Ray for all the extractions (each run would otherwise start its own:
+        about half a minute each on 2 cores); the runs find it already up and leave it."""
+        if self.p.runner != "ray":
+            yield
+            return
+        from pipeline.config import ExtractConfig, load_config
+        from pipeline.ray_runner import init_ray
+
+        started = init_ray(load_config(ExtractConfig, None, []))
+        try:
+            yield
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
 
     def _bar(self, desc: str, total: int):
         return tqdm(total=total, desc=desc, unit="step", disable=not self.progress)

@@ -245,9 +245,13 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         f"Produced by `{command}` in {res['total_seconds'] / 60:.1f} min on {m['cpus']} CPU cores "
         f"(GPU: {m['gpu'] or 'none'}; {m['platform']}, torch {m['torch']}). Every figure here is in "
         f"`results.json`; the protocol (below) was fixed before lambda = 1 was compared with lambda = 0. "
-        f"Step times: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timings_s"].items()) + ".", "",
+        f"Step times: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timings_s"].items())
+        + f" (the CLIP's and the LM's training took {c['train_seconds']:.0f} s and "
+        f"{res['lm']['train_seconds']:.0f} s when they were made; a run that finds them in the "
+        f"cache loads them).", "",
         "## The world and its models", "",
-        f"- Scenes: {p['train_scenes']} for training, {p['test_scenes']} held out (other scene "
+        f"- Scenes: {p['train_scenes']} for the CLIP and the LM, the first {p['mllm_scenes']} of "
+        f"them for stages 1 and 2, {p['test_scenes']} held out (other scene "
         f"indices, same generator); grid {res['world']['grid'][0]}x{res['world']['grid'][1]} "
         f"after the encoder's resize and crop; {len(res['world']['vocab'])} patch words "
         f"(shapes, backgrounds, colours, patterns, sizes), a word true at a patch when its region "

@@ -1,0 +1,93 @@
+"""Reading a label run as words (``pipeline show`` / ``stats`` and their library), checked
+against a plain pyarrow read of the shards and the word-list file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards
+from pipeline.labelset import LabelSet, find_wordlist, statistics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference(label_run):
+    """Every row of every shard, read with pyarrow alone, and the 2of12 words."""
+    rows = []
+    for p in sorted(Path(label_run).glob("shard-*.parquet")):
+        rows += pq.read_table(p).to_pylist()
+    from wordlist import load_wordlist
+
+    return rows, load_wordlist().words
+
+
+def test_show_prints_the_top1_grid_and_a_patch(label_run):
+    rows, words = _reference(label_run)
+    row = rows[5]
+    n = len(row["label_ids"]) // (row["grid_h"] * row["grid_w"])
+    r = subprocess.run([sys.executable, "-m", "pipeline", "show", "--shards", str(label_run),
+                        "--image", row["path"]], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()[1:]
+    assert len(lines) == row["grid_h"]
+    for i, line in enumerate(lines):
+        want = [words[row["label_ids"][(i * row["grid_w"] + c) * n]] for c in range(row["grid_w"])]
+        assert line.split() == want
+    # the same image by id, one patch: its kept words and scores, best first
+    r = subprocess.run([sys.executable, "-m", "pipeline", "show", "--shards", str(label_run),
+                        "--image", row["image_id"], "--patch", "1,2"], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    p = 1 * row["grid_w"] + 2
+    ids, sc = row["label_ids"][p * n:(p + 1) * n], row["scores"][p * n:(p + 1) * n]
+    want = [(words[i], s) for i, s in zip(ids, sc, strict=True) if i != shards.SENTINEL]
+    got = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert [g[0] for g in got] == [w for w, _ in want]
+    assert [float(g[1]) for g in got] == pytest.approx([s for _, s in want], abs=1e-4)
+
+
+def test_show_unknown_image_and_missing_wordlist(label_run, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipeline", "show", "--shards", str(label_run),
+                        "--image", "no/such.jpg"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "no/such.jpg" in r.stderr
+    meta = dict(shards.read_manifest(label_run)["metadata"], wordlist_sha256="0" * 64)
+    with pytest.raises(Exception, match="0000000000000000.*--wordlist"):
+        find_wordlist(meta)
+    other = tmp_path / "words.txt"
+    other.write_text("alpha\nbeta\n")
+    with pytest.raises(Exception, match="words.txt: sha256"):
+        find_wordlist(shards.read_manifest(label_run)["metadata"], other)
+
+
+def test_stats_equal_a_direct_count(label_run, tmp_path):
+    rows, words = _reference(label_run)
+    st = statistics(LabelSet(label_run))
+    ids = np.concatenate([np.array(r["label_ids"]) for r in rows])
+    scores = np.concatenate([np.array(r["scores"], dtype=np.float32) for r in rows])
+    n = st["top_n"]
+    ids, scores = ids.reshape(-1, n), scores.reshape(-1, n)
+    kept = ids != shards.SENTINEL
+    assert st["images"] == len(rows) and st["patches"] == len(ids)
+    assert st["labels"] == int(kept.sum())
+    assert st["kept_per_patch_histogram"] == np.bincount(kept.sum(1), minlength=n + 1).tolist()
+    used = set(ids[kept].tolist())
+    assert st["words_used"] == len(used)
+    assert st["share_of_wordlist_used"] == pytest.approx(len(used) / len(words))
+    counts = np.bincount(ids[kept], minlength=len(words))
+    top = st["top_words"][0]
+    assert top["count"] == counts.max() and counts[words.index(top["word"])] == counts.max()
+    assert sum(st["score"]["all_kept"]) == int(kept.sum())
+    assert st["score"]["mean"] == pytest.approx(float(scores[kept].mean()), rel=1e-5)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "stats", "--shards", str(label_run),
+                        "--out", str(tmp_path / "st")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "st" / "stats.json").read_text())["labels"] == st["labels"]
+    for png in ("scores.png", "labels.png"):
+        assert (tmp_path / "st" / png).stat().st_size > 5000
