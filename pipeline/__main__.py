@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {extract,submit,ray-up,ray-down,tiny} ...`` (also ``sea-pipeline``)."""
+"""Command line: ``python -m pipeline {extract,submit,show,stats,gallery,ray-up,ray-down,tiny} ...`` (also ``sea-pipeline``)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--shards", required=True, help="label run folder")
     st.add_argument("--out", default=None, help="folder for stats.json and plots (default: print only)")
     st.add_argument("--wordlist", default=None, help="the run's word list (default: found by hash)")
+    ga = sub.add_parser("gallery", help="a static, self-contained HTML gallery of the labels")
+    ga.add_argument("--shards", required=True, help="label run folder")
+    ga.add_argument("--out", required=True, help="folder for index.html and page-N.html")
+    ga.add_argument("--limit", type=int, default=None, help="only the first N images")
+    ga.add_argument("--page-size", type=int, default=48, help="images per page")
+    ga.add_argument("--image-root", default=None, help="default: the run's input.image_root")
+    ga.add_argument("--wordlist", default=None, help="the run's word list (default: found by hash)")
     tiny = sub.add_parser("tiny", help="save a tiny random encoder as an open_clip local dir")
     tiny.add_argument("kind", choices=["clip", "siglip", "vitb16"])
     tiny.add_argument("out")
@@ -101,6 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         n = stop_head(args.temp_dir)
         print(f"stopped {n} processes of the head from {args.temp_dir}" if n else
               f"no head from {args.temp_dir} was running")
+        return 0
+    if args.cmd == "gallery":
+        from pipeline.gallery import build_gallery
+        from pipeline.shards import ShardMismatch
+        from wordlist import WordListError
+
+        try:
+            pages = build_gallery(args.shards, args.out, args.image_root, args.limit,
+                                  args.page_size, wordlist=args.wordlist)
+        except (FileNotFoundError, WordListError, ShardMismatch, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(pages)} page(s): {pages[0]}")
         return 0
     if args.cmd in ("show", "stats"):
         return _inspect(args)

@@ -167,6 +167,25 @@ def load_encoder(model: str, pretrained: str | None = None, allow_download: bool
                          grid=patch_grid(m.visual, size))
 
 
+def preprocess_geometry(preprocess) -> dict:
+    """Where the encoder's transform puts an image: its resize (an int: shortest side; a pair:
+    squash to h x w) and centre crop, read from the torchvision transforms themselves. Kept in
+    every shard's metadata (``crop``) so an overlay of patch labels on the image is exact."""
+    from torchvision import transforms as T
+
+    geo = {"resize": None, "center_crop": None, "interpolation": None}
+    for t in getattr(preprocess, "transforms", []):
+        if isinstance(t, T.Resize):
+            size = [t.size] if isinstance(t.size, int) else list(t.size)
+            geo["resize"] = size[0] if len(size) == 1 else size
+            geo["interpolation"] = t.interpolation.value
+        elif isinstance(t, T.CenterCrop):
+            geo["center_crop"] = list(t.size)
+        elif type(t).__name__ == "ResizeKeepRatio":  # open_clip's 'longest' mode: not replayed
+            geo["other"] = "ResizeKeepRatio"
+    return geo
+
+
 def _image_size(visual) -> tuple[int, int]:
     size = getattr(visual, "image_size", None)
     if size is None:

@@ -50,7 +50,7 @@ SCHEMA = pa.schema([
 META_FIELDS = (
     "schema_version", "encoder", "weights_tag", "weights_sha256", "dense_features", "mode",
     "surgery_weights", "score_sign", "templates", "wordlist_sha256", "wordlist_size", "top_n", "min_score",
-    "image_size", "grid", "package_version",
+    "image_size", "grid", "crop", "package_version",
 )
 
 

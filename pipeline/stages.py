@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pipeline import dense, search, shards
 from pipeline.config import ExtractConfig
 from pipeline.data import BadImage, Record, load_rgb, resolve_inside
+from pipeline.encoders import preprocess_geometry
 
 
 def package_version() -> str:
@@ -135,6 +136,7 @@ class Labeler:
             "min_score": c.min_score,
             "image_size": list(self.encoder.image_size),
             "grid": list(self.encoder.grid),
+            "crop": preprocess_geometry(self.encoder.preprocess),
             "package_version": package_version(),
         }
 

@@ -1,0 +1,110 @@
+"""The label gallery in a real headless browser (Debian's chromium, driven by Playwright):
+it loads with no console errors and no network, hovering a patch shows that patch's words and
+scores, and the word search highlights exactly the patches that carry the word."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import shards
+from pipeline.gallery import build_gallery, encoder_view
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def _browser() -> str | None:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def page_factory():
+    exe = _browser()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (the dev extra installs it)")
+    if exe is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium; "
+                    "`apt-get install chromium`)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def _rows(label_run):
+    rows = []
+    for p in sorted(Path(label_run).glob("shard-*.parquet")):
+        rows += pq.read_table(p).to_pylist()
+    return rows
+
+
+def test_encoder_view_matches_the_encoder(tiny_clip, sample):
+    """The gallery's picture is the encoder's input before normalisation."""
+    import torch
+
+    from pipeline.encoders import load_encoder, preprocess_geometry
+
+    enc = load_encoder(tiny_clip)
+    _, root = sample
+    img = Image.open(next(Path(root).rglob("*.jpg"))).convert("RGB")
+    img = img.resize((img.width + 30, img.height))  # not square: the crop matters
+    view = torch.from_numpy(np.array(encoder_view(img, preprocess_geometry(enc.preprocess)))).float()
+    mean = torch.tensor(enc.preprocess.transforms[-1].mean)[:, None, None]
+    std = torch.tensor(enc.preprocess.transforms[-1].std)[:, None, None]
+    ref = (enc.preprocess(img) * std + mean) * 255
+    assert torch.allclose(view.permute(2, 0, 1), ref, atol=1.0)
+
+
+def test_gallery_in_a_real_browser(page_factory, label_run, tmp_path):
+    from wordlist import load_wordlist
+
+    words = load_wordlist().words
+    pages = build_gallery(label_run, tmp_path / "gallery", page_size=10)
+    assert [p.name for p in pages] == ["index.html", "page-2.html", "page-3.html"]
+    html_text = pages[0].read_text()
+    assert "http://" not in html_text and "https://" not in html_text  # self-contained
+    rows = _rows(label_run)[:10]
+    page = page_factory.new_page(viewport={"width": 1400, "height": 1000})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+    page.goto(pages[0].as_uri())
+    assert page.locator("figure").count() == 10
+    # hover: the tooltip lists the patch's kept words and scores, best first
+    row = rows[3]
+    n = len(row["label_ids"]) // (row["grid_h"] * row["grid_w"])
+    p = 2 * row["grid_w"] + 1
+    page.locator(f'.cell[data-i="3"][data-p="{p}"]').hover()
+    tip = page.locator("#tip").inner_text()
+    kept = [(words[i], s) for i, s in zip(row["label_ids"][p * n:(p + 1) * n], row["scores"][p * n:(p + 1) * n],
+                                          strict=True) if i != shards.SENTINEL]
+    lines = tip.splitlines()[1:]
+    assert [ln.split()[0] for ln in lines] == [w for w, _ in kept]
+    assert [float(ln.split()[1]) for ln in lines] == pytest.approx([s for _, s in kept], abs=1e-3)
+    # search: exactly the patches of this page carrying the word, among their kept labels
+    word = kept[0][0]
+    page.fill("#q", word)
+    want = sum(1 for r in rows for q in range(r["grid_h"] * r["grid_w"])
+               if words.index(word) in r["label_ids"][q * n:(q + 1) * n])
+    assert page.locator(".cell.hit").count() == want > 0
+    assert f"{want} patch(es)" in page.locator("#count").inner_text()
+    shot = Path(os.environ.get("SEA_SCREENSHOT_DIR", tmp_path)) / "gallery.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    page.click("nav a >> nth=0")  # the next page loads too
+    assert page.locator("figure").count() == 10
+    assert errors == [] and requests == []
+    page.close()
