@@ -211,7 +211,7 @@ def bench_training(work: Path, repeats: int, res: dict):
                                      "raw_bytes_per_image": 64 * 10 * 4}
     llm = save_tiny_llm(work / "models" / "tiny-llm", list(load_wordlist().words),
                         extra_text=sample_text())
-    step_times = {}
+    setups = {}
     for w, objective in ((0.0, "sampled"), (1.0, "sampled"), (1.0, "multi")):
         cfg = pretrain_config(work, spec, llm, w, f"sea.objective={objective}")
         p = build(cfg, "pretrain")
@@ -219,15 +219,16 @@ def bench_training(work: Path, repeats: int, res: dict):
         p.dataset.set_position(0, 0)
         batches = list(p.dataset)[: p.accum]
         train_step(p, batches, 0)  # warm-up
-        times = []
-        for _ in range(repeats):
+        setups[(w, objective)] = (p, batches)
+    # the three settings take turns, so drift in the machine's speed touches all of them alike
+    step_times = {k: [] for k in setups}
+    for _ in range(repeats * 3):
+        for k, (p, batches) in setups.items():
             t = timed(lambda p=p, b=batches: train_step(p, b, 1), 10)
-            times.append(statistics.median(t))
-        step_times[(w, objective)] = times
-        samples = sum(len(b["input_ids"]) for b in batches)
-        if w == 1.0 and objective == "sampled":
-            consume = samples / statistics.median(times)
-            ds = p.dataset
+            step_times[k].append(statistics.median(t))
+    p, batches = setups[(1.0, "sampled")]
+    consume = sum(len(b["input_ids"]) for b in batches) / statistics.median(step_times[(1.0, "sampled")])
+    ds = p.dataset
 
     def read_all():
         n = 0
@@ -282,6 +283,43 @@ def bench_memory(work: Path, spec: str, res: dict, n_small: int):
            f"log.output={work / 'runs' / 'mem'}", "log.progress=false", "log.eval_every=0"]
     out["trainer_tiny_mib"] = peak_rss(cmd)
     res["memory"] = out
+
+
+def bench_stats_memory(work: Path, res: dict, rows: int = 512) -> None:
+    """Peak memory of `pipeline stats` over 2 and 8 shards of 576 x 10 Zipf-like labels: it
+    streams row groups, so the figure must not grow with the number of shards."""
+    from pipeline import shards
+    from wordlist import load_wordlist
+
+    wl = load_wordlist()
+    rng = np.random.default_rng(1)
+    meta = {k: None for k in shards.META_FIELDS}
+    meta.update({"schema_version": shards.SCHEMA_VERSION, "wordlist_sha256": wl.sha256,
+                 "wordlist_size": len(wl), "top_n": 10, "grid": [24, 24], "mode": "sea"})
+    out = {}
+    for k in (2, 8):
+        d = work / f"stats{k}"
+        d.mkdir()
+        entries = []
+        for i in range(k):
+            ids = np.minimum(rng.zipf(1.3, (rows, 576, 10)) - 1, 41240).astype(np.uint16)
+            scores = np.sort(rng.normal(0.1, 0.05, (rows, 576, 10)), axis=-1)[..., ::-1].astype(np.float16)
+            path = d / shards.shard_name(i)
+            w = shards.ShardWriter(path, meta)
+            w.write(shards.LabelBatch([f"{i}-{j}" for j in range(rows)], [f"{i}/{j}.jpg" for j in range(rows)],
+                                      (24, 24), ids, scores))
+            w.close()
+            entries.append({"name": path.name, "rows": rows, "bytes": path.stat().st_size,
+                            "sha256": shards.file_sha256(path)})
+        shards.write_json_atomic(d / shards.MANIFEST, {"schema_version": shards.SCHEMA_VERSION,
+                                 "metadata": meta, "num_chunks": k, "complete": True,
+                                 "shards": entries, "rows": k * rows})
+        t = time.perf_counter()
+        out[f"stats_{k}_shards_mib"] = peak_rss([sys.executable, "-m", "pipeline", "stats", "--shards", str(d)])
+        out[f"stats_{k}_shards_s"] = time.perf_counter() - t
+    out["stats_ratio_8_over_2"] = out["stats_8_shards_mib"] / out["stats_2_shards_mib"]
+    out["stats_images_per_shard"] = rows
+    res["memory"].update(out)
 
 
 def write_markdown(res: dict, path: Path, command: str) -> None:
@@ -373,6 +411,7 @@ def main() -> int:
         bench_storage(work, res)
         bench_training(work, args.repeats, res)
         bench_memory(work, spec, res, n_small=16)
+        bench_stats_memory(work, res)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["total_seconds"] = time.perf_counter() - t0

@@ -108,3 +108,52 @@ def test_gallery_in_a_real_browser(page_factory, label_run, tmp_path):
     assert page.locator("figure").count() == 10
     assert errors == [] and requests == []
     page.close()
+
+
+def test_alignment_page_and_curves_in_a_real_browser(page_factory, pretrain_cfg, label_run, tmp_path):
+    """Two stage-1 runs side by side: each patch's nearest word in the page is the one an
+    independent computation (Eq. 8 table built word by word, numpy argmax) gives; the page has
+    no console errors; ``trainer plot`` draws the runs' curves from metrics.jsonl."""
+    import json
+
+    from pipeline.labelset import LabelSet
+    from trainer.generate import load_final
+    from trainer.report import alignment_page, plot_runs
+    from trainer.sea_loss import load_word_tokens
+    from trainer.train import train
+
+    runs = []
+    for w in (0.0, 1.0):
+        cfg = pretrain_cfg(f"sea.weight={w}", f"log.output={tmp_path / f'run{w:g}'}")
+        train(cfg, "pretrain")
+        runs.append(cfg.log.output)
+    summary = alignment_page(runs, label_run, tmp_path / "align", images=4, names=["lambda0", "lambda1"])
+    assert set(summary) == {"lambda0", "lambda1"} and all(0 <= v["in_labels"] <= 1 for v in summary.values())
+    html_text = (tmp_path / "align" / "alignment.html").read_text()
+    data = json.loads(html_text.split("const DATA = ", 1)[1].split(";\nconst tip", 1)[0])
+    ls = LabelSet(label_run)
+    words = ls.wordlist.words
+    mllm, tok, pre, _ = load_final(runs[1])
+    wt = load_word_tokens(tok, ls.wordlist, "space")
+    emb = mllm.llm.get_input_embeddings().weight.detach().numpy()
+    flat, offs = wt.flat_ids.numpy(), wt.offsets.numpy()
+    ends = list(offs[1:]) + [len(flat)]
+    table = np.stack([emb[flat[a:b]].mean(0) for a, b in zip(offs, ends, strict=True)])
+    table /= np.linalg.norm(table, axis=1, keepdims=True)
+    img = Image.open(Path(json.loads((Path(label_run) / "run.json").read_text())["image_root"])
+                     / data["images"][0]["path"]).convert("RGB")
+    tokens = mllm.visual_tokens(pre(img)[None]).detach().numpy()[0]
+    ref = [words[i] for i in (tokens / np.linalg.norm(tokens, axis=1, keepdims=True) @ table.T).argmax(1)]
+    assert data["images"][0]["nearest"][1] == ref
+    page = page_factory.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / "align" / "alignment.html").as_uri())
+    page.locator('.cell[data-i="0"][data-p="5"][data-r="1"]').hover()
+    assert f'nearest word "{ref[5]}"' in page.locator("#tip").inner_text()
+    assert errors == []
+    page.close()
+    png = plot_runs(runs, tmp_path / "curves.png")
+    assert png.stat().st_size > 10_000
+    assert all("time" in json.loads(x) for x in (Path(runs[0]) / "metrics.jsonl").read_text().splitlines())

@@ -27,6 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="Describe the image.")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--device", default="auto")
+    r = sub.add_parser("report", help="alignment maps (Figure 1): each visual token's nearest word "
+                                      "beside its labels, runs side by side, as HTML")
+    r.add_argument("--runs", nargs="+", required=True, help="training runs (or their final/)")
+    r.add_argument("--shards", required=True, help="label run whose first images are shown")
+    r.add_argument("--out", required=True, help="folder for alignment.html")
+    r.add_argument("--images", type=int, default=16)
+    r.add_argument("--names", nargs="*", default=None, help="column names (default: folder names)")
+    r.add_argument("--image-root", default=None, help="default: the label run's image root")
+    pl = sub.add_parser("plot", help="loss, L_a, temperature, lr and eval-align curves of runs")
+    pl.add_argument("runs", nargs="+")
+    pl.add_argument("--out", default="curves.png")
     t = sub.add_parser("tiny-llm", help="save a tiny random Llama + offline-trained tokenizer")
     t.add_argument("out")
     return p
@@ -42,6 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         from wordlist import load_wordlist
 
         print(save_tiny_llm(args.out, list(load_wordlist().words)))
+        return 0
+    if args.cmd in ("report", "plot"):
+        from trainer.report import alignment_page, plot_runs
+
+        try:
+            if args.cmd == "plot":
+                print(plot_runs(args.runs, args.out))
+                return 0
+            summary = alignment_page(args.runs, args.shards, args.out, args.images, args.image_root,
+                                     args.names)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=1))
+        print(f"wrote {args.out}/alignment.html")
         return 0
     if args.cmd == "generate":
         import torch

@@ -97,6 +97,9 @@ def load_word_tokens(tokenizer, wordlist, rule: str, cache_dir: str | Path | Non
 OBJECTIVES = ("sampled", "multi")
 
 
+_GEOMETRY: dict = {}  # (grid, k, device) -> window geometry: fixed per run, built once
+
+
 def _window_geometry(grid: tuple[int, int], k: int, device) -> tuple[torch.Tensor, ...]:
     """Per window (row-major): its first patch's flat index, its height and width."""
     key = (tuple(grid), k, str(device))
@@ -109,9 +112,6 @@ def _window_geometry(grid: tuple[int, int], k: int, device) -> tuple[torch.Tenso
         ws = torch.clamp(gw - xs, max=k)[None, :].expand(len(ys), len(xs)).reshape(-1)
         _GEOMETRY[key] = tuple(t.to(device) for t in (base, hs.float(), ws.float()))
     return _GEOMETRY[key]
-
-
-_GEOMETRY: dict = {}
 
 
 def window_patches(u: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:

@@ -441,7 +441,8 @@ class Logger:
         if not self.main:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
+            f.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3),
+                                **metrics}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, int | float):

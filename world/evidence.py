@@ -18,7 +18,9 @@ lambda = 1 against lambda = 0 comparison was looked at and is not tuned toward a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import platform
 import shutil
 import sys
@@ -57,6 +59,9 @@ class Protocol:
     evals_per_run: int = 6
     objectives_best: tuple[str, ...] = ("sampled", "multi")
     sea_default_arm: bool = True  # also train on the paper's default labels when they are not the best
+    # exploratory, added after the first full run (L_a stayed at ln N with tau = 1 throughout
+    # stage 1): one more lambda = 1 arm whose temperature starts at CLIP's 0.07; None: no such arm
+    tau_arm: float | None = 0.07
     stage2: bool = True
 
 
@@ -64,10 +69,10 @@ PRESETS = {
     "full": Protocol(),
     "demo": Protocol(train_scenes=600, mllm_scenes=600, test_scenes=100, clip=ClipSpec(steps=250),
                      lm=LMSpec(steps=150), seeds=(0,), runner="local", stage1_epochs=3,
-                     objectives_best=("sampled",), sea_default_arm=False, stage2=False,
+                     objectives_best=("sampled",), sea_default_arm=False, stage2=False, tau_arm=None,
                      holdout=48),
     "quick": Protocol(train_scenes=320, mllm_scenes=320, test_scenes=48, clip=ClipSpec(steps=60, batch_size=64),
-                      lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1,
+                      lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1, tau_arm=None,
                       stage2_epochs=1, objectives_best=("sampled",), holdout=32,
                       evals_per_run=2),
 }
@@ -190,6 +195,10 @@ class Evidence:
             for obj in objectives:
                 arms.append({"name": f"lambda=1 {obj}, {_mode_name(m)} labels", "weight": 1.0,
                              "mode": m, "objective": obj})
+        if self.p.tau_arm:
+            arms.append({"name": f"lambda=1 sampled, {_mode_name(self.best_mode)} labels, "
+                                 f"tau0={self.p.tau_arm:g}", "weight": 1.0, "mode": self.best_mode,
+                         "objective": "sampled", "log_tau_init": math.log(self.p.tau_arm)})
         return arms
 
     def labels(self) -> None:
@@ -205,15 +214,45 @@ class Evidence:
                                                         f"train-{_mode_name(m)}", "captions-mllm.json")
 
     def sea_effect(self) -> None:
-        runs = []
+        """Every arm and seed; a run recorded in an earlier ``results.json`` with the same
+        arm, seed and run settings (and whose folders are still there) is reused, so a killed
+        or extended evidence run only trains what is missing."""
+        old = {}
+        prev = self.out / "results.json"
+        if prev.is_file():
+            for r in json.loads(prev.read_text()).get("runs", []):
+                old[r.get("run_key")] = r
+        runs, reused = [], 0
         for arm in self.arms():
             for seed in self.p.seeds:
-                runs.append(self._one_run(arm, seed))
+                key = self._run_key(arm, seed)
+                r = old.get(key)
+                dirs = ("stage1_dir", "stage2_dir") if self.p.stage2 else ("stage1_dir",)
+                if r is None or not all(Path(r.get(d, "")).is_dir() for d in dirs):
+                    r = self._one_run(arm, seed)
+                    r["run_key"] = key
+                else:
+                    reused += 1
+                runs.append(r)
+        self.results["reused_runs"] = reused
         self.results["runs"] = runs
         if self.p.stage2:
             mllm = {it["image"] for it in json.loads((self.train_dir / "instruct-mllm.json").read_text())}
             self.results["answer_chance"] = metrics.majority_baseline(  # what stage 2 saw
                 [q for q in _questions(self.train_dir) if q["image"] in mllm], _questions(self.test_dir))
+
+    def _run_key(self, arm: dict, seed: int) -> str:
+        """What a run's outcome depends on: the arm, the seed, the run settings, the data
+        and what its labels are a function of (encoder weights, mode, extraction settings)."""
+        p = asdict(self.p)
+        fields = {k: p[k] for k in ("mllm_scenes", "world_seed", "clip", "lm", "stage1_epochs",
+                                    "stage1_lr", "stage2_epochs", "stage2_lr", "global_batch",
+                                    "micro_batch", "holdout", "evals_per_run", "stage2", "top_n",
+                                    "surgery_depth")}
+        weights = Path(self.clip[len("local-dir:"):]) / "open_clip_model.safetensors"
+        blob = json.dumps([arm, seed, fields, sha256_file(weights),
+                           sha256_file(self.train_dir / "ground_truth.jsonl")], sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _one_run(self, arm: dict, seed: int) -> dict:
         from pipeline.config import load_config
@@ -233,6 +272,7 @@ class Evidence:
             f"data.json={self.train_dir / 'captions-mllm.json'}", f"data.shards={labels}",
             f"data.holdout_images={p.holdout}", f"optim.epochs={p.stage1_epochs}",
             f"optim.lr={p.stage1_lr}", f"sea.weight={arm['weight']}", f"sea.objective={arm['objective']}",
+            f"sea.log_tau_init={arm.get('log_tau_init', 0.0)}",
             f"log.eval_every={max(1, per_epoch * p.stage1_epochs // p.evals_per_run)}",
             "log.save_every=100000", f"log.output={self.work / 'runs' / ('s1-' + tag)}"])
         t = time.time()
@@ -254,6 +294,7 @@ class Evidence:
         parts = build(s2, "finetune")
         r2 = train(s2, "finetune", parts=parts)
         run["stage2_steps"] = r2["step"]
+        run["stage2_dir"] = s2.log.output
         run["stage2_seconds"] = round(time.time() - t, 1)
         parts.task.eval()
         rows = _questions(self.test_dir)

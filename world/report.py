@@ -134,47 +134,49 @@ def answers_figure(res: dict, path: Path) -> Path:
 
 
 def scene_figure(res: dict, path: Path, test_dir: Path, work: Path, index: int = 0) -> Path:
-    """One held-out scene as the encoder saw it: per patch the dominant true word (top) and
-    the best mode's top-1 label (bottom, green when true at the patch, red when not)."""
+    """One held-out scene as the encoder saw it, twice: per patch the dominant true word
+    (black) and the best mode's top-1 label (green when true at the patch, red when not),
+    searching the full 2of12 list (left) and the world's words (right)."""
     from PIL import Image
 
     from wordlist import load_wordlist
     from world.metrics import read_labels
-    from world.scenes import read_truth
+    from world.scenes import VOCAB, read_truth
 
     plt = _plt()
     truth = read_truth(test_dir / "ground_truth.jsonl")
     key = sorted(truth)[index]
     t = truth[key]
-    _, labels = read_labels(work / "shards" / f"test-{res['best_mode']}-full")
-    words = load_wordlist().words
     img = Image.open(test_dir / "images" / key).convert("RGB")
     (rw, rh), (left, top), s = t["crop"]["resized"], t["crop"]["offset"], t["crop"]["image_size"]
     img = img.resize((rw, rh), Image.BICUBIC).crop((left, top, left + s, top + s))
     gh, gw = t["grid"]
-    fig, ax = plt.subplots(figsize=(8, 8))
-    ax.imshow(img, extent=(0, gw, gh, 0))
-    ids = labels[key][0]
-    for p in range(gh * gw):
-        r, c = divmod(p, gw)
-        top1 = words[int(ids[p, 0])] if ids[p, 0] != 65535 else "-"
-        ok = top1 in t["true_words"][p]
-        ax.text(c + 0.5, r + 0.32, t["dominant"][p], ha="center", va="center", fontsize=7,
-                color="white", bbox={"facecolor": "black", "alpha": 0.55, "pad": 1, "lw": 0})
-        ax.text(c + 0.5, r + 0.7, top1, ha="center", va="center", fontsize=7, color="white",
-                bbox={"facecolor": "green" if ok else "red", "alpha": 0.7, "pad": 1, "lw": 0})
-    for k in range(1, gw):
-        ax.axvline(k, color="white", lw=0.5, alpha=0.6)
-    for k in range(1, gh):
-        ax.axhline(k, color="white", lw=0.5, alpha=0.6)
-    ax.set_axis_off()
-    ax.set_title(f"{key}: dominant true word (black) / top-1 label, {res['best_mode']} mode "
-                 f"(green: true at the patch)", fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 7.4))
+    for ax, (lst, words) in zip(axes, (("full", load_wordlist().words), ("world", VOCAB)), strict=True):
+        _, labels = read_labels(work / "shards" / f"test-{res['best_mode']}-{lst}")
+        ids = labels[key][0]
+        ax.imshow(img, extent=(0, gw, gh, 0))
+        for p in range(gh * gw):
+            r, c = divmod(p, gw)
+            top1 = words[int(ids[p, 0])] if ids[p, 0] != 65535 else "-"
+            ok = top1 in t["true_words"][p]
+            ax.text(c + 0.5, r + 0.32, t["dominant"][p], ha="center", va="center", fontsize=6,
+                    color="white", bbox={"facecolor": "black", "alpha": 0.55, "pad": 1, "lw": 0})
+            ax.text(c + 0.5, r + 0.7, top1, ha="center", va="center", fontsize=6, color="white",
+                    bbox={"facecolor": "green" if ok else "red", "alpha": 0.7, "pad": 1, "lw": 0})
+        for k in range(1, gw):
+            ax.axvline(k, color="white", lw=0.5, alpha=0.6)
+        for k in range(1, gh):
+            ax.axhline(k, color="white", lw=0.5, alpha=0.6)
+        ax.set_axis_off()
+        ax.set_title(f"{'2of12 list' if lst == 'full' else 'world words'}: top-1 label "
+                     f"({res['best_mode']})", fontsize=10)
+    fig.suptitle(f"{key}: dominant true word (black) / top-1 label (green: true at the patch)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
 
 def _f(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and np.isnan(x)):
@@ -206,23 +208,46 @@ def effect_table(res: dict) -> list[str]:
     ev = sorted(k for k in any_run if k.startswith("eval_align_"))
     head = (["arm", "truth match (2of12)", "truth match (world)"]
             + [f"eval-align top-1 vs `{k[len('eval_align_'):]}` labels" for k in ev]
-            + ["held-out caption loss", "answer accuracy (all)"])
+            + ["held-out caption loss", "answer accuracy (all)",
+               "L_a first → last 5 steps (ln pairs), final tau"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def ms(arm, k):
         d = summ[arm].get(k)
         return "-" if d is None else f"{_f(d['mean'])} ± {_f(d['std'])}"
 
+    la = _align_loss_summary(res)
     for arm in summ:
         cells = [arm, ms(arm, "truth_match_full"), ms(arm, "truth_match_world")]
         cells += [ms(arm, f"{k}.top1_match") for k in ev]
-        cells += [ms(arm, "caption_loss"), ms(arm, "answers.all")]
+        cells += [ms(arm, "caption_loss"), ms(arm, "answers.all"), la.get(arm, "-")]
         rows.append("| " + " | ".join(cells) + " |")
     t = any_run["alignment_truth"]
     ans = _f(res["answer_chance"]["all"]) + " (majority answer)" if "answer_chance" in res else "-"
     rows.append(f"| chance | {_f(t['chance_full'])} | {_f(t['chance_world'])} | "
-                + " | ".join(_f(1 / WORDLIST_SIZE) for _ in ev) + f" | | {ans} |")
+                + " | ".join(_f(1 / WORDLIST_SIZE) for _ in ev) + f" | | {ans} | |")
     return rows
+
+
+def _align_loss_summary(res: dict) -> dict:
+    """Per arm (first seed): mean L_a over the first and the last 5 stage-1 steps, ln of the
+    mean number of pairs (a loss that has learnt nothing), and the final temperature."""
+    out = {}
+    for r in res["runs"]:
+        if r["weight"] <= 0 or r["arm"] in out:
+            continue
+        path = Path(r["stage1_dir"]) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        tr = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        tr = [x for x in tr if x.get("kind") == "train"]
+        if len(tr) < 2:
+            continue
+        first = np.mean([x["align_loss"] for x in tr[:5]])
+        last = np.mean([x["align_loss"] for x in tr[-5:]])
+        pairs = np.mean([x["pairs"] for x in tr])
+        out[r["arm"]] = f"{first:.2f} → {last:.2f} ({np.log(pairs):.2f}), {tr[-1].get('tau', float('nan')):.3f}"
+    return out
 
 
 def answers_table(res: dict) -> list[str]:
@@ -245,7 +270,11 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         f"Produced by `{command}` in {res['total_seconds'] / 60:.1f} min on {m['cpus']} CPU cores "
         f"(GPU: {m['gpu'] or 'none'}; {m['platform']}, torch {m['torch']}). Every figure here is in "
         f"`results.json`; the protocol (below) was fixed before lambda = 1 was compared with lambda = 0. "
-        f"Step times: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timings_s"].items())
+        + (f"It reused {res['reused_runs']} of the {len(res['runs'])} training runs from an earlier "
+           f"invocation with the same settings (the resumable protocol); the stage-1 and stage-2 "
+           f"training of all runs took {sum(r['stage1_seconds'] + r.get('stage2_seconds', 0) for r in res['runs']) / 60:.0f} min in all. "
+           if res.get("reused_runs") else "")
+        + "Step times: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timings_s"].items())
         + f" (the CLIP's and the LM's training took {c['train_seconds']:.0f} s and "
         f"{res['lm']['train_seconds']:.0f} s when they were made; a run that finds them in the "
         f"cache loads them).", "",
@@ -277,7 +306,12 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "Truth match: share of held-out visual tokens whose nearest word (Eq. 8 features, cosine) "
         "is true at the patch, searching the 2of12 list or the world's words. eval-align: the "
         "trainer's own figure (nearest word over 2of12 equals the patch's top-1 label).", "",
-        *effect_table(res), "", *comparisons(res), "",
+        *effect_table(res), "",
+        *(["The `tau0` arm is exploratory: added after the first full run, whose lambda = 1 "
+           "arms kept L_a at about ln(pairs) through stage 1 with the temperature at 1; it "
+           "was not part of the protocol fixed in advance.", ""]
+          if any("tau0" in r["arm"] for r in res["runs"]) else []),
+        *comparisons(res), "",
         "Answer accuracy per question type (exact match):", "",
         *answers_table(res), "",
         "![alignment](evidence/alignment_curve.png)", "", "![answers](evidence/answers.png)", "",

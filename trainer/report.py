@@ -1,0 +1,168 @@
+"""Seeing alignment (the paper's Figure 1) and training curves.
+
+- ``alignment_page``: for the first held-out images of a label run, each visual token's
+  nearest word over the whole list in the LLM's input-embedding space (cosine against the
+  Eq. 8 label features, as ``eval-align``), beside the patch's labels, for one or more runs
+  side by side (``python -m trainer report``). A static, self-contained HTML page.
+- ``plot_runs``: loss, L_a, temperature, learning rate and the eval-align curves of one or
+  more runs from their ``metrics.jsonl`` (``python -m trainer plot``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import shards
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
+table{border-collapse:collapse}td,th{padding:4px 8px;vertical-align:top}
+.img{position:relative;width:%(px)dpx;height:%(px)dpx}
+.img img{width:100%%;height:100%%;image-rendering:pixelated;display:block}
+.cells{position:absolute;inset:0;display:grid}
+.cell{box-sizing:border-box;border:1px solid rgba(255,255,255,.3);cursor:pointer}
+.top1{background:rgba(0,200,0,.55)}.inl{background:rgba(160,230,0,.4)}.miss{background:rgba(0,0,0,.35)}
+.cell:hover{outline:2px solid #ff0}
+#tip{position:fixed;pointer-events:none;background:#111;color:#fff;font-size:12px;padding:6px 8px;
+ border-radius:4px;display:none;white-space:pre;font-family:ui-monospace,monospace;z-index:5}
+"""
+
+_JS = """
+const tip = document.getElementById('tip');
+document.querySelectorAll('.cell').forEach(c => {
+  c.addEventListener('mousemove', e => {
+    const im = DATA.images[+c.dataset.i], p = +c.dataset.p, r = c.dataset.r;
+    let t = im.path + '  patch ' + Math.floor(p / im.grid[1]) + ',' + (p % im.grid[1]) +
+            '\\nlabels: ' + (im.labels[p].join(', ') || '(none kept)');
+    if (r !== undefined) t += '\\n' + DATA.runs[+r] + ': nearest word "' + im.nearest[+r][p] + '"';
+    tip.textContent = t; tip.style.left = (e.clientX + 14) + 'px';
+    tip.style.top = (e.clientY + 14) + 'px'; tip.style.display = 'block';
+  });
+  c.addEventListener('mouseleave', () => { tip.style.display = 'none'; });
+});
+"""
+
+
+@torch.inference_mode()
+def nearest_words(mllm, word_tokens, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, P) index of each visual token's nearest word (cosine, Eq. 8 features)."""
+    embed = mllm.llm.get_input_embeddings().weight.detach()
+    table = F.normalize(word_tokens.to(embed.device).features(embed).float(), dim=-1)
+    tok = F.normalize(mllm.visual_tokens(pixels.to(embed.device)).float(), dim=-1)
+    return (tok @ table.T).argmax(-1).cpu()
+
+
+def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str | Path,
+                   images: int = 16, image_root: str | Path | None = None,
+                   names: list[str] | None = None, px: int = 224) -> dict:
+    """Write ``out_dir/alignment.html``; -> the figures it shows (per run: share of shown
+    patches whose nearest word is the top-1 label / among the kept labels)."""
+    from pipeline.data import load_rgb, resolve_inside
+    from pipeline.gallery import _data_uri, encoder_view
+    from pipeline.labelset import LabelSet
+    from trainer.generate import load_final
+    from trainer.sea_loss import load_word_tokens
+
+    ls = LabelSet(shard_dir)
+    root = Path(image_root or json.loads((Path(shard_dir) / "run.json").read_text())["image_root"])
+    crop = ls.meta.get("crop") or {"resize": ls.meta["image_size"][0],
+                                   "center_crop": ls.meta["image_size"], "interpolation": "bicubic"}
+    rows = []  # the first labelled rows: the images eval-align holds out
+    for rb, ids, _ in ls.batches():
+        for i, path in enumerate(rb.column("path").to_pylist()):
+            if len(rows) < images:
+                rows.append((path, ids[i], [int(rb.column("grid_h")[i].as_py()), int(rb.column("grid_w")[i].as_py())]))
+        if len(rows) >= images:
+            break
+    words = ls.wordlist.words
+    pics = [load_rgb(resolve_inside(root, p), 1 << 30) for p, _, _ in rows]
+    names = names or [Path(r).name for r in runs]
+    nearest, summary = [], {}
+    for run, name in zip(runs, names, strict=True):
+        mllm, tok, preprocess, meta = load_final(run)
+        wt = load_word_tokens(tok, ls.wordlist, "space")
+        near = nearest_words(mllm, wt, torch.stack([preprocess(p) for p in pics]))
+        nearest.append(near)
+        top1 = within = n = 0
+        for (_, ids, _), nr in zip(rows, near, strict=True):
+            kept = ids != shards.SENTINEL
+            has = kept.any(-1)
+            top1 += int(((nr.numpy() == ids[:, 0]) & has).sum())
+            within += int(((ids == nr.numpy()[:, None]) & kept).any(-1)[has].sum())
+            n += int(has.sum())
+        summary[name] = {"patches": n, "top1_match": top1 / max(1, n), "in_labels": within / max(1, n)}
+    data = {"runs": names, "images": []}
+    trs = []
+    for i, ((path, ids, grid), pic) in enumerate(zip(rows, pics, strict=True)):
+        labels = [[words[int(w)] for w in ids[p] if w != shards.SENTINEL] for p in range(ids.shape[0])]
+        data["images"].append({"path": path, "grid": grid, "labels": labels,
+                               "nearest": [[words[int(w)] for w in nr[i]] for nr in nearest]})
+        uri = _data_uri(encoder_view(pic, crop))
+        cols = [_panel(uri, i, grid, None, None, px)]
+        for r, nr in enumerate(nearest):
+            cls = ["top1" if labels[p] and words[int(nr[i][p])] == labels[p][0] else
+                   "inl" if words[int(nr[i][p])] in labels[p] else "miss" for p in range(len(labels))]
+            cols.append(_panel(uri, i, grid, r, cls, px))
+        trs.append("<tr>" + "".join(f"<td>{c}</td>" for c in cols) + f"<td>{html.escape(path)}</td></tr>")
+    head = "<tr><th>image (encoder's view)</th>" + "".join(
+        f"<th>{html.escape(n)}<br><small>top-1 match {summary[n]['top1_match']:.3f}, in labels "
+        f"{summary[n]['in_labels']:.3f}</small></th>" for n in names) + "<th></th></tr>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>SEA alignment</title>"
+            f"<style>{_CSS % {'px': px}}</style></head><body><h2>Visual tokens' nearest words</h2>"
+            f"<p>Held-out images of {html.escape(str(shard_dir))}. Green: the nearest word in the "
+            f"LLM's input-embedding space is the patch's top-1 label; light green: one of its kept "
+            f"labels; dark: neither (chance for top-1: 1 in {len(words):,}). Hover a patch.</p>"
+            f"<table>{head}{''.join(trs)}</table><div id='tip'></div>"
+            f"<script>const DATA = {json.dumps(data, separators=(',', ':'))};{_JS}</script></body></html>")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "alignment.html").write_text(page)
+    (out / "alignment.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _panel(uri: str, i: int, grid: list[int], run: int | None, cls: list[str] | None, px: int) -> str:
+    gh, gw = grid
+    attr = "" if run is None else f' data-r="{run}"'
+    cells = "".join(f'<div class="cell {cls[p] if cls else ""}" data-i="{i}" data-p="{p}"{attr}></div>'
+                    for p in range(gh * gw))
+    return (f'<div class="img"><img src="{uri}" alt=""><div class="cells" style="grid-template-columns:'
+            f'repeat({gw},1fr);grid-template-rows:repeat({gh},1fr)">{cells}</div></div>')
+
+
+CURVES = (("loss", "loss (L_g + lambda L_a)"), ("align_loss", "L_a"), ("tau", "temperature"),
+          ("lr", "learning rate"), ("in_labels", "eval-align: in labels"),
+          ("top1_match", "eval-align: top-1 match"))
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = names or [Path(r).name for r in runs]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for run, name in zip(runs, names, strict=True):
+        path = Path(run) / "metrics.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a training run (no metrics.jsonl)")
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
+            pts = [(x["step"], x[key]) for x in lines if x.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=name, marker="o" if len(pts) < 20 else None)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
