@@ -140,7 +140,9 @@ def test_quick_evidence_writes_everything(quick_evidence):
     assert Path(res["world"]["ground_truth"]).is_file()
     assert set(res["label_precision"]) == {"sea", "vanilla", "surgery-token", "surgery-cls"}
     # one stage-1 + stage-2 run per arm and seed, each with its figures
-    assert len(res["runs"]) == 3 * len(res["protocol"]["seeds"])
+    arms = {r["arm"] for r in res["runs"]}
+    assert "lambda=0" in arms and any(a.startswith("lambda=1") for a in arms)
+    assert len(res["runs"]) == len(arms) * len(res["protocol"]["seeds"])
     for r in res["runs"]:
         assert 0 <= r["answers"]["all"]["accuracy"] <= 1 and r["stage2_steps"] > 0
         assert 0 <= r["alignment_truth"]["truth_match_world"] <= 1

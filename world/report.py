@@ -66,13 +66,14 @@ def alignment_curve_figure(res: dict, path: Path) -> Path:
         if not ev:
             continue
         c = colours.setdefault(run["arm"], f"C{len(colours)}")
-        for ax, k in zip(axes, ("in_labels", "top1_match"), strict=True):
+        for ax, k in zip(axes, ("mean_cos_top1", "in_labels"), strict=True):
             ax.plot([x["step"] for x in ev], [x[k] for x in ev], color=c, alpha=0.8,
                     label=run["arm"] if run["seed"] == res["protocol"]["seeds"][0] else None)
-    for ax, k in zip(axes, ("in_labels", "top1_match"), strict=True):
+    for ax, k in zip(axes, ("mean_cos_top1", "in_labels"), strict=True):
         ax.set_xlabel("stage-1 step")
         ax.set_ylabel(k)
-        ax.set_title(f"eval-align {k} (training labels' held-out images)")
+        ax.set_title(f"eval-align {k} (held-out images of the training labels; all seeds)",
+                     fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
