@@ -8,7 +8,9 @@
 4. SEA's effect: stage 1 with lambda = 0 and 1 (``sampled``, and ``multi``) on the training
    scenes, labels made by the best mode of step 3 (highest top-1 precision on the full list,
    the criterion fixed in advance) and by the paper's default ``sea``, several seeds; then
-   stage 2 on the world's instruction data from each stage-1 run.
+   stage 2 on the world's instruction data from each stage-1 run. One exploratory arm
+   (``tau_arm``: the temperature starting at 0.07), added after the first full run, is
+   reported as such.
 5. ``EVIDENCE.md``, ``results.json`` and figures.
 
 The protocol (sizes, seeds, steps, metrics) is ``PRESETS``; it was fixed before any
@@ -69,7 +71,7 @@ PRESETS = {
     "full": Protocol(),
     "demo": Protocol(train_scenes=600, mllm_scenes=600, test_scenes=100, clip=ClipSpec(steps=250),
                      lm=LMSpec(steps=150), seeds=(0,), runner="local", stage1_epochs=3,
-                     objectives_best=("sampled",), sea_default_arm=False, stage2=False, tau_arm=None,
+                     objectives_best=("sampled",), sea_default_arm=False, stage2=False,
                      holdout=48),
     "quick": Protocol(train_scenes=320, mllm_scenes=320, test_scenes=48, clip=ClipSpec(steps=60, batch_size=64),
                       lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1, tau_arm=None,

@@ -46,7 +46,7 @@ def image_stats(ids: np.ndarray, truth: dict, words: tuple[str, ...]) -> np.ndar
     """One image's counts (``STATS`` order) from its label ids (P, n) and its truth record."""
     W = len(words)
     s = np.zeros(len(STATS))
-    for p, (row, true, dom) in enumerate(zip(ids, truth["true_words"], truth["dominant"], strict=True)):
+    for row, true, dom in zip(ids, truth["true_words"], truth["dominant"], strict=True):
         kept = [words[i] for i in row if i != SENTINEL]
         tset = set(true)
         s[4] += 1
@@ -54,7 +54,6 @@ def image_stats(ids: np.ndarray, truth: dict, words: tuple[str, ...]) -> np.ndar
         if not kept:
             s[6] += 1
             continue
-        del p
         s[0] += 1
         s[1] += kept[0] in tset
         s[2] += len(kept)
