@@ -4,8 +4,6 @@ against a plain pyarrow read of the shards and the word-list file."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,18 @@ import pytest
 from pipeline import shards
 from pipeline.labelset import LabelSet, find_wordlist, statistics
 
-REPO = Path(__file__).resolve().parents[1]
+
+def _cli(*args):
+    """``python -m pipeline ARGS`` in-process (the same main()): (rc, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from pipeline.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
 
 
 def _reference(label_run):
@@ -32,31 +41,27 @@ def test_show_prints_the_top1_grid_and_a_patch(label_run):
     rows, words = _reference(label_run)
     row = rows[5]
     n = len(row["label_ids"]) // (row["grid_h"] * row["grid_w"])
-    r = subprocess.run([sys.executable, "-m", "pipeline", "show", "--shards", str(label_run),
-                        "--image", row["path"]], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()[1:]
+    rc, out, err = _cli("show", "--shards", str(label_run), "--image", row["path"])
+    assert rc == 0, err
+    lines = out.splitlines()[1:]
     assert len(lines) == row["grid_h"]
     for i, line in enumerate(lines):
         want = [words[row["label_ids"][(i * row["grid_w"] + c) * n]] for c in range(row["grid_w"])]
         assert line.split() == want
     # the same image by id, one patch: its kept words and scores, best first
-    r = subprocess.run([sys.executable, "-m", "pipeline", "show", "--shards", str(label_run),
-                        "--image", row["image_id"], "--patch", "1,2"], capture_output=True,
-                       text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
+    rc, out, err = _cli("show", "--shards", str(label_run), "--image", row["image_id"], "--patch", "1,2")
+    assert rc == 0, err
     p = 1 * row["grid_w"] + 2
     ids, sc = row["label_ids"][p * n:(p + 1) * n], row["scores"][p * n:(p + 1) * n]
     want = [(words[i], s) for i, s in zip(ids, sc, strict=True) if i != shards.SENTINEL]
-    got = [line.split() for line in r.stdout.splitlines()[1:]]
+    got = [line.split() for line in out.splitlines()[1:]]
     assert [g[0] for g in got] == [w for w, _ in want]
     assert [float(g[1]) for g in got] == pytest.approx([s for _, s in want], abs=1e-4)
 
 
 def test_show_unknown_image_and_missing_wordlist(label_run, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline", "show", "--shards", str(label_run),
-                        "--image", "no/such.jpg"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and "no/such.jpg" in r.stderr
+    rc, _, err = _cli("show", "--shards", str(label_run), "--image", "no/such.jpg")
+    assert rc == 2 and "no/such.jpg" in err
     meta = dict(shards.read_manifest(label_run)["metadata"], wordlist_sha256="0" * 64)
     with pytest.raises(Exception, match="0000000000000000.*--wordlist"):
         find_wordlist(meta)
@@ -85,9 +90,8 @@ def test_stats_equal_a_direct_count(label_run, tmp_path):
     assert top["count"] == counts.max() and counts[words.index(top["word"])] == counts.max()
     assert sum(st["score"]["all_kept"]) == int(kept.sum())
     assert st["score"]["mean"] == pytest.approx(float(scores[kept].mean()), rel=1e-5)
-    r = subprocess.run([sys.executable, "-m", "pipeline", "stats", "--shards", str(label_run),
-                        "--out", str(tmp_path / "st")], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
+    rc, _, err = _cli("stats", "--shards", str(label_run), "--out", str(tmp_path / "st"))
+    assert rc == 0, err
     assert json.loads((tmp_path / "st" / "stats.json").read_text())["labels"] == st["labels"]
     for png in ("scores.png", "labels.png"):
         assert (tmp_path / "st" / png).stat().st_size > 5000

@@ -14,7 +14,9 @@ META = {
     "weights_sha256": "ab" * 32, "dense_features": "raw", "mode": "sea", "surgery_weights": None,
     "score_sign": -1,
     "templates": [], "wordlist_sha256": "cd" * 32, "wordlist_size": 41241, "top_n": 3,
-    "min_score": 0.0, "image_size": [64, 64], "grid": [2, 3], "package_version": "0.1.0",
+    "min_score": 0.0, "image_size": [64, 64], "grid": [2, 3],
+    "crop": {"resize": 64, "center_crop": [64, 64], "interpolation": "bicubic"},
+    "package_version": "0.1.0",
 }
 
 

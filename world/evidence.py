@@ -75,6 +75,7 @@ PRESETS = {
                      holdout=48),
     "quick": Protocol(train_scenes=320, mllm_scenes=320, test_scenes=48, clip=ClipSpec(steps=60, batch_size=64),
                       lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1, tau_arm=None,
+                      runner="local",  # the test suite's time: test_ray.py covers the Ray runner
                       stage2_epochs=1, objectives_best=("sampled",), holdout=32,
                       evals_per_run=2),
 }
