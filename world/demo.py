@@ -37,11 +37,11 @@ def print_summary(res: dict, out: Path) -> None:
                   f"{m['dominant_recall']['value']:>13.3f}")
     print(f"best mode (top-1 precision, full 2of12 list): {res['best_mode']}")
     print("\n== stage 1 (the world's LM), alignment of visual tokens with the truth ==")
-    print(f"{'':40}{'truth (world words)':>20}{'truth (2of12)':>15}{'caption loss':>14}")
+    print(f"{'':50}{'truth (world words)':>20}{'truth (2of12)':>15}{'caption loss':>14}")
     for r in res["runs"]:
         t = r["alignment_truth"]
-        print(f"{r['arm']:40}{t['truth_match_world']:>20.3f}{t['truth_match_full']:>15.4f}"
+        print(f"{r['arm']:50}{t['truth_match_world']:>20.3f}{t['truth_match_full']:>15.4f}"
               f"{r['caption_loss']:>14.3f}")
     t = res["runs"][0]["alignment_truth"]
-    print(f"{'chance':40}{t['chance_world']:>20.3f}{t['chance_full']:>15.1e}")
+    print(f"{'chance':50}{t['chance_world']:>20.3f}{t['chance_full']:>15.1e}")
     print(f"\noutput: {out} (world-*/ground_truth.jsonl, shards/, runs/, demo_results.json)")
