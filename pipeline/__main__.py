@@ -141,6 +141,9 @@ def _inspect(args) -> int:
         ls = LabelSet(args.shards, args.wordlist)
         if args.cmd == "stats":
             st = statistics(ls)
+            if st["images"] == 0:
+                print(f"error: {args.shards} holds no labelled image", file=sys.stderr)
+                return 1
             if args.out:
                 from pathlib import Path
 

@@ -122,6 +122,8 @@ def build_gallery(shard_dir: str | Path, out_dir: str | Path, image_root: str | 
                               "grid": [int(rb.column("grid_h")[i].as_py()), int(rb.column("grid_w")[i].as_py())],
                               "uri": _data_uri(view), "labels": labels})
             done += 1
+    if done == 0:
+        raise ValueError(f"{shard_dir}: no labelled image to show (limit {limit})")
     names = ["index.html"] + [f"page-{k}.html" for k in range(2, len(pages) + 1)]
     for k, (name, items) in enumerate(zip(names, pages, strict=True)):
         (out / name).write_text(_page(ls, items, names, k, px))
