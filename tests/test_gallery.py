@@ -157,3 +157,9 @@ def test_alignment_page_and_curves_in_a_real_browser(page_factory, pretrain_cfg,
     png = plot_runs(runs, tmp_path / "curves.png")
     assert png.stat().st_size > 10_000
     assert all("time" in json.loads(x) for x in (Path(runs[0]) / "metrics.jsonl").read_text().splitlines())
+
+
+def test_gallery_with_nothing_to_show_is_an_error(label_run, tmp_path):
+    with pytest.raises(ValueError, match="no labelled image"):
+        build_gallery(label_run, tmp_path / "empty", limit=0)
+    assert not (tmp_path / "empty" / "index.html").exists()
