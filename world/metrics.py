@@ -109,7 +109,8 @@ def label_precision(shard_dir: str | Path, truth_path: str | Path, words: tuple[
 
 # --- trained models -----------------------------------------------------------------------------
 
-def _pixels(root: Path, paths: list[str], preprocess) -> torch.Tensor:
+def pixels_of(root: Path, paths: list[str], preprocess) -> torch.Tensor:
+    """A world folder's images (paths under ``root/images``) through the encoder's transform."""
     from PIL import Image
 
     return torch.stack([preprocess(Image.open(root / "images" / p).convert("RGB")) for p in paths])
@@ -132,7 +133,7 @@ def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | 
     n = 0
     for i in range(0, len(keys), batch):
         chunk = keys[i:i + batch]
-        tok = F.normalize(mllm.visual_tokens(_pixels(root, chunk, preprocess)).float(), dim=-1)
+        tok = F.normalize(mllm.visual_tokens(pixels_of(root, chunk, preprocess)).float(), dim=-1)
         sims = tok @ table.T  # (B, P, W)
         near_full = sims.argmax(-1)
         near_world = vocab_ids[sims[..., vocab_ids].argmax(-1)]
@@ -161,7 +162,7 @@ def caption_loss(mllm, tok, preprocess, world_dir: str | Path, batch: int = 32) 
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
         built = [build_sample(it, tok, "plain", True) for it in chunk]
-        feats = mllm.visual_tokens(_pixels(root, [it["image"] for it in chunk], preprocess))
+        feats = mllm.visual_tokens(pixels_of(root, [it["image"] for it in chunk], preprocess))
         sp = splice(embed, [b[0] for b in built], [b[1] for b in built], feats,
                     [True] * len(chunk), max_length=4096)
         logits = mllm.llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask).logits
@@ -187,7 +188,7 @@ def greedy_answers(mllm, tok, preprocess, world_dir: str | Path, rows: list[dict
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
         ids = [generation_prompt(tok, r["question"], "chat", True) for r in chunk]
-        feats = mllm.visual_tokens(_pixels(root, [r["image"] for r in chunk], preprocess))
+        feats = mllm.visual_tokens(pixels_of(root, [r["image"] for r in chunk], preprocess))
         sp = splice(embed, ids, [torch.full_like(x, IGNORE_INDEX) for x in ids], feats,
                     [True] * len(chunk), max_length=4096)
         lens = sp.attention_mask.sum(1)

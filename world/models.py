@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from world import scenes
+from world.metrics import pixels_of
 
 
 @dataclass
@@ -67,13 +68,6 @@ def _cosine(step: int, total: int, warm: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
-def _pixels(root: Path, records: list[dict], preprocess) -> torch.Tensor:
-    from PIL import Image
-
-    return torch.stack([preprocess(Image.open(root / "images" / r["image"]).convert("RGB"))
-                        for r in records])
-
-
 def _obj(d: dict) -> scenes.Obj:
     return scenes.Obj(**d)
 
@@ -104,7 +98,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=spec.context_length)
-    pixels = _pixels(root, records, preprocess)
+    pixels = pixels_of(root, [r["image"] for r in records], preprocess)
     scene_list = [_scene_of(r) for r in records]
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1)
@@ -155,7 +149,8 @@ def zero_shot(spec_str: str, world_dir: str | Path) -> dict:
     enc = load_encoder(spec_str)
     root = Path(world_dir)
     records = list(scenes.read_truth(root / "ground_truth.jsonl").values())
-    img = enc.model.encode_image(_pixels(root, records, enc.preprocess), normalize=True)
+    img = enc.model.encode_image(pixels_of(root, [r["image"] for r in records], enc.preprocess),
+                                 normalize=True)
     out = {}
     for fam, tmpl in ZERO_SHOT_PROMPTS.items():
         words = scenes.FAMILIES[fam]
