@@ -98,12 +98,7 @@ def build_gallery(shard_dir: str | Path, out_dir: str | Path, image_root: str | 
     from pipeline.data import load_rgb, resolve_inside
 
     ls = LabelSet(shard_dir, wordlist)
-    run = json.loads((Path(shard_dir) / "run.json").read_text())
-    root = Path(image_root or run["image_root"])
-    crop = ls.meta.get("crop")
-    if crop is None:  # runs made before the geometry was recorded: open_clip's default
-        s = ls.meta["image_size"]
-        crop = {"resize": s[0], "center_crop": list(s), "interpolation": "bicubic"}
+    root, crop = ls.image_root(image_root), ls.crop
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pages: list[list[dict]] = [[]]

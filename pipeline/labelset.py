@@ -84,6 +84,20 @@ class LabelSet:
         self.wordlist = find_wordlist(self.meta, wordlist)
         self.top_n = self.meta["top_n"]
 
+    def image_root(self, override: str | os.PathLike | None = None) -> Path:
+        """Where the run's images are: ``override``, else the run's ``input.image_root``."""
+        if override:
+            return Path(override)
+        return Path(json.loads((self.dir / "run.json").read_text())["image_root"])
+
+    @property
+    def crop(self) -> dict:
+        """The encoder transform's geometry (``crop`` in the metadata); runs made before it
+        was recorded get open_clip's default, a shortest-side resize and a centre crop."""
+        s = self.meta["image_size"]
+        return self.meta.get("crop") or {"resize": s[0], "center_crop": list(s),
+                                         "interpolation": "bicubic"}
+
     def batches(self, batch_size: int = 256):
         """(record batch, ids (B, P, n), scores (B, P, n)), shard by shard: bounded memory."""
         for p in self.paths:

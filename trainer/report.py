@@ -69,9 +69,7 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
     from trainer.sea_loss import load_word_tokens
 
     ls = LabelSet(shard_dir)
-    root = Path(image_root or json.loads((Path(shard_dir) / "run.json").read_text())["image_root"])
-    crop = ls.meta.get("crop") or {"resize": ls.meta["image_size"][0],
-                                   "center_crop": ls.meta["image_size"], "interpolation": "bicubic"}
+    root, crop = ls.image_root(image_root), ls.crop
     rows = []  # the first labelled rows: the images eval-align holds out
     for rb, ids, _ in ls.batches():
         for i, path in enumerate(rb.column("path").to_pylist()):

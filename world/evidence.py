@@ -20,6 +20,7 @@ lambda = 1 against lambda = 0 comparison was looked at and is not tuned toward a
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -257,6 +258,10 @@ class Evidence:
                            sha256_file(self.train_dir / "ground_truth.jsonl")], sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @functools.cache  # noqa: B019 (one Evidence per run; the held-out labels never change in it)
+    def _test_labels(self, mode: tuple[str, str]) -> dict:
+        return metrics.read_labels(self.work / "shards" / f"test-{_mode_name(mode)}-full")[1]
+
     def _one_run(self, arm: dict, seed: int) -> dict:
         from pipeline.config import load_config
         from trainer.config import FinetuneConfig, PretrainConfig
@@ -319,7 +324,7 @@ class Evidence:
             mllm, parts.word_tokens, parts.wordlist.words, self.test_dir, parts.encoder.preprocess,
             scenes.VOCAB)}
         for m in {self.best_mode, ("sea", "token")}:
-            _, labels = metrics.read_labels(self.work / "shards" / f"test-{_mode_name(m)}-full")
+            labels = self._test_labels(m)
             root = self.test_dir / "images"
             from PIL import Image
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.shards import SENTINEL, batch_arrays, iter_label_set
+from pipeline.shards import SENTINEL, batch_arrays
 from world.scenes import read_truth
 
 STATS = ("labelled", "top1_hits", "kept", "kept_true", "patches", "dom_hits", "no_label",
@@ -31,11 +31,11 @@ STATS = ("labelled", "top1_hits", "kept", "kept_true", "patches", "dom_hits", "n
 def read_labels(shard_dir: str | Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """-> (run metadata, {image path: (ids (P, n), scores (P, n))})."""
     from pipeline.data import normalize_path
-    from pipeline.shards import open_label_set
+    from pipeline.shards import iter_shard, open_label_set
 
-    meta, _ = open_label_set(shard_dir)
+    meta, paths = open_label_set(shard_dir)  # verified once (sizes, sha256, metadata)
     out = {}
-    for rb in iter_label_set(shard_dir):
+    for rb in (b for p in paths for b in iter_shard(p)):
         _, ids, scores = batch_arrays(rb, meta["top_n"])
         for path, i, s in zip(rb.column("path").to_pylist(), ids, scores, strict=True):
             out[normalize_path(path)] = (i, s)
