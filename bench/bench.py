@@ -57,7 +57,8 @@ def machine() -> dict:
 
 
 def extract_cfg(spec, js, root, out, cache, *extra):
-    from pipeline.config import ExtractConfig, load_config
+    from pipeline.config import ExtractConfig
+    from seacore.config import load_config
 
     return load_config(ExtractConfig, None, [
         f"encoder.model={spec}", "encoder.pretrained=null", f"input.json={js}",

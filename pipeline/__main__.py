@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from pipeline.config import ConfigError, ExtractConfig, describe, load_config
+from pipeline.config import ExtractConfig
+from seacore.config import ConfigError, describe, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.lock import FolderLocked
         from pipeline.ray_runner import RayUnreachable
         from pipeline.runner import run
-        from pipeline.stages import DeviceUnavailable
+        from seacore.device import DeviceUnavailable
 
         try:
             cfg = load_config(ExtractConfig, args.config, args.overrides)

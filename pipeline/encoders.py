@@ -1,5 +1,6 @@
-"""Loading open_clip encoders: a built-in name with a pretrained tag, a checkpoint file, or a
-``local-dir:`` folder. Never downloads unless asked to; a missing weight file is an error that
+"""Loading open_clip encoders: a built-in name with a pretrained tag, a checkpoint file, a
+``local-dir:`` folder, or a transformers CLIP checkpoint (``hf-clip:``, converted on load by
+``pipeline.hf_clip``). Never downloads unless asked to; a missing weight file is an error that
 says what to fetch and where to put it.
 """
 
@@ -136,6 +137,17 @@ def load_encoder(model: str, pretrained: str | None = None, allow_download: bool
                  section: str = "encoder") -> LoadedEncoder:
     import open_clip
 
+    from pipeline.dense import patch_grid
+
+    if model.startswith("hf-clip:"):
+        from pipeline import hf_clip
+
+        m, preprocess, tokenizer, sha, _ = hf_clip.load_hf_clip(model, device, cache_dir,
+                                                                allow_download, section)
+        size = _image_size(m.visual)
+        return LoadedEncoder(model=m, preprocess=preprocess, tokenizer=tokenizer,
+                             name=hf_clip.display_name(model), weights_tag="hf-clip",
+                             weights_sha256=sha, image_size=size, grid=patch_grid(m.visual, size))
     ckpt, tag, pp = resolve_checkpoint(model, pretrained, allow_download, cache_dir, section)
     kwargs = {"force_quick_gelu": bool(pp.pop("quick_gelu", False))}
     for key, arg in (("mean", "image_mean"), ("std", "image_std"),
@@ -159,8 +171,6 @@ def load_encoder(model: str, pretrained: str | None = None, allow_download: bool
         sha = file_sha256(ckpt) if ckpt else None
         name = model
     tokenizer = open_clip.get_tokenizer(model)
-    from pipeline.dense import patch_grid
-
     size = _image_size(m.visual)
     return LoadedEncoder(model=m, preprocess=preprocess, tokenizer=tokenizer, name=name,
                          weights_tag=tag, weights_sha256=sha, image_size=size,

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import shards
-from pipeline.config import ExtractConfig, config_hash
+from pipeline.config import ExtractConfig
 from pipeline.data import IMAGE_EXTS, InputError, Record, records_from_folder, records_from_json
 from pipeline.lock import OutputLock
 from pipeline.stages import Decoder, Labeler, label_batches, write_chunk
+from seacore.config import config_hash
 
 RUN_FILE = "run.json"
 ERRORS_FILE = "errors.jsonl"

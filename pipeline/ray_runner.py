@@ -18,9 +18,10 @@ import os
 import time
 from collections import deque
 
-from pipeline.config import ExtractConfig, from_dict, to_dict
+from pipeline.config import ExtractConfig
 from pipeline.extract import finish_run, load_records, plan_run, summarize
 from pipeline.lock import OutputLock
+from seacore.config import from_dict, to_dict
 
 
 def _ray():

@@ -21,6 +21,7 @@ from pipeline import dense, search, shards
 from pipeline.config import ExtractConfig
 from pipeline.data import BadImage, Record, load_rgb, resolve_inside
 from pipeline.encoders import preprocess_geometry
+from seacore.device import pick_device
 
 
 def package_version() -> str:
@@ -28,23 +29,6 @@ def package_version() -> str:
         return version("sea-align")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-class DeviceUnavailable(ValueError):
-    pass
-
-
-def pick_device(name: str, local_rank: int | None = None, key: str = "device") -> torch.device:
-    """'auto' is CUDA when present; a bare 'cuda' under torchrun means this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceUnavailable(f"{key}={name}, but this machine has no usable CUDA device "
-                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
-                                f"use {key}=auto or cpu")
-    if name == "cuda" and local_rank is not None:
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 @dataclass

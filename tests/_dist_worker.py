@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from pipeline.config import load_config
+from seacore.config import load_config
 from trainer import distributed as D
 from trainer.config import FinetuneConfig, PretrainConfig
 from trainer.data import StreamDataset

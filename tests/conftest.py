@@ -49,7 +49,8 @@ def text_cache(workdir):
 @pytest.fixture
 def extract_cfg(tiny_clip, sample, text_cache, tmp_path):
     """A config for the tiny CLIP on the sample set, writing into a fresh folder."""
-    from pipeline.config import ExtractConfig, load_config
+    from pipeline.config import ExtractConfig
+    from seacore.config import load_config
 
     js, root = sample
 
@@ -75,8 +76,9 @@ def tiny_llm(workdir):
 @pytest.fixture(scope="session")
 def label_run(workdir, tiny_clip, sample, text_cache):
     """Labels for the 24-image sample (tiny CLIP, chunks of 10 -> 3 shards)."""
-    from pipeline.config import ExtractConfig, load_config
+    from pipeline.config import ExtractConfig
     from pipeline.extract import run_local
+    from seacore.config import load_config
 
     js, root = sample
     out = workdir / "labels"
@@ -89,7 +91,7 @@ def label_run(workdir, tiny_clip, sample, text_cache):
 
 @pytest.fixture
 def pretrain_cfg(tiny_clip, tiny_llm, sample, label_run, tmp_path):
-    from pipeline.config import load_config
+    from seacore.config import load_config
     from trainer.config import PretrainConfig
 
     js, root = sample
@@ -147,7 +149,7 @@ def instruct_json(sample, workdir):
 
 @pytest.fixture
 def finetune_cfg(tiny_clip, tiny_llm, sample, instruct_json, tmp_path):
-    from pipeline.config import load_config
+    from seacore.config import load_config
     from trainer.config import FinetuneConfig
 
     _, root = sample

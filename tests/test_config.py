@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, ExtractConfig, describe, load_config
+from pipeline.config import ExtractConfig
+from seacore.config import ConfigError, describe, load_config
 
 
 def test_yaml_plus_overrides(tmp_path):

@@ -138,7 +138,7 @@ def _torchrun(nproc, stage, out, overrides):
 
 
 def _as_args(cfg) -> list[str]:
-    from pipeline.config import to_dict
+    from seacore.config import to_dict
 
     out = []
 

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from pipeline.config import ExtractConfig, load_config
+from pipeline.config import ExtractConfig
 from pipeline.extract import run_local
+from seacore.config import load_config
 from trainer.train import build, train
 
 
@@ -111,7 +112,7 @@ def test_trainer_errors_name_trainer_keys(pretrain_cfg, tmp_path):
     import torch
 
     from pipeline.encoders import WeightsNotFound
-    from pipeline.stages import DeviceUnavailable
+    from seacore.device import DeviceUnavailable
     from trainer.train import LLMNotFound
 
     with pytest.raises(WeightsNotFound) as e:

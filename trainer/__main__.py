@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError, describe, load_config
+    from seacore.config import ConfigError, describe, load_config
     from trainer.config import FinetuneConfig, PretrainConfig
 
     args = _parser().parse_args(argv)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.config import ConfigError, doc
+from seacore.config import ConfigError, doc
 
 
 @dataclasses.dataclass
 class VisionConfig:
-    model: str = doc("ViT-L-14-336", "open_clip model that made the labels (name or local-dir:)")
+    model: str = doc("ViT-L-14-336", "the tower that made the labels: open_clip name, local-dir:/path "
+                                     "or hf-clip:<transformers CLIP id or folder>")
     pretrained: str | None = doc("openai", "pretrained tag or checkpoint file")
     cache_dir: str | None = doc(None, "Hugging Face cache dir for the weights")
     feature_layer: int = doc(-2, "hidden layer fed to the adapter (-2: LLaVA's penultimate)")

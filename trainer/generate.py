@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import config_hash
+from seacore.config import config_hash
 from trainer import distributed as D
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import to_dict
-from pipeline.stages import pick_device
+from seacore.config import to_dict
+from seacore.device import pick_device
 from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment

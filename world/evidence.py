@@ -152,8 +152,9 @@ class Evidence:
 
     def extract(self, world: Path, mode: tuple[str, str], wordlist: str | None, name: str,
                 json_name: str = "captions.json") -> Path:
-        from pipeline.config import ExtractConfig, load_config
+        from pipeline.config import ExtractConfig
         from pipeline.runner import run
+        from seacore.config import load_config
 
         out = self.work / "shards" / name
         cfg = load_config(ExtractConfig, None, [
@@ -263,7 +264,7 @@ class Evidence:
         return metrics.read_labels(self.work / "shards" / f"test-{_mode_name(mode)}-full")[1]
 
     def _one_run(self, arm: dict, seed: int) -> dict:
-        from pipeline.config import load_config
+        from seacore.config import load_config
         from trainer.config import FinetuneConfig, PretrainConfig
         from trainer.train import build, train
 
@@ -361,8 +362,9 @@ class Evidence:
         if self.p.runner != "ray":
             yield
             return
-        from pipeline.config import ExtractConfig, load_config
+        from pipeline.config import ExtractConfig
         from pipeline.ray_runner import init_ray
+        from seacore.config import load_config
 
         started = init_ray(load_config(ExtractConfig, None, []))
         try:

@@ -98,7 +98,8 @@ def sample_text() -> list[str]:
 
 def extract_config(out: Path, spec: str):
     """Extraction of ``out/sample`` with the tiny CLIP ``spec`` into ``out/shards``."""
-    from pipeline.config import ExtractConfig, load_config
+    from pipeline.config import ExtractConfig
+    from seacore.config import load_config
 
     return load_config(ExtractConfig, None, [
         f"encoder.model={spec}", "encoder.pretrained=null",
@@ -111,7 +112,7 @@ def extract_config(out: Path, spec: str):
 
 def pretrain_config(out: Path, spec: str, llm: str, weight: float, *extra: str):
     """Stage 1 on ``out/sample`` with its labels (tiny CLIP ``spec``, tiny LLM ``llm``)."""
-    from pipeline.config import load_config
+    from seacore.config import load_config
     from trainer.config import PretrainConfig
 
     return load_config(PretrainConfig, None, [
