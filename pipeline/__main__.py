@@ -7,22 +7,20 @@ import json
 import sys
 
 from pipeline.config import ExtractConfig
-from seacore.config import ConfigError, describe, load_config
+from seacore import cli
+from seacore.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("extract", help="label every image's patches; write shards")
-    ex.add_argument("--config", help="YAML config (see configs/extract.yaml)")
-    ex.add_argument("--help-config", action="store_true", help="list every config key")
-    ex.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    cli.add_config_args(ex)
     sm = sub.add_parser("submit", help="ray job submit the extraction to a cluster")
     sm.add_argument("--address", default=None, help="Ray dashboard address (default $RAY_ADDRESS)")
-    sm.add_argument("--config", help="YAML config inside the repository")
     sm.add_argument("--no-wait", action="store_true", help="return once submitted")
     sm.add_argument("--python", default="python", help="python on the cluster nodes")
-    sm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    cli.add_config_args(sm)  # --config: a YAML file inside the repository
     for name, text in (("ray-up", "start a single-machine Ray head of our own (own process group)"),
                        ("ray-down", "stop the head ray-up started, and nothing else")):
         r = sub.add_parser(name, help=text)
@@ -55,11 +53,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.cmd == "extract":
+    parser = _parser()
+    args = cli.parse(parser, argv, lambda a: ExtractConfig if a.cmd in ("extract", "submit")
+                     else None)
+    if args.cmd in ("extract", "submit") and (args.help_config or args.print_config):
+        try:
+            cfg = cli.resolved(ExtractConfig, args.config, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.help_config:
-            print("\n".join(describe(ExtractConfig)))
-            return 0
+            print("\n".join(cli.help_config(ExtractConfig, cfg)))
+        else:
+            cli.print_config(cfg)
+        return 0
+    if args.cmd == "extract":
         from pipeline.data import InputError
         from pipeline.encoders import WeightsNotFound
         from pipeline.extract import RunMismatch, run_problem

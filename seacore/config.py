@@ -109,8 +109,12 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     types_ = _field_types(cls)
     unknown = [k for k in data if k not in types_]
     if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(types_), n=1, cutoff=0.5)
+        hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (known at this level: {', '.join(types_)})"
+            f"unknown config key '{prefix}{unknown[0]}' ({hint}known at this level: {', '.join(types_)})"
         )
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
     obj = cls(**kwargs)
@@ -162,8 +166,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Defaults, then the YAML file (if any), then ``key.sub=value`` overrides."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = (),
+                base: dict | None = None) -> T:
+    """Defaults, then ``base`` (e.g. a run's saved config), then the YAML file (if any), then
+    ``key.sub=value`` overrides."""
     data: dict = {}
     if path is not None:
         text = Path(path).read_text()
@@ -172,9 +178,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
     data = _merge(data, parse_overrides(list(overrides)))
-    base = to_dict(cls())
+    defaults = _merge(to_dict(cls()), base or {})
     # Merge onto defaults so nested sections given partially keep their other defaults.
-    return from_dict(cls, _merge(base, data))
+    return from_dict(cls, _merge(defaults, data))
 
 
 def config_hash(obj_or_dict) -> str:

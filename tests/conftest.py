@@ -103,7 +103,7 @@ def pretrain_cfg(tiny_clip, tiny_llm, sample, label_run, tmp_path):
             "data.holdout_images=4", "data.num_workers=0", "data.shuffle_window=2",
             "optim.global_batch_size=4", "optim.micro_batch_size=2", "optim.epochs=1",
             "log.eval_every=0", "log.save_every=1000", "log.progress=false",
-            "log.tensorboard=false", f"log.output={tmp_path / 'run'}", *overrides])
+            "log.report_to=[]", f"log.output={tmp_path / 'run'}", *overrides])
 
     return make
 
@@ -161,6 +161,6 @@ def finetune_cfg(tiny_clip, tiny_llm, sample, instruct_json, tmp_path):
             "data.shuffle_block=4", "data.shuffle_window=2",
             "optim.global_batch_size=4", "optim.micro_batch_size=2", "optim.epochs=1",
             "optim.lr=1e-3", "log.eval_every=0", "log.save_every=1000", "log.progress=false",
-            "log.tensorboard=false", f"log.output={tmp_path / 'ft'}", *overrides])
+            "log.report_to=[]", f"log.output={tmp_path / 'ft'}", *overrides])
 
     return make

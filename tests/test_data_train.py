@@ -127,7 +127,7 @@ def test_cli_pretrain_then_eval_align(pretrain_cfg, tmp_path, capsys):
             f"data.json={cfg.data.json}", f"data.image_root={cfg.data.image_root}",
             f"data.shards={cfg.data.shards}", "data.holdout_images=4", "data.num_workers=0",
             "optim.global_batch_size=4", "optim.micro_batch_size=2", "optim.max_steps=2",
-            "log.progress=false", "log.tensorboard=false", f"log.output={tmp_path / 'cli'}"]
+            "log.progress=false", "log.report_to=[]", f"log.output={tmp_path / 'cli'}"]
     assert main(["pretrain", *args]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 2 and out["align"]["images"] == 4

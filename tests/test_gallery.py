@@ -117,7 +117,7 @@ def test_alignment_page_and_curves_in_a_real_browser(page_factory, pretrain_cfg,
     import json
 
     from pipeline.labelset import LabelSet
-    from trainer.generate import load_final
+    from trainer.final import load_final
     from trainer.report import alignment_page, plot_runs
     from trainer.sea_loss import load_word_tokens
     from trainer.train import train

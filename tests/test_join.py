@@ -102,7 +102,7 @@ def test_cli_refuses_a_run_with_no_data(pretrain_cfg, tmp_path, capsys):
     rc = main(["pretrain", f"vision.model={cfg.vision.model}", "vision.pretrained=null",
                f"llm.path={cfg.llm.path}", f"data.json={cfg.data.json}",
                f"data.image_root={tmp_path / 'empty'}", f"data.shards={cfg.data.shards}",
-               "log.progress=false", "log.tensorboard=false", f"log.output={tmp_path / 'r'}",
+               "log.progress=false", "log.report_to=[]", f"log.output={tmp_path / 'r'}",
                "optim.global_batch_size=4", "optim.micro_batch_size=2"])
     assert rc == 2 and "image file missing" in capsys.readouterr().err
     assert not (tmp_path / "r" / "final").exists()
@@ -113,7 +113,7 @@ def test_trainer_errors_name_trainer_keys(pretrain_cfg, tmp_path):
 
     from pipeline.encoders import WeightsNotFound
     from seacore.device import DeviceUnavailable
-    from trainer.train import LLMNotFound
+    from trainer.llm import LLMNotFound
 
     with pytest.raises(WeightsNotFound) as e:
         build(pretrain_cfg("vision.model=ViT-L-14-336", "vision.pretrained=openai",

@@ -211,7 +211,8 @@ def test_quick_evidence_metrics_recomputed_independently(quick_evidence):
 @pytest.mark.slow
 def test_batched_answers_equal_generate(quick_evidence):
     """The evaluation's batched greedy decoding gives the answers ``trainer generate`` gives."""
-    from trainer.generate import answer, load_final
+    from trainer.final import load_final
+    from trainer.generate import answer
     from world.metrics import greedy_answers
 
     work = quick_evidence / "ev" / "work"

@@ -1,11 +1,18 @@
-"""Command line: ``python -m trainer {pretrain,finetune,eval-align,generate,tiny-llm}``
-(also ``sea-trainer``). Multi-process: ``torchrun --nproc-per-node N -m trainer finetune ...``."""
+"""Command line: ``python -m trainer {pretrain,finetune,eval-align,generate,export,report,plot,
+tiny-llm}`` (also ``sea-trainer``). Multi-process: ``torchrun --nproc-per-node N -m trainer
+finetune ...``. Config commands take ``--config FILE``, ``key.sub=value`` overrides,
+``--print-config`` and ``--help-config``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from seacore import cli
+
+CONFIG_COMMANDS = ("pretrain", "finetune", "eval-align")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,18 +22,25 @@ def _parser() -> argparse.ArgumentParser:
                         ("finetune", "stage 2: LLM + adapter (+ vision) on instruction data"),
                         ("eval-align", "token-level alignment of a run's held-out images")]:
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--config", help="YAML config (configs/pretrain.yaml, configs/finetune.yaml)")
-        s.add_argument("--help-config", action="store_true", help="list every config key")
         if name == "eval-align":
-            s.add_argument("--checkpoint", required=True, help="checkpoint dir, or 'latest'")
-            s.add_argument("--stage", default="pretrain", choices=["pretrain", "finetune"])
-        s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+            s.add_argument("--checkpoint", required=True,
+                           help="a run dir (its latest checkpoint), a checkpoint dir, or 'latest' "
+                                "(in log.output); the run's own saved config is used unless "
+                                "--config is given")
+            s.add_argument("--stage", default=None, choices=["pretrain", "finetune"],
+                           help="default: the checkpoint's own")
+        cli.add_config_args(s)
     g = sub.add_parser("generate", help="answer a prompt about an image with a trained model")
     g.add_argument("--checkpoint", required=True, help="a run dir or its final/ folder")
     g.add_argument("--image", help="image file (omit for a text-only prompt)")
     g.add_argument("--prompt", default="Describe the image.")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--device", default="auto")
+    e = sub.add_parser("export", help="write a trained run for transformers (hf-llava) or the "
+                                      "LLaVA codebase (llava)")
+    e.add_argument("--run", required=True, help="a run dir or its final/ folder")
+    e.add_argument("--format", required=True, choices=["hf-llava", "llava"])
+    e.add_argument("--out", required=True, help="folder to write (must not hold files)")
     r = sub.add_parser("report", help="alignment maps (Figure 1): each visual token's nearest word "
                                       "beside its labels, runs side by side, as HTML")
     r.add_argument("--runs", nargs="+", required=True, help="training runs (or their final/)")
@@ -43,54 +57,103 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from seacore.config import ConfigError, describe, load_config
+def _config_class(stage: str):
     from trainer.config import FinetuneConfig, PretrainConfig
 
-    args = _parser().parse_args(argv)
+    return PretrainConfig if stage == "pretrain" else FinetuneConfig
+
+
+def _eval_target(args) -> tuple[Path | None, dict | None, str]:
+    """eval-align's checkpoint (None for 'latest': found after the config), the run's saved
+    config, and its stage."""
+    from trainer import checkpoint
+
+    if args.checkpoint == "latest":
+        return None, None, args.stage or "pretrain"
+    path = Path(args.checkpoint)
+    if not checkpoint.is_complete(path):
+        found = checkpoint.latest(path)
+        if found is None:
+            raise FileNotFoundError(f"--checkpoint {path}: neither a complete checkpoint nor a run "
+                                    f"dir holding one")
+        path = found
+    saved = json.loads((path / "config.json").read_text())
+    stage = args.stage or json.loads((path / "state.json").read_text()).get("stage", "pretrain")
+    return path, saved, stage
+
+
+def _simple(args) -> int:
+    """The commands without a typed config."""
     if args.cmd == "tiny-llm":
         from trainer.tiny import save_tiny_llm
         from wordlist import load_wordlist
 
         print(save_tiny_llm(args.out, list(load_wordlist().words)))
         return 0
-    if args.cmd in ("report", "plot"):
-        from trainer.report import alignment_page, plot_runs
+    try:
+        if args.cmd == "plot":
+            from trainer.report import plot_runs
 
-        try:
-            if args.cmd == "plot":
-                print(plot_runs(args.runs, args.out))
-                return 0
-            summary = alignment_page(args.runs, args.shards, args.out, args.images, args.image_root,
-                                     args.names)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(summary, indent=1))
-        print(f"wrote {args.out}/alignment.html")
-        return 0
-    if args.cmd == "generate":
-        import torch
+            print(plot_runs(args.runs, args.out))
+        elif args.cmd == "report":
+            from trainer.report import alignment_page
 
-        from trainer.generate import answer, load_final
+            summary = alignment_page(args.runs, args.shards, args.out, args.images,
+                                     args.image_root, args.names)
+            print(json.dumps(summary, indent=1))
+            print(f"wrote {args.out}/alignment.html")
+        elif args.cmd == "export":
+            from trainer.export import export
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        model = load_final(args.checkpoint, device)
-        print(answer(*model, args.image, args.prompt, args.max_new_tokens))
-        return 0
-    stage = args.stage if args.cmd == "eval-align" else args.cmd
-    cls = PretrainConfig if stage == "pretrain" else FinetuneConfig
-    if args.help_config:
-        print("\n".join(describe(cls)))
-        return 0
+            print(json.dumps(export(args.run, args.format, args.out), indent=1))
+        elif args.cmd == "generate":
+            from seacore.device import pick_device
+            from trainer.final import load_final
+            from trainer.generate import answer
+
+            model = load_final(args.checkpoint, pick_device(args.device, key="--device"))
+            print(answer(*model, args.image, args.prompt, args.max_new_tokens))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from seacore.config import ConfigError
+    from trainer.config import LLAVA_FLAGS
+
+    parser = _parser()
+    args = cli.parse(parser, argv,
+                     lambda a: _config_class("pretrain" if a.cmd == "eval-align" else a.cmd)
+                     if a.cmd in CONFIG_COMMANDS else None, LLAVA_FLAGS)
+    if args.cmd not in CONFIG_COMMANDS:
+        return _simple(args)
     from pipeline.encoders import WeightsNotFound
     from pipeline.shards import ShardMismatch
     from trainer import distributed
     from trainer.checkpoint import CheckpointError
-    from trainer.train import LLMNotFound, build, eval_alignment, train
+    from trainer.llm import LLMNotFound
+
+    errors = (ConfigError, WeightsNotFound, LLMNotFound, ShardMismatch, CheckpointError,
+              FileNotFoundError, ValueError)
+    try:
+        path, saved, stage = (_eval_target(args) if args.cmd == "eval-align"
+                              else (None, None, args.cmd))
+        cls = _config_class(stage)
+        cfg = cli.resolved(cls, args.config, args.overrides, base=None if args.config else saved)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.help_config:
+        print("\n".join(cli.help_config(cls, cfg)))
+        return 0
+    if args.print_config:
+        cli.print_config(cfg)
+        return 0
+    from trainer.train import build, eval_alignment, train
 
     try:
-        cfg = load_config(cls, args.config, args.overrides)
         if args.cmd != "eval-align":
             result = train(cfg, stage)
             result.pop("losses", None)
@@ -98,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             from trainer import checkpoint
 
             parts = build(cfg, stage)
-            path = checkpoint.latest(cfg.log.output) if args.checkpoint == "latest" else args.checkpoint
             if path is None:
-                raise FileNotFoundError(f"no complete checkpoint under {cfg.log.output}")
+                path = checkpoint.latest(cfg.log.output)
+                if path is None:
+                    raise FileNotFoundError(f"no complete checkpoint under {cfg.log.output}")
             weights, _ = checkpoint.load(path)
             parts.task.load_state_dict(weights, strict=False)
-            result = {"checkpoint": str(path), "align": eval_alignment(parts)}
-    except (ConfigError, WeightsNotFound, LLMNotFound, ShardMismatch, CheckpointError,
-            FileNotFoundError, ValueError) as e:
+            result = {"checkpoint": str(path), "stage": stage, "align": eval_alignment(parts)}
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

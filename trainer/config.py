@@ -31,7 +31,9 @@ class DataConfig:
     shards: str | None = doc("shards/llava-pretrain-vitl336", "label run dir (null: no labels, lambda must be 0)")
     max_length: int = doc(2048, "tokens per sample, image tokens included")
     truncation: str = doc("drop", "when image tokens would not fit: drop (skip, counted) | error")
-    num_workers: int = doc(2, "decode worker processes per rank")
+    num_workers: int = doc(-1, "decode worker processes per rank; -1: from the machine (its cores "
+                               "per rank minus one, at most 8), resolved at the start and "
+                               "recorded in the run's config")
     shuffle_block: int = doc(256, "rows per shuffle block; blocks are shuffled, then rows within a window")
     shuffle_window: int = doc(8, "blocks mixed together (bounds memory)")
     holdout_images: int = doc(256, "first N labelled images kept out of training for alignment eval")
@@ -74,7 +76,10 @@ class LogConfig:
     eval_every: int = doc(100, "alignment eval every N steps (0: only at the end)")
     save_every: int = doc(500, "checkpoint every N steps (and always at the end)")
     keep_last: int = doc(3, "checkpoints kept")
-    tensorboard: bool = doc(True, "also write TensorBoard events when tensorboard is installed")
+    report_to: list[str] = doc(["tensorboard"], "where metrics go besides metrics.jsonl (always "
+                                                "written): any of tensorboard, wandb ([] for none)")
+    wandb_project: str = doc("sea", "wandb project (log.report_to has wandb; WANDB_MODE=offline works)")
+    run_name: str | None = doc(None, "run name for wandb/TensorBoard (default: log.output's folder name)")
     progress: bool = doc(True, "progress bar")
     overwrite: bool = doc(False, "start over in a log.output that already holds checkpoints or "
                                  "final/ (they are deleted); without it such a run is refused")
@@ -98,6 +103,12 @@ class PretrainConfig:
     dist: DistConfig = dataclasses.field(default_factory=DistConfig)
 
     def validate(self) -> None:
+        bad = [r for r in self.log.report_to if r not in ("tensorboard", "wandb", "jsonl")]
+        if bad:
+            raise ConfigError(f"log.report_to: unknown '{bad[0]}' (any of tensorboard, wandb; "
+                              f"jsonl is always on)")
+        if self.data.num_workers < -1:
+            raise ConfigError("data.num_workers must be >= 0, or -1 for the machine's cores")
         if self.dist.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"dist.strategy must be ddp or fsdp, got '{self.dist.strategy}'")
         if self.sea.weight > 0 and not self.data.shards:
@@ -138,8 +149,62 @@ class FinetuneOptimConfig(OptimConfig):
 
 
 @dataclasses.dataclass
+class FinetuneLogConfig(LogConfig):
+    output: str = doc("runs/finetune", "run dir: checkpoints, metrics.jsonl, tensorboard/")
+
+
+@dataclasses.dataclass
 class FinetuneConfig(PretrainConfig):
+    log: FinetuneLogConfig = dataclasses.field(default_factory=FinetuneLogConfig)
     data: FinetuneDataConfig = dataclasses.field(default_factory=FinetuneDataConfig)
     sea: FinetuneSEAConfig = dataclasses.field(default_factory=FinetuneSEAConfig)
     optim: FinetuneOptimConfig = dataclasses.field(default_factory=FinetuneOptimConfig)
-    init_from: str | None = doc(None, "stage-1 run dir (its adapter.safetensors) to start from")
+    init_from: str | None = doc(None, "stage-1 run dir (its final/adapter.safetensors, checked "
+                                      "against this config) or a LLaVA mm_projector.bin")
+
+
+# LLaVA-1.5's pretrain.sh / finetune.sh flags (HF TrainingArguments) -> our keys, or why there
+# is none. The CLI suggests these for an unknown --flag; the README's flag table is this table.
+LLAVA_FLAGS = {
+    "model_name_or_path": "llm.path",
+    "version": "the prompt format follows the stage: plain in pretrain, the tokenizer's chat "
+               "template (Vicuna: LLaVA-1.5's v1 fallback) in finetune",
+    "data_path": "data.json",
+    "image_folder": "data.image_root",
+    "vision_tower": "vision.model",
+    "mm_vision_select_layer": "vision.feature_layer",
+    "mm_vision_select_feature": "fixed: patch tokens (class token dropped)",
+    "mm_projector_type": "fixed: mlp2x_gelu",
+    "pretrain_mm_mlp_adapter": "init_from",
+    "tune_mm_mlp_adapter": "implied by the stage: pretrain trains the adapter only",
+    "mm_use_im_start_end": "not supported (LLaVA-1.5 uses false)",
+    "mm_use_im_patch_token": "not supported (LLaVA-1.5 uses false)",
+    "image_aspect_ratio": "images are resized and centre-cropped by the tower's transform "
+                          "(LLaVA-1.5 finetune pads to square; not supported)",
+    "group_by_modality_length": "not supported (blocks are shuffled, then rows in a window)",
+    "output_dir": "log.output",
+    "num_train_epochs": "optim.epochs",
+    "max_steps": "optim.max_steps",
+    "per_device_train_batch_size": "optim.micro_batch_size",
+    "gradient_accumulation_steps": "derived: optim.global_batch_size / (micro batch x ranks)",
+    "learning_rate": "optim.lr",
+    "mm_vision_tower_lr": "optim.vision_lr",
+    "weight_decay": "optim.weight_decay",
+    "warmup_ratio": "optim.warmup_ratio",
+    "lr_scheduler_type": "fixed: cosine after linear warmup",
+    "max_grad_norm": "optim.grad_clip",
+    "seed": "optim.seed",
+    "logging_steps": "log.every",
+    "save_steps": "log.save_every",
+    "save_total_limit": "log.keep_last",
+    "report_to": "log.report_to",
+    "run_name": "log.run_name",
+    "model_max_length": "data.max_length",
+    "gradient_checkpointing": "llm.gradient_checkpointing",
+    "dataloader_num_workers": "data.num_workers",
+    "bf16": "automatic: bf16 autocast on GPUs (llm.dtype for the weights)",
+    "tf32": "not a setting (PyTorch's default)",
+    "deepspeed": "dist.strategy (ddp, or fsdp for ZeRO-3-like sharding of the LLM)",
+    "lazy_preprocess": "always lazy: samples are built when read",
+    "freeze_backbone": "implied by the stage: the LLM trains only in finetune",
+}

@@ -65,7 +65,7 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
     from pipeline.data import load_rgb, resolve_inside
     from pipeline.gallery import _data_uri, encoder_view
     from pipeline.labelset import LabelSet
-    from trainer.generate import load_final
+    from trainer.final import load_final
     from trainer.sea_loss import load_word_tokens
 
     ls = LabelSet(shard_dir)

@@ -10,7 +10,6 @@ SEA's sampling from (seed, step, micro-batch): both come back from the data posi
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -30,18 +29,18 @@ from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
 from trainer.data import SampleSource, StreamDataset, data_problem, format_report, holdout_rows
+from trainer.final import init_adapter, write_final
+from trainer.llm import load_llm
 from trainer.model import MLLM
+from trainer.runlog import Logger
 from trainer.sea_loss import AlignmentLoss, load_word_tokens
 from trainer.task import SEATask
 
 # config keys that may change between a run and its resume (nothing that moves the data
 # order, e.g. data.num_workers, or the schedule, e.g. optim.max_steps)
 RESUME_FREE = ("resume", "log.progress", "log.every", "log.eval_every", "log.save_every",
-               "log.keep_last", "log.tensorboard", "log.overwrite")
-
-
-class LLMNotFound(RuntimeError):
-    pass
+               "log.keep_last", "log.report_to", "log.wandb_project", "log.run_name",
+               "log.overwrite")
 
 
 @dataclass
@@ -73,37 +72,6 @@ class Parts:
     total_steps: int
 
 
-def load_llm(path: str, dtype: str, device: torch.device, trained: bool = False):
-    """``dtype='auto'``: bf16 weights for a frozen LLM on a GPU (stage 1: half the memory, the
-    compute runs under bf16 autocast anyway); fp32 master weights for an LLM being trained,
-    since AdamW steps of lr 2e-5 mostly vanish below bf16's resolution (LLaVA's ZeRO keeps
-    fp32 masters too); on CPU fp32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    auto = torch.bfloat16 if device.type == "cuda" and not trained else torch.float32
-    torch_dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-    if local and not os.path.isdir(os.path.expanduser(path)):
-        raise LLMNotFound(f"llm.path {path} is a filesystem path but not a folder; point it at a "
-                          f"folder with config.json, the weights and the tokenizer (or give a "
-                          f"Hugging Face model id such as lmsys/vicuna-7b-v1.5 already in the cache)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
-    except OSError as e:
-        if os.path.isdir(os.path.expanduser(path)):
-            raise LLMNotFound(f"llm.path {path} is a folder, but not a loadable model ({e}); it "
-                              f"needs config.json, the weights and the tokenizer files") from e
-        raise LLMNotFound(
-            f"LLM '{path}' is not a local folder nor in the Hugging Face cache ({e}). On a machine "
-            f"with network access run `huggingface-cli download {path}` (fills ~/.cache/huggingface), "
-            f"or point llm.path at a folder with config.json, the weights and the tokenizer.") from e
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok, model.to(device)
-
-
 def expected_label_metadata(encoder, wordlist) -> dict:
     return {"encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
             "grid": list(encoder.grid), "image_size": list(encoder.image_size),
@@ -122,25 +90,6 @@ def lr_lambda(total: int, warmup_ratio: float):
     return f
 
 
-def load_adapter(task: SEATask, run_dir: str | Path) -> None:
-    """Start stage 2 from a stage-1 run: its adapter (and temperature) weights."""
-    from trainer.generate import read_adapter
-
-    path = Path(run_dir)
-    for cand in (path, path / "adapter.safetensors", path / "final" / "adapter.safetensors"):
-        if cand.is_file():
-            path = cand
-            break
-    else:
-        raise FileNotFoundError(f"init_from: no adapter.safetensors at {run_dir} (give a stage-1 "
-                                f"run dir, its final/ folder, or the file)")
-    adapter, log_tau = read_adapter(path)
-    task.mllm.adapter.load_state_dict(adapter)
-    if task.align is not None and log_tau is not None:
-        with torch.no_grad():
-            task.align.log_tau.copy_(log_tau.reshape(()))
-
-
 def build(cfg, stage: str = "pretrain") -> Parts:
     from pipeline.encoders import load_encoder
     from wordlist import load_wordlist
@@ -148,6 +97,8 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     d = D.from_env()
     device = pick_device(cfg.device, d.local_rank if d.enabled else None)
     d = D.init(device)
+    if cfg.data.num_workers < 0:  # resolved once and kept in the run's config: it fixes the order
+        cfg.data.num_workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.manual_seed(cfg.optim.seed)
     enc = load_encoder(cfg.vision.model, cfg.vision.pretrained, False, cfg.vision.cache_dir, device,
                        section="vision")
@@ -170,7 +121,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     task = SEATask(mllm, align, cfg.sea.weight, cfg.data.max_length, cfg.data.truncation,
                    train_vision)
     if stage == "finetune" and getattr(cfg, "init_from", None):
-        load_adapter(task, cfg.init_from)
+        init_adapter(task, cfg.init_from, cfg, enc)
     mllm.set_trainable(adapter=True, llm=stage == "finetune", vision=train_vision)
     o = cfg.optim
     accum = o.global_batch_size // (o.micro_batch_size * d.world)
@@ -200,6 +151,15 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, o.warmup_ratio))
     return Parts(cfg, stage, d, device, enc, tok, wl, word_tokens, task, model, source, dataset,
                  optimizer, scheduler, accum, per_epoch, total)
+
+
+def auto_workers(ranks_here: int) -> int:
+    """Decode workers per rank: the cores this rank may use, minus its own, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(1, ranks_here) - 1))
 
 
 def param_groups(task: SEATask, cfg) -> list[dict]:
@@ -411,48 +371,6 @@ def check_output(cfg, main: bool) -> None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-class Logger:
-    """metrics.jsonl (and TensorBoard). On a resume from step S the lines of steps after S,
-    logged by the interrupted run after its last checkpoint, are dropped first, so every step
-    appears once."""
-
-    def __init__(self, cfg, main: bool, from_step: int = 0):
-        self.main = main
-        self.out = Path(cfg.log.output)
-        self.tb = None
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            metrics = self.out / "metrics.jsonl"
-            if metrics.is_file():
-                keep = [line for line in metrics.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= from_step]
-                tmp = metrics.with_name(".metrics.jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in keep))
-                tmp.replace(metrics)
-            if cfg.log.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self.tb = SummaryWriter(str(self.out / "tensorboard"))
-                except ImportError:
-                    self.tb = None
-
-    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
-        if not self.main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3),
-                                **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, int | float):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
           stop_after: int | None = None) -> dict:
     """Run (or resume) a stage. ``stop_after`` returns right after that step without saving:
@@ -464,7 +382,8 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     st = resume(p) if cfg.resume else TrainState()
     gather = D.gather_pairs if (p.dist.enabled and cfg.sea.gather_negatives) else None
     logger = Logger(cfg, p.dist.is_main(), from_step=st.step)
-    bar = tqdm(total=p.total_steps, initial=st.step, desc=stage, unit="step",
+    # tqdm's own columns give the ETA; the postfix adds loss, L_a (lambda > 0) and samples/s
+    bar = tqdm(total=p.total_steps, initial=st.step, desc=stage, unit="step", dynamic_ncols=True,
                disable=not (cfg.log.progress and p.dist.is_main()))
     set_train_mode(p)
     last_eval = None
@@ -476,7 +395,7 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
             st.epoch += 1
             st.batches_in_epoch = 0
         p.dataset.set_position(st.epoch, st.batches_in_epoch)
-        loader = DataLoader(p.dataset, batch_size=None, num_workers=cfg.data.num_workers,
+        loader = DataLoader(p.dataset, batch_size=None, num_workers=p.cfg.data.num_workers,
                             pin_memory=p.device.type == "cuda")
         micro: list[dict] = []
         for batch in loader:
@@ -496,8 +415,14 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
                 metrics["samples_per_s"] = (st.samples - samples_last) / max(now - t_last, 1e-9)
                 t_last, samples_last = now, st.samples
                 logger.log(st.step, {**metrics, "epoch": st.epoch})
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", la=f"{metrics['align_loss']:.3f}")
-            if cfg.log.eval_every and st.step % cfg.log.eval_every == 0 and p.dist.is_main():
+                shown = {"loss": f"{metrics['loss']:.3f}"}
+                if p.task.align is not None and p.task.weight > 0:
+                    shown["L_a"] = f"{metrics['align_loss']:.3f}"
+                shown["samples/s"] = f"{metrics['samples_per_s']:.1f}"
+                bar.set_postfix(shown, refresh=False)
+            # the last step's evaluation is the final one, below (logged once)
+            if (cfg.log.eval_every and st.step % cfg.log.eval_every == 0
+                    and st.step < p.total_steps and p.dist.is_main()):
                 last_eval = eval_alignment(p)
                 logger.log(st.step, last_eval or {}, kind="eval")
             if st.step % cfg.log.save_every == 0 and st.step < p.total_steps:
@@ -518,9 +443,7 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     if p.dist.is_main():
         last_eval = eval_alignment(p)
         logger.log(st.step, last_eval or {}, kind="eval")
-    from trainer.generate import export
-
-    export(p, Path(cfg.log.output) / "final")
+    write_final(p, Path(cfg.log.output) / "final")
     logger.close()
     return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval,
             "losses": history, "final": str(Path(cfg.log.output) / "final")}

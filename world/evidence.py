@@ -276,7 +276,7 @@ class Evidence:
                   f"data.image_root={self.train_dir / 'images'}", "data.num_workers=0",
                   f"optim.global_batch_size={p.global_batch}", f"optim.micro_batch_size={p.micro_batch}",
                   f"optim.seed={seed}", "log.overwrite=true", f"log.progress={str(self.progress).lower()}",
-                  "log.tensorboard=false", "device=cpu"]
+                  "log.report_to=[]", "device=cpu"]
         s1 = load_config(PretrainConfig, None, common + [
             f"data.json={self.train_dir / 'captions-mllm.json'}", f"data.shards={labels}",
             f"data.holdout_images={p.holdout}", f"optim.epochs={p.stage1_epochs}",

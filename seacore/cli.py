@@ -1,0 +1,100 @@
+"""Command-line habits shared by every command that takes a typed config.
+
+- ``--config FILE`` and ``key.sub=value`` overrides (``seacore.config.load_config``);
+- ``--print-config``: the resolved config (defaults, file, overrides) as YAML that loads back;
+- ``--help-config``: every key with its value under ``--config`` and the overrides, its
+  default when that differs, and its meaning;
+- an unknown ``--flag`` names the key to use (``--learning_rate`` -> ``optim.lr=...``): from
+  the command's table of familiar flag names (LLaVA / HF ``TrainingArguments``), else the
+  closest key by spelling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+
+import yaml
+
+from seacore.config import _field_types, _is_dataclass_type, load_config, to_dict
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (values there override the defaults)")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every key with its resolved value (honours --config and overrides)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit (it loads back with --config)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        out += keys(tp, prefix + f.name + ".") if _is_dataclass_type(tp) else [prefix + f.name]
+    return out
+
+
+def suggest(flag: str, cls, aliases: dict[str, str] | None = None) -> str:
+    """What to say about an unknown ``--flag``: the key it maps to, or the closest keys."""
+    name = flag.lstrip("-").split("=", 1)[0]
+    value = flag.split("=", 1)[1] if "=" in flag else "VALUE"
+    norm = name.replace("-", "_")
+    all_keys = keys(cls)
+    if name in all_keys:  # `--optim.lr=1e-3`: right key, wrong form
+        return f"unknown option {flag}: config keys take no dashes; write {name}={value}"
+    hint = (aliases or {}).get(norm)
+    if hint is not None:
+        if hint in all_keys:
+            return f"unknown option {flag}: did you mean {hint}={value}?"
+        return f"unknown option {flag}: {hint}"
+    leaves = {k.rsplit(".", 1)[-1]: k for k in all_keys}
+    close = difflib.get_close_matches(norm, list(leaves), n=3, cutoff=0.6)
+    close = [leaves[c] for c in close] or difflib.get_close_matches(norm, all_keys, n=3, cutoff=0.5)
+    if close:
+        return f"unknown option {flag}: did you mean {' or '.join(f'{k}={value}' for k in close)}?"
+    return f"unknown option {flag}: config keys are set as key.sub=value; --help-config lists them"
+
+
+def parse(parser: argparse.ArgumentParser, argv, cls_of, aliases: dict[str, str] | None = None):
+    """``parse_known_args`` that turns a leftover ``--flag`` into a suggestion (exit 2).
+    ``cls_of(args)`` is the config class of the chosen command (None: it has none)."""
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        cls = cls_of(args)
+        flags = [r for r in rest if r.startswith("-")]
+        if flags and cls is not None:
+            parser.exit(2, f"error: {suggest(flags[0], cls, aliases)}\n")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def resolved(cls, path, overrides, base: dict | None = None):
+    return load_config(cls, path, overrides, base=base)
+
+
+def print_config(cfg, out=sys.stdout) -> None:
+    out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
+
+
+def help_config(cls, cfg=None) -> list[str]:
+    """One line per key: ``key = value  # meaning`` (``(default X)`` when the value differs)."""
+    default = to_dict(cls())
+    now = to_dict(cfg) if cfg is not None else default
+    lines = []
+
+    def walk(c, d_default, d_now, prefix):
+        for f in dataclasses.fields(c):
+            tp = _field_types(c)[f.name]
+            if _is_dataclass_type(tp):
+                walk(tp, d_default[f.name], d_now[f.name], prefix + f.name + ".")
+                continue
+            v, dv = d_now[f.name], d_default[f.name]
+            note = f"  (default {dv!r})" if v != dv else ""
+            lines.append(f"{prefix}{f.name} = {v!r}{note}  # {f.metadata.get('doc', '')}")
+
+    walk(cls, default, now, "")
+    return lines
