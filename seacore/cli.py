@@ -76,8 +76,8 @@ def resolved(cls, path, overrides, base: dict | None = None):
     return load_config(cls, path, overrides, base=base)
 
 
-def print_config(cfg, out=sys.stdout) -> None:
-    out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
+def print_config(cfg, out=None) -> None:
+    (out or sys.stdout).write(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
 
 
 def help_config(cls, cfg=None) -> list[str]:
