@@ -68,10 +68,26 @@ def init_ray(cfg: ExtractConfig) -> bool:
         _check_reachable(address, cfg.ray.connect_timeout_s)
         ray.init(address=address, log_to_driver=True)
         return True
-    # Local: no dashboard at all keeps start-up light (and opens no HTTP port).
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+    # Local: no dashboard at all keeps start-up light (and opens no HTTP port). Token
+    # authentication stays on, as Ray makes it for a new local cluster; only its notice that
+    # it chose so is dropped (RAY_AUTH_MODE, when set, is Ray's to honour as usual).
+    _quiet_token_notice()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     return True
+
+
+class _DropTokenNotice:
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
+def _quiet_token_notice() -> None:
+    import logging
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in log.filters):
+        log.addFilter(_DropTokenNotice())
 
 
 def decode_batch(decoder, records):
@@ -83,7 +99,7 @@ class LabelActor:
     """Stages ``encode``, ``search`` and ``write`` for whole chunks (decorated at run time so
     importing this module needs no Ray)."""
 
-    def __init__(self, cfg_dict: dict, progress=None):
+    def __init__(self, cfg_dict: dict, progress: str | None = None):
         import torch
 
         from pipeline.stages import Decoder, Labeler
@@ -101,7 +117,9 @@ class LabelActor:
                                            self.cfg.input.max_pixels))
         self.decode = ray.remote(num_cpus=self.cfg.ray.decode_cpus,
                                  max_retries=self.cfg.ray.max_task_retries)(decode_batch)
-        self.progress = progress
+        # the progress counter by name, not by handle: a handle among the constructor's
+        # arguments goes through the object store, which Ray warns breaks restarts
+        self.progress = ray.get_actor(progress) if progress else None
         # Start the decode workers now (each imports torch and the transform: seconds), so
         # the first chunk does not pay for it.
         ray.get([self.decode.remote(self.decoder_ref, [])
@@ -183,12 +201,13 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
     try:
         n_actors, gpus = default_actors(cfg)
         retries = cfg.ray.max_task_retries
-        progress = ray.remote(num_cpus=0)(Progress).remote()
+        progress_name = f"sea-progress-{os.getpid()}-{time.time_ns()}"
+        progress = ray.remote(num_cpus=0)(Progress).options(name=progress_name).remote()
         actor_cls = ray.remote(LabelActor).options(
             num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpus, max_restarts=retries,
             max_task_retries=retries)
         cfg_dict = to_dict(cfg)
-        actors = [actor_cls.remote(cfg_dict, progress) for _ in range(n_actors)]
+        actors = [actor_cls.remote(cfg_dict, progress_name) for _ in range(n_actors)]
         metadata = ray.get(actors[0].metadata.remote())  # also: fails fast without weights
         plan = plan_run(cfg, metadata, records)
         todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)

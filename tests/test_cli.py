@@ -173,3 +173,21 @@ def _wandb_history(path: Path):
             if rec.WhichOneof("record_type") == "history":
                 yield {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                        for i in rec.history.item}
+
+
+def test_a_normal_stage2_run_warns_nothing(finetune_cfg, pretrain_cfg, tmp_path, capfd):
+    """Quiet by default: stage 2 as configs/finetune.yaml runs it (gradient checkpointing,
+    loader workers from the machine) raises no Python warning and prints no 'warn' line."""
+    import warnings
+
+    from trainer.train import train
+
+    s1 = train(pretrain_cfg(f"log.output={tmp_path / 's1'}", "optim.max_steps=1"))
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(finetune_cfg(f"init_from={s1['final']}", "llm.gradient_checkpointing=true",
+                           "data.num_workers=-1", "optim.max_steps=2"), "finetune")
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    err = capfd.readouterr().err.lower()
+    assert "warn" not in err and "deprecat" not in err, err[-2000:]

@@ -104,7 +104,9 @@ def build(cfg, stage: str = "pretrain") -> Parts:
                        section="vision")
     tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device, trained=stage == "finetune")
     if cfg.llm.gradient_checkpointing:
-        llm.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name warns); 4.x has only the old one
+        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
+        enable()
         llm.config.use_cache = False
     wl = load_wordlist(cfg.sea.wordlist)
     source = SampleSource(cfg.data, tok, enc.preprocess, "plain" if stage == "pretrain" else "chat",
