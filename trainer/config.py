@@ -14,6 +14,8 @@ class VisionConfig:
     pretrained: str | None = doc("openai", "pretrained tag or checkpoint file")
     cache_dir: str | None = doc(None, "Hugging Face cache dir for the weights")
     feature_layer: int = doc(-2, "hidden layer fed to the adapter (-2: LLaVA's penultimate)")
+    s2_scales: list[int] = doc([], "S2-Wrapper image sizes, base first (e.g. [336, 672, 1008]); "
+                                   "[] = the plain tower. Labels stay the base tower's")
 
 
 @dataclasses.dataclass

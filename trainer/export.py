@@ -44,6 +44,10 @@ def export(run: str | Path, fmt: str, out: str | Path) -> dict:
     if fmt not in ("hf-llava", "llava"):
         raise ValueError(f"--format must be hf-llava or llava, got {fmt}")
     mllm, tok, preprocess, meta = load_final(run, "cpu")
+    if fmt == "hf-llava" and meta["vision"].get("s2_scales"):
+        raise ValueError("an S2-Wrapper tower cannot be exported as hf-llava: transformers' LLaVA "
+                         "has no multi-scale vision tower; use --format llava (the LLaVA "
+                         "repository's s2 settings) or our generate")
     from pipeline.hf_clip import open_clip_visual_to_hf
 
     vcfg, vsd = open_clip_visual_to_hf(mllm.vision.visual)  # refuses SigLIP before writing
@@ -202,8 +206,12 @@ def _llava_config(llm, meta: dict, vcfg: dict, tower: str) -> tuple[dict, str | 
     else:
         note = (f"the LLaVA codebase has no model class for '{kind}' LLMs; mm_projector.bin and "
                 f"the mm_* fields are still LLaVA's")
+    scales = meta["vision"].get("s2_scales") or []
+    if scales:  # LLaVA's CLIPVisionTowerS2 settings
+        cfg.update({"s2": True, "s2_scales": ",".join(map(str, scales)),
+                    "s2_max_split_size": scales[0]})
     cfg.update({
-        "mm_vision_tower": tower, "mm_hidden_size": vcfg["hidden_size"],
+        "mm_vision_tower": tower, "mm_hidden_size": vcfg["hidden_size"] * max(1, len(scales)),
         "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": meta["vision"]["feature_layer"],
         "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
         "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",

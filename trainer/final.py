@@ -57,7 +57,7 @@ def write_final(p, out: Path) -> None:
         "stage": p.stage, "llm": llm_ref,
         "llm_identity": llm_identity(p.cfg.llm.path, p.task.mllm.llm),
         "vision": {"model": p.cfg.vision.model, "pretrained": p.cfg.vision.pretrained,
-                   "encoder": enc.name,
+                   "encoder": enc.name, "s2_scales": list(p.cfg.vision.s2_scales),
                    "weights_sha256": enc.weights_sha256, "feature_layer": p.cfg.vision.feature_layer,
                    "image_size": list(enc.image_size), "grid": list(enc.grid),
                    "tuned_weights": "vision.safetensors" if p.task.train_vision else None},
@@ -96,10 +96,16 @@ def load_final(path: str | Path, device: str | torch.device = "cpu"):
         enc.model.visual.load_state_dict(load_file(str(path / v["tuned_weights"])))
     llm_path = str(path / meta["llm"]) if (path / meta["llm"]).is_dir() else meta["llm"]
     tok, llm = load_llm(llm_path, "auto", device)
-    mllm = MLLM(enc.model.visual, llm, v["feature_layer"]).to(device)
+    scales = v.get("s2_scales") or []
+    mllm = MLLM(enc.model.visual, llm, v["feature_layer"], scales).to(device)
     mllm.adapter.load_state_dict(read_adapter(path / "adapter.safetensors")[0])
     mllm.eval().requires_grad_(False)
-    return mllm, tok, enc.preprocess, meta
+    preprocess = enc.preprocess
+    if scales:
+        from trainer.s2 import scaled_preprocess
+
+        preprocess = scaled_preprocess(preprocess, scales[-1])
+    return mllm, tok, preprocess, meta
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -170,6 +176,9 @@ def check_stage1(meta: dict, where: Path, cfg, encoder, llm) -> None:
     if stage1_name and stage1_name not in (encoder.name, cfg.vision.model):
         problems.append(f"vision.model: stage 1 used '{v.get('model')}', this run has "
                         f"'{cfg.vision.model}'")
+    if list(v.get("s2_scales") or []) != list(cfg.vision.s2_scales):
+        problems.append(f"vision.s2_scales: stage 1 used {v.get('s2_scales') or []}, this run has "
+                        f"{list(cfg.vision.s2_scales)}")
     if v.get("feature_layer") is not None and v["feature_layer"] != cfg.vision.feature_layer:
         problems.append(f"vision.feature_layer: stage 1 used {v['feature_layer']}, this run has "
                         f"{cfg.vision.feature_layer}")

@@ -28,13 +28,15 @@ class MLP2xGelu(nn.Sequential):
 
 
 class VisionTower(nn.Module):
-    """Patch features from a hidden layer (class token dropped), and the patch grid."""
+    """Patch features from a hidden layer (class token dropped), and the patch grid; with
+    ``s2_scales``, S2-Wrapper's multi-scale features (``trainer.s2``: channels x scales)."""
 
-    def __init__(self, visual: nn.Module, feature_layer: int = -2):
+    def __init__(self, visual: nn.Module, feature_layer: int = -2, s2_scales: list[int] | None = None):
         super().__init__()
         self.visual = visual
         self.feature_layer = feature_layer
         self.grid = dense.patch_grid(visual)
+        self.s2_scales = list(s2_scales or [])
         if dense.is_clip_vit(visual):
             self.depth = len(visual.transformer.resblocks)
             self.width = visual.transformer.width
@@ -48,8 +50,22 @@ class VisionTower(nn.Module):
             raise ValueError(f"vision.feature_layer={feature_layer} is outside 1..{self.depth} "
                              f"(or -1..-{self.depth})")
         self.num_blocks = n  # hidden state after this many blocks (LLaVA's hidden_states[n])
+        if self.s2_scales:
+            from trainer import s2
+
+            size = getattr(visual, "image_size", None) or visual.trunk.patch_embed.img_size
+            s2.check_scales(self.s2_scales, size[0] if isinstance(size, tuple | list) else size)
+            self.width *= len(self.s2_scales)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.s2_scales:
+            from trainer import s2
+
+            return s2.multiscale(self.tokens, images, self.s2_scales, self.grid)
+        return self.tokens(images)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The plain tower's patch tokens at its own size."""
         if dense.is_clip_vit(self.visual):
             return dense.clip_hidden(self.visual, images, self.num_blocks)[:, 1:]
         trunk = self.visual.trunk
@@ -129,9 +145,10 @@ def splice(embed: nn.Embedding, input_ids: list[torch.Tensor], labels: list[torc
 class MLLM(nn.Module):
     """Vision tower + adapter + LLM. Which parts train is set by the stage (``set_trainable``)."""
 
-    def __init__(self, visual: nn.Module, llm: nn.Module, feature_layer: int = -2):
+    def __init__(self, visual: nn.Module, llm: nn.Module, feature_layer: int = -2,
+                 s2_scales: list[int] | None = None):
         super().__init__()
-        self.vision = VisionTower(visual, feature_layer)
+        self.vision = VisionTower(visual, feature_layer, s2_scales)
         self.llm = llm
         self.adapter = MLP2xGelu(self.vision.width, llm.get_input_embeddings().weight.shape[1])
 

@@ -109,9 +109,14 @@ def build(cfg, stage: str = "pretrain") -> Parts:
         enable()
         llm.config.use_cache = False
     wl = load_wordlist(cfg.sea.wordlist)
-    source = SampleSource(cfg.data, tok, enc.preprocess, "plain" if stage == "pretrain" else "chat",
+    preprocess = enc.preprocess
+    if cfg.vision.s2_scales:  # images come in at the largest scale (same crop region)
+        from trainer.s2 import scaled_preprocess
+
+        preprocess = scaled_preprocess(enc.preprocess, cfg.vision.s2_scales[-1])
+    source = SampleSource(cfg.data, tok, preprocess, "plain" if stage == "pretrain" else "chat",
                           expected_label_metadata(enc, wl))
-    mllm = MLLM(enc.model.visual, llm, cfg.vision.feature_layer).to(device)
+    mllm = MLLM(enc.model.visual, llm, cfg.vision.feature_layer, cfg.vision.s2_scales).to(device)
     if cfg.data.shards and list(mllm.grid) != list(source.meta["grid"]):
         raise ValueError(f"label grid {source.meta['grid']} != visual-token grid {list(mllm.grid)}")
     train_vision = stage == "finetune" and getattr(cfg.optim, "vision_lr", 0) > 0
