@@ -11,7 +11,7 @@ NPROC  ?= 1
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo evidence test lint labels submit ray-up ray-down train-pretrain train-finetune bench clean
+.PHONY: help setup demo evidence test lint labels submit ray-up ray-down train-pretrain train-finetune paper bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -59,6 +59,10 @@ train-pretrain: $(STAMP) ## SEA stage 1 (adapter only): TRAIN_CONFIG=configs/pre
 
 train-finetune: $(STAMP) ## stage 2 (LLM + adapter): FT_CONFIG=configs/finetune.yaml NPROC=1 ARGS='key=value ...'
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m trainer finetune --config $(FT_CONFIG) $(ARGS)
+
+paper: $(STAMP) ## one row of the paper (Tables 1-3): ROW=... DATA=/datasets NPROC=8 (no ROW: list them)
+	@test -n "$(ROW)" || { $(PY) -m paper list; echo "set ROW=<one of the rows above>"; exit 2; }
+	$(PY) -m paper run $(ROW) --data-root $(or $(DATA),data) --nproc $(NPROC) $(ARGS)
 
 bench: $(STAMP) ## benchmarks (< 10 min on 2 cores) -> BENCHMARKS.md and bench/results.json
 	$(PY) bench/bench.py

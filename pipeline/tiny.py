@@ -110,3 +110,33 @@ def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
     tmp.replace(weights)
     return spec
 
+
+def save_tiny_hf_clip(folder, act: str = "quick_gelu", seed: int = 0) -> str:
+    """A tiny random transformers ``CLIPModel`` (32 px, patch 8, OpenAI vocabulary) saved with
+    ``save_pretrained`` plus its ``CLIPImageProcessor``: what ``hf-clip:`` loads. Returns the
+    ``hf-clip:`` model string; an existing folder is reused."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file():
+        return f"hf-clip:{folder}"
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "hidden_act": act, "eos_token_id": 49407,
+                     "bos_token_id": 49406, "pad_token_id": 0},
+        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+                       "hidden_act": act},
+        projection_dim=24)
+    model = CLIPModel(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped key cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
+    return f"hf-clip:{folder}"

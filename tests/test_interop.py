@@ -79,8 +79,9 @@ def test_hf_llava_export_answers_as_our_generate(pretrain_cfg, finetune_cfg, sam
                                                  capsys):
     s1 = train(pretrain_cfg(f"log.output={tmp_path / 's1'}", "optim.max_steps=2"))
     s2 = train(finetune_cfg(f"init_from={s1['final']}", f"log.output={tmp_path / 's2'}",
-                            "optim.max_steps=3"))
+                            "optim.max_steps=3"), "finetune")
     _check_hf_export(s2["final"], tmp_path / "hf2", sample, capsys, "chat")
+    _check_lmms_eval(s2["final"], tmp_path / "hf2", sample, capsys)
     _check_hf_export(s1["final"], tmp_path / "hf1", sample, capsys, "plain")
     # an export never writes into a folder that holds files
     assert main(["export", "--run", s1["final"], "--format", "hf-llava",
@@ -176,3 +177,27 @@ def test_siglip_tower_export_is_refused_with_the_reason(tiny_siglip, tiny_llm, s
     err = capsys.readouterr().err
     assert "CLIPVisionModel holds only CLIP-style ViTs" in err
     assert not (tmp_path / "x").exists()
+
+
+def _check_lmms_eval(run, out, sample, capsys):
+    """lmms-eval's ``llava_hf`` model (what the paper's benchmarks run through) loads the export
+    offline and answers as our generate does."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+    from PIL import Image
+
+    lm = LlavaHf(pretrained=str(out), device="cpu", device_map="cpu", dtype="float32")
+    path = _first_image(sample)
+    doc = {"image": Image.open(path).convert("RGB")}
+    lm.task_dict = {"probe": {"test": {0: doc}}}
+    req = Instance("generate_until", (PROMPT, {"max_new_tokens": 10, "temperature": 0},
+                                      lambda d: [d["image"]], 0, "probe", "test"), 0,
+                   {"task": "probe", "doc_id": 0, "repeats": 1})
+    theirs = lm.generate_until([req])[0]
+    theirs = theirs.text if hasattr(theirs, "text") else theirs
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "--image", str(path), "--prompt", PROMPT,
+                 "--max-new-tokens", "10", "--device", "cpu"]) == 0
+    ours = capsys.readouterr().out.strip()
+    assert ours and theirs.strip() == ours

@@ -184,11 +184,14 @@ def export_hf_llava(mllm, tok, preprocess, meta, vcfg, vsd, out: Path) -> dict:
     gen.bos_token_id = tok.bos_token_id
     model.generation_config = gen
     model.save_pretrained(out, safe_serialization=True)
+    template = chat_template(tok, meta["stage"])
+    # the tokenizer gets it too: lmms-eval's llava_hf renders prompts with the tokenizer's
+    # template and string content ("<image>\n..."), which the template also takes
+    tok.chat_template = template
     processor = LlavaProcessor(
         image_processor=image_processor(preprocess), tokenizer=tok,
         patch_size=vcfg["patch_size"], vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=chat_template(tok, meta["stage"]),
-        image_token=IMAGE)
+        num_additional_image_tokens=1, chat_template=template, image_token=IMAGE)
     processor.save_pretrained(out)
     return {"format": "hf-llava", "out": str(out), "stage": meta["stage"],
             "image_token_id": image_id, "image_tokens": P}

@@ -20,9 +20,11 @@ CHAT_TEMPLATE = (
 
 def save_tiny_llm(out_dir: str | Path, words, seed: int = 0, vocab_size: int = 4096,
                   hidden: int = 64, layers: int = 2, heads: int = 4,
-                  extra_text: list[str] | None = None) -> str:
+                  extra_text: list[str] | None = None, arch: str = "llama") -> str:
     """Train a tokenizer on ``words`` (and ``extra_text``, the sentences the model will see,
-    so their words become single tokens), build a random Llama, save both; return the path."""
+    so their words become single tokens), build a random LM, save both; return the path.
+    ``arch``: llama (Vicuna, Llama-3), gemma (tied embeddings, its own head size) or phi3
+    (fused qkv), the LLM families of the paper's rows."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -42,11 +44,22 @@ def save_tiny_llm(out_dir: str | Path, words, seed: int = 0, vocab_size: int = 4
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
-                      num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=heads, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                  max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    elif arch == "gemma":
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        model = GemmaForCausalLM(GemmaConfig(**common, head_dim=hidden // heads,
+                                             tie_word_embeddings=True))
+    elif arch == "phi3":
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        model = Phi3ForCausalLM(Phi3Config(**common, tie_word_embeddings=False))
+    else:
+        raise ValueError(f"arch must be llama, gemma or phi3, got {arch}")
     model.save_pretrained(out, safe_serialization=True)
     return str(out)
