@@ -34,22 +34,6 @@ def _same_content(a: Path, b: Path):
     assert (a / "errors.jsonl").read_text() == (b / "errors.jsonl").read_text()
 
 
-def test_ray_run_equals_in_process_run(extract_cfg, tmp_path):
-    local = run_local(extract_cfg(out=tmp_path / "local"))
-    ray_s = run_ray(extract_cfg("run.runner=ray", out=tmp_path / "ray"))
-    assert ray_s["runner"] == "ray" and ray_s["images_labelled"] == local["images_labelled"] == 24
-    _same_content(tmp_path / "local", tmp_path / "ray")
-
-
-def test_bad_corpus_through_ray(extract_cfg, bad_corpus, tmp_path):
-    from test_extract import check_bad_corpus
-
-    bad_json, root, expected = bad_corpus
-    s = run_ray(extract_cfg(f"input.json={bad_json}", f"input.image_root={root}",
-                            "input.max_pixels=1000000", "run.runner=ray", out=tmp_path / "s"))
-    check_bad_corpus(s, tmp_path / "s", expected)
-
-
 def _cli_args(cfg, out):
     return [f"encoder.model={cfg.encoder.model}", "encoder.pretrained=null",
             f"input.json={cfg.input.json}", f"input.image_root={cfg.input.image_root}",
@@ -88,14 +72,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_start_head_and_submit_through_project_path(extract_cfg, tmp_path):
+def _gcs_pids() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and b"gcs_server" in (p / "cmdline").read_bytes().split(b"\0")[0]} if Path("/proc").is_dir() else set()
+
+
+def test_ray_head_submit_and_stop_only_its_own(extract_cfg, tmp_path):
+    """`ray-up`'s head takes a `ray job submit` through the project's path; then, with a second
+    head on the machine, stopping ours leaves the other running (`ray stop` would end both, and
+    every other user's Ray with them). One test: each head costs half a minute to start."""
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
+    before = _gcs_pids()
     dash, gcs = _free_port(), _free_port()
-    head = Path(tempfile.mkdtemp(prefix="sea-ray-"))  # short: Ray's socket paths have a limit
-    start_head(head, gcs, dash, num_cpus=2, env=env)
+    # short folders: Ray's socket paths have a length limit
+    ours, other = (Path(tempfile.mkdtemp(prefix=f"sea-ray-{n}-")) for n in ("a", "b"))
     try:
+        start_head(ours, gcs, dash, num_cpus=2, env=env)
+        mine = _gcs_pids() - before
         out = tmp_path / "submitted"
         cfg = extract_cfg(out=out)
         r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--address",
@@ -105,29 +100,10 @@ def test_ray_start_head_and_submit_through_project_path(extract_cfg, tmp_path):
         assert "succeeded" in (r.stdout + r.stderr)
         m = shards.read_manifest(out)
         assert m["complete"] and m["rows"] == 24
-    finally:
-        stop_head(head)  # only this head: never `ray stop`, which ends every Ray on the machine
-        shutil.rmtree(head, ignore_errors=True)
-
-
-def _gcs_pids() -> set[int]:
-    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-            and b"gcs_server" in (p / "cmdline").read_bytes().split(b"\0")[0]} if Path("/proc").is_dir() else set()
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc (Linux)")
-def test_ray_down_stops_only_its_own_head(tmp_path):
-    """Two heads on the machine: stopping ours leaves the other running (`ray stop` would end
-    both, and every other user's Ray with them)."""
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    env.pop("RAY_ADDRESS", None)
-    before = _gcs_pids()
-    ours, other = (Path(tempfile.mkdtemp(prefix=f"sea-ray-{n}-")) for n in ("a", "b"))
-    try:
+        if not Path("/proc").is_dir():
+            return
         start_head(other, _free_port(), _free_port(), num_cpus=1, env=env)
-        theirs = _gcs_pids() - before
-        start_head(ours, _free_port(), _free_port(), num_cpus=1, env=env)
-        mine = _gcs_pids() - before - theirs
+        theirs = _gcs_pids() - before - mine
         assert len(theirs) == 1 and len(mine) == 1
         with pytest.raises(RuntimeError, match="still running"):
             start_head(ours, _free_port(), _free_port(), num_cpus=1, env=env)
@@ -138,5 +114,39 @@ def test_ray_down_stops_only_its_own_head(tmp_path):
         assert stop_head(ours) == 0  # nothing left to stop
     finally:
         for d in (ours, other):
-            stop_head(d)
+            stop_head(d)  # only these heads: never `ray stop`
             shutil.rmtree(d, ignore_errors=True)
+
+
+# last in the file: the module's local Ray stays up until the module ends, and the tests
+# above start Ray clusters of their own in subprocesses
+@pytest.fixture(scope="module")
+def local_ray(tiny_clip):
+    """One local Ray, started exactly as the runner starts it, for the in-process Ray tests
+    (the runner joins an initialised Ray and leaves it up): half a minute saved per test."""
+    import ray
+
+    from pipeline.config import ExtractConfig
+    from pipeline.ray_runner import init_ray
+    from seacore.config import load_config
+
+    started = init_ray(load_config(ExtractConfig, None, ["run.runner=ray"]))
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_ray_run_equals_in_process_run(extract_cfg, local_ray, tmp_path):
+    local = run_local(extract_cfg(out=tmp_path / "local"))
+    ray_s = run_ray(extract_cfg("run.runner=ray", out=tmp_path / "ray"))
+    assert ray_s["runner"] == "ray" and ray_s["images_labelled"] == local["images_labelled"] == 24
+    _same_content(tmp_path / "local", tmp_path / "ray")
+
+
+def test_bad_corpus_through_ray(extract_cfg, bad_corpus, local_ray, tmp_path):
+    from test_extract import check_bad_corpus
+
+    bad_json, root, expected = bad_corpus
+    s = run_ray(extract_cfg(f"input.json={bad_json}", f"input.image_root={root}",
+                            "input.max_pixels=1000000", "run.runner=ray", out=tmp_path / "s"))
+    check_bad_corpus(s, tmp_path / "s", expected)

@@ -128,7 +128,9 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     task = SEATask(mllm, align, cfg.sea.weight, cfg.data.max_length, cfg.data.truncation,
                    train_vision)
     if stage == "finetune" and getattr(cfg, "init_from", None):
-        init_adapter(task, cfg.init_from, cfg, enc)
+        loaded = init_adapter(task, cfg.init_from, cfg, enc)
+        if d.is_main():
+            print(f"init_from: {loaded}", file=sys.stderr)
     mllm.set_trainable(adapter=True, llm=stage == "finetune", vision=train_vision)
     o = cfg.optim
     accum = o.global_batch_size // (o.micro_batch_size * d.world)
