@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                      else None)
     if args.cmd in ("extract", "submit") and (args.help_config or args.print_config):
         try:
-            cfg = cli.resolved(ExtractConfig, args.config, args.overrides)
+            cfg = load_config(ExtractConfig, args.config, args.overrides)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -18,7 +18,7 @@ import sys
 
 import yaml
 
-from seacore.config import _field_types, _is_dataclass_type, load_config, to_dict
+from seacore.config import _field_types, _is_dataclass_type, to_dict
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -70,10 +70,6 @@ def parse(parser: argparse.ArgumentParser, argv, cls_of, aliases: dict[str, str]
             parser.exit(2, f"error: {suggest(flags[0], cls, aliases)}\n")
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args
-
-
-def resolved(cls, path, overrides, base: dict | None = None):
-    return load_config(cls, path, overrides, base=base)
 
 
 def print_config(cfg, out=None) -> None:

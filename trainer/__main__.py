@@ -120,7 +120,7 @@ def _simple(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from seacore.config import ConfigError
+    from seacore.config import ConfigError, load_config
     from trainer.config import LLAVA_FLAGS
 
     parser = _parser()
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         path, saved, stage = (_eval_target(args) if args.cmd == "eval-align"
                               else (None, None, args.cmd))
         cls = _config_class(stage)
-        cfg = cli.resolved(cls, args.config, args.overrides, base=None if args.config else saved)
+        cfg = load_config(cls, args.config, args.overrides, base=None if args.config else saved)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
