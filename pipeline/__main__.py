@@ -8,7 +8,7 @@ import sys
 
 from pipeline.config import ExtractConfig
 from seacore import cli
-from seacore.config import ConfigError, load_config
+from seacore.config import ConfigError, describe, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if args.help_config:
-            print("\n".join(cli.help_config(ExtractConfig, cfg)))
+            print("\n".join(describe(ExtractConfig, cfg)))
         else:
             cli.print_config(cfg)
         return 0

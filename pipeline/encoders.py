@@ -144,7 +144,7 @@ def load_encoder(model: str, pretrained: str | None = None, allow_download: bool
 
         m, preprocess, tokenizer, sha, _ = hf_clip.load_hf_clip(model, device, cache_dir,
                                                                 allow_download, section)
-        size = _image_size(m.visual)
+        size = image_size_of(m.visual)
         return LoadedEncoder(model=m, preprocess=preprocess, tokenizer=tokenizer,
                              name=hf_clip.display_name(model), weights_tag="hf-clip",
                              weights_sha256=sha, image_size=size, grid=patch_grid(m.visual, size))
@@ -171,7 +171,7 @@ def load_encoder(model: str, pretrained: str | None = None, allow_download: bool
         sha = file_sha256(ckpt) if ckpt else None
         name = model
     tokenizer = open_clip.get_tokenizer(model)
-    size = _image_size(m.visual)
+    size = image_size_of(m.visual)
     return LoadedEncoder(model=m, preprocess=preprocess, tokenizer=tokenizer, name=name,
                          weights_tag=tag, weights_sha256=sha, image_size=size,
                          grid=patch_grid(m.visual, size))
@@ -196,7 +196,8 @@ def preprocess_geometry(preprocess) -> dict:
     return geo
 
 
-def _image_size(visual) -> tuple[int, int]:
+def image_size_of(visual) -> tuple[int, int]:
+    """(h, w) a tower takes: open_clip ViTs say it, timm trunks keep it in the patch embedding."""
     size = getattr(visual, "image_size", None)
     if size is None:
         size = visual.trunk.patch_embed.img_size

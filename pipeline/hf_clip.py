@@ -247,11 +247,12 @@ def open_clip_visual_to_hf(visual: torch.nn.Module) -> tuple[dict, dict]:
     if problems:
         raise ValueError("the vision tower has " + ", ".join(problems) +
                          ", which CLIPVisionModel cannot hold")
+    from pipeline.encoders import image_size_of
+
     width = visual.transformer.width
     cfg = {"hidden_size": width, "intermediate_size": b0.mlp.c_fc.out_features,
            "num_hidden_layers": len(blocks), "num_attention_heads": b0.attn.num_heads,
-           "image_size": visual.image_size[0] if isinstance(visual.image_size, tuple | list)
-           else visual.image_size,
+           "image_size": image_size_of(visual)[0],
            "patch_size": visual.conv1.kernel_size[0], "num_channels": 3,
            "projection_dim": visual.proj.shape[1] if visual.proj is not None else width,
            "hidden_act": "quick_gelu" if act == "QuickGELU" else "gelu",

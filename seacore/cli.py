@@ -2,7 +2,7 @@
 
 - ``--config FILE`` and ``key.sub=value`` overrides (``seacore.config.load_config``);
 - ``--print-config``: the resolved config (defaults, file, overrides) as YAML that loads back;
-- ``--help-config``: every key with its value under ``--config`` and the overrides, its
+- ``--help-config`` (``seacore.config.describe``): every key with its value under ``--config`` and the overrides, its
   default when that differs, and its meaning;
 - an unknown ``--flag`` names the key to use (``--learning_rate`` -> ``optim.lr=...``): from
   the command's table of familiar flag names (LLaVA / HF ``TrainingArguments``), else the
@@ -74,23 +74,3 @@ def parse(parser: argparse.ArgumentParser, argv, cls_of, aliases: dict[str, str]
 
 def print_config(cfg, out=None) -> None:
     (out or sys.stdout).write(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
-
-
-def help_config(cls, cfg=None) -> list[str]:
-    """One line per key: ``key = value  # meaning`` (``(default X)`` when the value differs)."""
-    default = to_dict(cls())
-    now = to_dict(cfg) if cfg is not None else default
-    lines = []
-
-    def walk(c, d_default, d_now, prefix):
-        for f in dataclasses.fields(c):
-            tp = _field_types(c)[f.name]
-            if _is_dataclass_type(tp):
-                walk(tp, d_default[f.name], d_now[f.name], prefix + f.name + ".")
-                continue
-            v, dv = d_now[f.name], d_default[f.name]
-            note = f"  (default {dv!r})" if v != dv else ""
-            lines.append(f"{prefix}{f.name} = {v!r}{note}  # {f.metadata.get('doc', '')}")
-
-    walk(cls, default, now, "")
-    return lines

@@ -188,16 +188,22 @@ def config_hash(obj_or_dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def describe(cls, prefix: str = "") -> list[str]:
-    """One line per field: dotted key, type, default. Used by ``--help-config``."""
+def describe(cls, cfg=None) -> list[str]:
+    """One line per key: ``key = value  # meaning``, the value resolved in ``cfg`` (default:
+    the defaults), ``(default X)`` beside it when they differ. ``--help-config`` prints it."""
+    default = to_dict(cls())
+    now = to_dict(cfg) if cfg is not None else default
     lines = []
-    for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
-        if _is_dataclass_type(tp):
-            lines += describe(tp, prefix + f.name + ".")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            doc = f.metadata.get("doc", "")
-            lines.append(f"{prefix}{f.name} = {default!r}  # {doc}")
+
+    def walk(c, d_default, d_now, prefix):
+        for f in dataclasses.fields(c):
+            tp = _field_types(c)[f.name]
+            if _is_dataclass_type(tp):
+                walk(tp, d_default[f.name], d_now[f.name], prefix + f.name + ".")
+                continue
+            v, dv = d_now[f.name], d_default[f.name]
+            note = f"  (default {dv!r})" if v != dv else ""
+            lines.append(f"{prefix}{f.name} = {v!r}{note}  # {f.metadata.get('doc', '')}")
+
+    walk(cls, default, now, "")
     return lines

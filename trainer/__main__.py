@@ -120,7 +120,7 @@ def _simple(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from seacore.config import ConfigError, load_config
+    from seacore.config import ConfigError, describe, load_config
     from trainer.config import LLAVA_FLAGS
 
     parser = _parser()
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.help_config:
-        print("\n".join(cli.help_config(cls, cfg)))
+        print("\n".join(describe(cls, cfg)))
         return 0
     if args.print_config:
         cli.print_config(cfg)

@@ -100,12 +100,9 @@ def load_final(path: str | Path, device: str | torch.device = "cpu"):
     mllm = MLLM(enc.model.visual, llm, v["feature_layer"], scales).to(device)
     mllm.adapter.load_state_dict(read_adapter(path / "adapter.safetensors")[0])
     mllm.eval().requires_grad_(False)
-    preprocess = enc.preprocess
-    if scales:
-        from trainer.s2 import scaled_preprocess
+    from trainer.s2 import tower_transform
 
-        preprocess = scaled_preprocess(preprocess, scales[-1])
-    return mllm, tok, preprocess, meta
+    return mllm, tok, tower_transform(enc.preprocess, scales), meta
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import dense
+from pipeline.encoders import image_size_of
 from trainer import s2
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id for <image> in input_ids
@@ -52,8 +53,7 @@ class VisionTower(nn.Module):
                              f"(or -1..-{self.depth})")
         self.num_blocks = n  # hidden state after this many blocks (LLaVA's hidden_states[n])
         if self.s2_scales:
-            size = getattr(visual, "image_size", None) or visual.trunk.patch_embed.img_size
-            s2.check_scales(self.s2_scales, size[0] if isinstance(size, tuple | list) else size)
+            s2.check_scales(self.s2_scales, image_size_of(visual)[0])
             self.width *= len(self.s2_scales)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

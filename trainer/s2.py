@@ -64,6 +64,12 @@ def multiscale(tokens_of, images: torch.Tensor, scales: list[int], grid: tuple[i
     return out.reshape(b, out.shape[1], gh * gw).transpose(1, 2)
 
 
+def tower_transform(preprocess, s2_scales: list[int]):
+    """What images go through for a tower: its own transform, or with S2 the same at the
+    largest scale."""
+    return scaled_preprocess(preprocess, s2_scales[-1]) if s2_scales else preprocess
+
+
 def scaled_preprocess(preprocess, size: int):
     """The tower's transform with its resize and centre crop at ``size`` (same region of the
     image as at the base size: the labels stay aligned)."""

@@ -33,6 +33,7 @@ from trainer.final import init_adapter, write_final
 from trainer.llm import load_llm
 from trainer.model import MLLM
 from trainer.runlog import Logger
+from trainer.s2 import tower_transform
 from trainer.sea_loss import AlignmentLoss, load_word_tokens
 from trainer.task import SEATask
 
@@ -109,12 +110,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
         enable()
         llm.config.use_cache = False
     wl = load_wordlist(cfg.sea.wordlist)
-    preprocess = enc.preprocess
-    if cfg.vision.s2_scales:  # images come in at the largest scale (same crop region)
-        from trainer.s2 import scaled_preprocess
-
-        preprocess = scaled_preprocess(enc.preprocess, cfg.vision.s2_scales[-1])
-    source = SampleSource(cfg.data, tok, preprocess, "plain" if stage == "pretrain" else "chat",
+    source = SampleSource(cfg.data, tok, tower_transform(enc.preprocess, cfg.vision.s2_scales), "plain" if stage == "pretrain" else "chat",
                           expected_label_metadata(enc, wl))
     mllm = MLLM(enc.model.visual, llm, cfg.vision.feature_layer, cfg.vision.s2_scales).to(device)
     if cfg.data.shards and list(mllm.grid) != list(source.meta["grid"]):
