@@ -269,11 +269,11 @@ def open_clip_visual_to_hf(visual: torch.nn.Module) -> tuple[dict, dict]:
     return cfg, {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def load_clip_vision(model: torch.nn.Module, state: dict) -> None:
+def load_clip_vision(model: torch.nn.Module, state: dict, assign: bool = False) -> None:
     """Load ``open_clip_visual_to_hf``'s weights into a ``CLIPVisionModel`` (its inner vision
     transformer in transformers 4, the model itself in 5), strictly but for buffers."""
     target = getattr(model, "vision_model", model)
-    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing, unexpected = target.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"CLIPVisionModel weights do not fit: missing {missing[:3]}, "

@@ -155,7 +155,7 @@ def export_hf_llava(mllm, tok, preprocess, meta, vcfg, vsd, out: Path) -> dict:
         LlavaProcessor,
     )
 
-    llm = copy.deepcopy(mllm.llm)
+    llm = mllm.llm  # export's own copy (load_final): grown in place, not copied again (7B: 28 GB)
     tok, image_id = _with_image_token(tok, llm)
     P = mllm.grid[0] * mllm.grid[1]
     config = LlavaConfig(
@@ -164,20 +164,26 @@ def export_hf_llava(mllm, tok, preprocess, meta, vcfg, vsd, out: Path) -> dict:
         vision_feature_layer=meta["vision"]["feature_layer"],
         vision_feature_select_strategy="default", multimodal_projector_bias=True,
         tie_word_embeddings=bool(llm.config.tie_word_embeddings))
-    model = LlavaForConditionalGeneration(config).eval()
+    with torch.device("meta"):  # no random init of a second LLM: every weight is assigned below
+        model = LlavaForConditionalGeneration(config).eval()
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "language_model"):
         raise RuntimeError("this transformers has the old LLaVA layout; export needs >= 4.52")
     from pipeline.hf_clip import load_clip_vision
 
-    load_clip_vision(inner.vision_tower, vsd)
+    load_clip_vision(inner.vision_tower, vsd, assign=True)
     a = mllm.adapter
     proj = inner.multi_modal_projector
-    proj.linear_1.load_state_dict(a[0].state_dict())
-    proj.linear_2.load_state_dict(a[2].state_dict())
-    inner.language_model.load_state_dict(llm.get_decoder().state_dict())
-    if not llm.config.tie_word_embeddings:
-        model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+    proj.linear_1.load_state_dict(a[0].state_dict(), assign=True)
+    proj.linear_2.load_state_dict(a[2].state_dict(), assign=True)
+    inner.language_model.load_state_dict(llm.get_decoder().state_dict(), assign=True)
+    if llm.config.tie_word_embeddings:
+        model.tie_weights()
+    else:
+        model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict(), assign=True)
+    left = [n for n, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise RuntimeError(f"export left weights unset: {left[:5]}")
     gen = copy.deepcopy(llm.generation_config)
     gen.suppress_tokens = [image_id]
     gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
