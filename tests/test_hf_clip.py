@@ -122,3 +122,23 @@ def test_round_trip_to_clip_vision_model(hf_folder):
         b = ref(pixel_values=x, output_hidden_states=True).hidden_states
     for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v)
+
+
+def test_checkpoints_open_clip_cannot_mirror_are_refused(tmp_path):
+    """Another vocabulary (open_clip's bundled BPE would give wrong tokens) or mixed
+    activations are refused with the field, not converted into a silently different model."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from pipeline.encoders import load_encoder
+
+    text = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 77}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path / "v")
+    with pytest.raises(ValueError, match="vocab_size=1000: only the OpenAI BPE"):
+        load_encoder(f"hf-clip:{tmp_path / 'v'}")
+    CLIPModel(CLIPConfig(text_config={**text, "vocab_size": 49408, "hidden_act": "gelu"},
+                         vision_config={**vision, "hidden_act": "quick_gelu"})).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="different activations"):
+        load_encoder(f"hf-clip:{tmp_path / 'a'}")

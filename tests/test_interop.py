@@ -118,7 +118,12 @@ def test_llava_layout_round_trips_through_init_from(pretrain_cfg, finetune_cfg, 
     ours = load_file(str(Path(s1["final"]) / "adapter.safetensors"))
     for k in ("0.weight", "0.bias", "2.weight", "2.bias"):
         torch.testing.assert_close(p.task.mllm.adapter.state_dict()[k], ours[f"adapter.{k}"])
-    # LLaVA's config beside it is read: another select layer is refused by name
+    # LLaVA's config beside it is read: another projector type or select layer is refused
+    cfg_path = out / "config.json"
+    cfg_path.write_text(json.dumps({**cfg, "mm_projector_type": "linear"}))
+    with pytest.raises(ValueError, match="mm_projector_type=linear; only mlp2x_gelu"):
+        build(finetune_cfg(f"init_from={out / 'mm_projector.bin'}"), "finetune")
+    cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mm_vision_select_layer=-2.*vision.feature_layer=-1"):
         build(finetune_cfg(f"init_from={out / 'mm_projector.bin'}", "vision.feature_layer=-1"),
               "finetune")

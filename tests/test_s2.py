@@ -78,3 +78,26 @@ def test_s2_preprocess_crops_the_same_region_larger(tiny_clip):
     assert small.shape == (3, 64, 64) and big.shape == (3, 192, 192)
     # the same region: the big crop, area-pooled to 64, is the small one up to resampling
     assert float((F.avg_pool2d(big[None], 3)[0] - small).abs().mean()) < 0.05
+
+
+def test_an_s2_run_trains_loads_and_exports_to_llava_only(pretrain_cfg, tmp_path, capsys):
+    """Stage 1 with S2 scales end to end: final/ records the scales and load_final gives the
+    large-scale transform; hf-llava refuses the tower, llava writes LLaVA's s2 settings."""
+    import json
+
+    from trainer.__main__ import main
+    from trainer.final import load_final
+    from trainer.train import train
+
+    run = train(pretrain_cfg("vision.s2_scales=[64, 128]", "optim.max_steps=1"))
+    mllm, _, pre, meta = load_final(run["final"])
+    assert meta["vision"]["s2_scales"] == [64, 128] and mllm.adapter[0].in_features == 2 * 64
+    assert [t.size for t in pre.transforms[:2]] == [128, (128, 128)]
+    assert main(["export", "--run", run["final"], "--format", "hf-llava",
+                 "--out", str(tmp_path / "hf")]) == 2
+    assert "S2-Wrapper tower cannot be exported as hf-llava" in capsys.readouterr().err
+    assert main(["export", "--run", run["final"], "--format", "llava",
+                 "--out", str(tmp_path / "llava")]) == 0
+    cfg = json.loads((tmp_path / "llava" / "config.json").read_text())
+    assert (cfg["s2"], cfg["s2_scales"], cfg["s2_max_split_size"], cfg["mm_hidden_size"]) == (
+        True, "64,128", 64, 128)
