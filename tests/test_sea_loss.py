@@ -304,3 +304,78 @@ def test_step_label_features_equal_eq8_table():
     ref = torch.stack([emb[flat[o:o + n]].mean(0) for o, n in zip(offs[words].tolist(), lens[words].tolist())])
     assert torch.allclose(mod._features(emb, words), ref, atol=1e-6)
     assert torch.allclose(label_features_table(emb, flat, offs, words), ref, atol=1e-6)
+
+
+def _literal_step(labels, grid, k, gens, objective):
+    """SEA's sampling written as loops over micro-batches, images, windows, from the same
+    uniforms the sampler draws (per window: dy, dx, label draw, de-duplication priority)."""
+    gh, gw = grid
+    out = []
+    for (ids, scores), gen in zip(labels, gens, strict=True):
+        nwin = (-(-gh // k)) * (-(-gw // k))
+        u = torch.rand(ids.shape[0], nwin, 4, generator=gen).numpy()
+        cands = []  # (img, patch, word or (ids, weights), priority)
+        for b in range(ids.shape[0]):
+            w = 0
+            for y0 in range(0, gh, k):
+                for x0 in range(0, gw, k):
+                    h, wd = min(k, gh - y0), min(k, gw - x0)
+                    dy = int(np.float32(u[b, w, 0]) * np.float32(h))
+                    dx = int(np.float32(u[b, w, 1]) * np.float32(wd))
+                    pat = (y0 + dy) * gw + x0 + dx
+                    row_ids = [int(i) for i in ids[b, pat]]
+                    row_sc = [float(s) for s in scores[b, pat].float()]
+                    kept = [j for j, i in enumerate(row_ids) if i != SENTINEL]
+                    if kept:
+                        wts = [max(row_sc[j], 0.0) if j in kept else 0.0 for j in range(len(row_ids))]
+                        if sum(wts) <= 0:
+                            wts = [1.0 if j in kept else 0.0 for j in range(len(row_ids))]
+                        tot = sum(wts)
+                        wts = [x / tot for x in wts]
+                        if objective == "multi":
+                            cands.append((b, pat, (row_ids, wts), None))
+                        else:  # inverse CDF: the first label whose cumulative weight reaches u
+                            acc, pick = 0.0, kept[-1]
+                            for j in range(len(row_ids)):
+                                acc += wts[j]
+                                if wts[j] > 0 and acc >= u[b, w, 2]:
+                                    pick = j
+                                    break
+                            cands.append((b, pat, row_ids[pick], float(u[b, w, 3])))
+                    w += 1
+        if objective == "sampled":  # one pair per word: the lowest priority
+            best = {}
+            for c in cands:
+                if c[2] not in best or c[3] < best[c[2]][3]:
+                    best[c[2]] = c
+            cands = [c for c in cands if best[c[2]] is c]
+        out.append(cands)
+    return out
+
+
+@pytest.mark.parametrize("objective", ["sampled", "multi"])
+@pytest.mark.parametrize("grid,k", [((4, 4), 2), ((5, 7), 2), ((6, 6), 3)])
+def test_step_sampling_equals_literal_loops(objective, grid, k):
+    """The vectorised step sampler picks exactly the pairs the loop above picks, for several
+    micro-batches with unlabelled patches, all-zero and negative scores and repeated words."""
+    g = torch.Generator().manual_seed(sum(grid) * 10 + k)
+    p = grid[0] * grid[1]
+    labels = []
+    for b in (3, 1, 2):
+        ids = torch.randint(0, 7, (b, p, 3), generator=g)
+        ids[torch.rand(b, p, 3, generator=g) < 0.3] = SENTINEL
+        sc = (torch.rand(b, p, 3, generator=g) - 0.2).half()  # fp16, as the loader gives
+        sc[:, ::5] = 0
+        labels.append((ids, sc))
+    gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(3)]  # noqa: E731
+    step = sample_step(labels, grid, k, gens(), objective)
+    want = _literal_step(labels, grid, k, gens(), objective)
+    for mp, cands in zip(step.micro, want, strict=True):
+        assert [(int(i), int(q)) for i, q in zip(mp.img, mp.pat)] == [(c[0], c[1]) for c in cands]
+        if objective == "sampled":
+            assert mp.words.tolist() == [c[2] for c in cands]
+            assert torch.equal(step.words[mp.rows], mp.words)
+        else:
+            assert mp.ids.tolist() == [c[2][0] for c in cands]
+            np.testing.assert_allclose(np.asarray(mp.weights, dtype=np.float64),
+                                       [c[2][1] for c in cands], rtol=1e-6)
