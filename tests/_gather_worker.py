@@ -23,9 +23,9 @@ def rank_inputs(rank: int):
     return ids, torch.rand(3, 16, 2, generator=g), tokens
 
 
-def loss_module() -> AlignmentLoss:
+def loss_module(objective: str = "sampled") -> AlignmentLoss:
     wt = WordTokens(torch.arange(8), torch.tensor([0, 1, 3, 4, 6, 7]))
-    return AlignmentLoss(wt, grid=(4, 4), window=2).double()
+    return AlignmentLoss(wt, grid=(4, 4), window=2, objective=objective).double()
 
 
 def embed() -> torch.Tensor:
@@ -44,6 +44,14 @@ def main():
     loss.backward()
     mine = {"rank": d.rank, "words": step.micro[0].words.tolist(), "img": step.micro[0].img,
             "pat": step.micro[0].pat, "loss": float(loss.detach()), "pairs": n, "grad": tokens.grad}
+    # multi with gathered negatives where rank 1's micro-batch has no labels at all: it still
+    # joins the collective, with no rows
+    multi = loss_module("multi")
+    mstep = multi.sample([(ids, scores) if d.rank == 0 else None], [torch.Generator().manual_seed(5)])
+    mloss, mn = multi(tokens.detach(), embed(), mstep, 0, gather=D.gather_pairs, shared_gen=shared)
+    mp = mstep.micro[0]
+    mine.update(multi_loss=float(mloss.detach()), multi_pairs=mn,
+                multi_pick=None if mp is None else (mp.token, mp.ids, mp.weights))
     everything = D.gather_objects(mine, d)
     if d.is_main():
         torch.save(everything, out_file)

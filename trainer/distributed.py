@@ -52,14 +52,19 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-        sizes = [int(s) for s in sizes]
-        m = max(sizes)
-        padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        padded[: x.shape[0]] = x
-        out = [torch.zeros_like(padded) for _ in sizes]
+        # every dimension is gathered: a rank without pairs holds (0, 1) label rows where the
+        # others hold (N, n), and all_gather needs one shape
+        shapes = [torch.zeros(x.dim(), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(shapes, torch.tensor(x.shape, dtype=torch.long, device=x.device))
+        shapes = [tuple(int(v) for v in s) for s in shapes]
+        full = tuple(max(s[i] for s in shapes) for i in range(x.dim()))
+        padded = x.new_zeros(full)
+        padded[tuple(slice(0, n) for n in x.shape)] = x
+        out = [torch.zeros_like(padded) for _ in shapes]
         dist.all_gather(out, padded)
+        sizes = [s[0] for s in shapes]
+        if any(s[0] and s[1:] != full[1:] for s in shapes):
+            raise ValueError(f"gathered SEA targets differ in shape across ranks: {shapes}")
         ctx.sizes = sizes
         ctx.rank = dist.get_rank()
         return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
