@@ -47,10 +47,10 @@ def test_info_nce_matches_hand_written_eq9(tau):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 7, generator=g, dtype=torch.float64)
     t = torch.randn(5, 7, generator=g, dtype=torch.float64)
-    got = info_nce(x, t, torch.tensor(tau, dtype=torch.float64))
+    got = info_nce(x, t, torch.tensor(tau, dtype=torch.float64).log())
     assert float(got) == pytest.approx(_hand_infonce(x.numpy(), t.numpy(), tau), rel=1e-6)
     # asymmetric inputs: swapping x and t gives the same value (both directions are in)
-    assert float(info_nce(t, x, torch.tensor(tau))) == pytest.approx(float(got), rel=1e-5)
+    assert float(info_nce(t, x, torch.tensor(tau).log())) == pytest.approx(float(got), rel=1e-5)
 
 
 def test_one_direction_alone_is_not_the_loss():
@@ -58,7 +58,7 @@ def test_one_direction_alone_is_not_the_loss():
     x, t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     logits = F.normalize(x, dim=-1) @ F.normalize(t, dim=-1).T
     one_way = F.cross_entropy(logits, torch.arange(4))
-    assert not torch.isclose(info_nce(x, t, torch.tensor(1.0)), one_way)
+    assert not torch.isclose(info_nce(x, t, torch.tensor(0.0)), one_way)
 
 
 def test_gradients_reach_adapter_and_temperature_only():
@@ -71,8 +71,14 @@ def test_gradients_reach_adapter_and_temperature_only():
     ids = torch.tensor([[[0, 1], [2, SENTINEL], [3, 4], [5, 0]]] * 3)
     scores = torch.ones(3, 4, 2)
     step = loss_mod.sample([(ids, scores)], [torch.Generator().manual_seed(0)])
-    loss, n = loss_mod(adapter(feats), emb.weight, step, 0)
+    x = adapter(feats)
+    loss, n = loss_mod(x, emb.weight, step, 0)
     assert n > 1
+    # the step-table path gives Eq. 9 over the picked tokens and their words' Eq. 8 features
+    mp = step.micro[0]
+    feats_w = wt.features(emb.weight.detach())[mp.words]
+    want = _hand_infonce(x[mp.img, mp.pat].detach().double().numpy(), feats_w.double().numpy(), 1.0)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
     loss.backward()
     assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
     assert loss_mod.log_tau.grad is not None and loss_mod.log_tau.grad != 0
@@ -93,7 +99,7 @@ def test_label_feature_is_mean_of_token_embeddings():
 def test_window_sampling_one_patch_per_window():
     gen = torch.Generator().manual_seed(0)
     for grid, k in [((24, 24), 2), ((27, 27), 2), ((8, 8), 3), ((5, 7), 2)]:
-        p = window_patches(torch.rand(50, num_windows(grid, k), 2, generator=gen), grid, k)
+        p = window_patches(torch.rand(50, num_windows(grid, k), 2, generator=gen).numpy(), grid, k)
         ys, xs = p // grid[1], p % grid[1]
         wins = (ys // k) * (-(-grid[1] // k)) + xs // k
         n_win = (-(-grid[0] // k)) * (-(-grid[1] // k))
@@ -101,37 +107,37 @@ def test_window_sampling_one_patch_per_window():
         for row in wins:  # every window exactly once
             assert sorted(row.tolist()) == list(range(n_win))
     # every position inside a window gets drawn (uniform, not a fixed corner)
-    p = window_patches(torch.rand(4000, 1, 2, generator=gen), (2, 2), 2)
-    counts = np.bincount(p.flatten().numpy(), minlength=4) / 4000
+    p = window_patches(torch.rand(4000, 1, 2, generator=gen).numpy(), (2, 2), 2)
+    counts = np.bincount(p.flatten(), minlength=4) / 4000
     assert np.all(np.abs(counts - 0.25) < 0.03)
 
 
 def test_label_draw_follows_normalised_scores():
     """Chi-square goodness of fit over 20,000 seeded draws at significance 1e-4: the statistic
     must stay below 21.108, the chi-square(3 dof) quantile at 1 - 1e-4."""
-    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])
-    ids = torch.tensor([[10, 11, 12, 13, SENTINEL]])
+    scores = np.array([[0.5, 0.3, 0.15, 0.05, 0.0]], dtype=np.float32)
+    ids = np.array([[10, 11, 12, 13, SENTINEL]])
     gen = torch.Generator().manual_seed(123)
     n = 20_000
-    words, valid = draw_labels(ids.expand(n, -1), scores.expand(n, -1), torch.rand(n, generator=gen))
+    words, valid = draw_labels(np.repeat(ids, n, 0), np.repeat(scores, n, 0), torch.rand(n, generator=gen).numpy())
     assert valid.all()
-    counts = np.bincount(words.numpy() - 10, minlength=4)
-    expected = (scores[0, :4] / scores[0, :4].sum()).numpy() * n
+    counts = np.bincount(words - 10, minlength=4)
+    expected = scores[0, :4] / scores[0, :4].sum() * n
     stat = float(((counts - expected) ** 2 / expected).sum())
     assert stat < 21.108, stat
     assert np.abs(counts / n - expected / n).max() < 0.015  # and within 1.5 points each
     # no kept label -> skipped; all-zero scores -> uniform over the kept ones
-    ids2 = torch.tensor([[SENTINEL, SENTINEL], [5, 6]])
-    w2, v2 = draw_labels(ids2, torch.zeros(2, 2), torch.rand(2, generator=gen))
+    ids2 = np.array([[SENTINEL, SENTINEL], [5, 6]])
+    w2, v2 = draw_labels(ids2, np.zeros((2, 2), np.float32), torch.rand(2, generator=gen).numpy())
     assert v2.tolist() == [False, True] and int(w2[1]) in (5, 6)
 
 
 def test_duplicates_reduced_to_one_random_pair():
     gen = torch.Generator().manual_seed(0)
-    words = torch.tensor([3, 7, 3, 3, 9, 7])
+    words = np.array([3, 7, 3, 3, 9, 7])
     picks = []
     for _ in range(300):
-        keep = dedupe(words, torch.rand(len(words), generator=gen))
+        keep = dedupe(words, torch.rand(len(words), generator=gen).numpy())
         assert sorted(words[keep].tolist()) == [3, 7, 9]
         picks.append(int(keep[words[keep] == 3][0]))
     assert set(picks) == {0, 2, 3}  # which duplicate survives is random
@@ -217,8 +223,8 @@ def test_multi_objective_matches_hand_written_reference(tau):
     feats = torch.randn(vocab, d, generator=g, dtype=torch.float64)
     from trainer.sea_loss import label_weights
 
-    words, q = multi_targets(ids, label_weights(ids, sc))
-    got = multi_info_nce(x, feats[words], q, torch.tensor(tau, dtype=torch.float64))
+    words, q = multi_targets(ids.numpy(), label_weights(ids.numpy(), sc.numpy()))
+    got = multi_info_nce(x, feats[words], torch.from_numpy(q), torch.tensor(tau, dtype=torch.float64).log())
     want = _hand_multi(x.numpy(), ids.numpy(), sc.numpy(), feats.numpy(), tau)
     assert float(got) == pytest.approx(want, rel=1e-5)  # the loss computes in fp32
 
@@ -232,8 +238,13 @@ def test_multi_objective_gradients_reach_adapter_and_temperature_only():
     scores = torch.rand(3, 4, 2, generator=torch.Generator().manual_seed(1))
     step = loss_mod.sample([(ids, scores)], [torch.Generator().manual_seed(0)])
     assert step.micro[0].ids.shape == (12, 2)  # every patch (window 1), all its labels
-    loss, n = loss_mod(adapter(torch.randn(3, 4, 4)), emb.weight, step, 0)
+    x = adapter(torch.randn(3, 4, 4))
+    loss, n = loss_mod(x, emb.weight, step, 0)
     assert n == 12
+    mp = step.micro[0]
+    want = _hand_multi(x[mp.img, mp.pat].detach().double().numpy(), mp.ids.numpy(),
+                       mp.weights.double().numpy(), wt.features(emb.weight.detach()).double().numpy(), 1.0)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
     loss.backward()
     assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
     assert loss_mod.log_tau.grad is not None and loss_mod.log_tau.grad != 0
@@ -278,14 +289,23 @@ def test_gathered_negatives_hold_each_word_once(tmp_path):
     toks = [w.rank_inputs(k)[2].requires_grad_(True) for k in range(2)]
     x = torch.cat([toks[k][ranks[k]["img"], ranks[k]["pat"]] for k in range(2)])
     words = torch.tensor(all_words)
-    keep = dedupe(words, torch.rand(len(words), generator=torch.Generator().manual_seed(77)))
+    keep = dedupe(words.numpy(), torch.rand(len(words), generator=torch.Generator().manual_seed(77)).numpy())
     assert sorted(words[keep].tolist()) == sorted(set(all_words))
     mod = w.loss_module()
-    loss = info_nce(x[keep], mod._features(w.embed(), words[keep]), mod.tau)
+    loss = info_nce(x[keep], mod._features(w.embed(), words[keep]), mod.log_tau, mod.min_tau)
     assert float(loss.detach()) == pytest.approx(ranks[0]["loss"], rel=1e-12)
     loss.backward()
     for k in range(2):  # each rank holds world x its slice (DDP then averages over ranks)
         torch.testing.assert_close(ranks[k]["grad"], 2 * toks[k].grad)
+    # multi, rank 1 without labels: both ranks get the loss of rank 0's pairs alone
+    token, ids, weights = ranks[0]["multi_pick"]
+    assert ranks[1]["multi_pick"] is None
+    assert ranks[0]["multi_pairs"] == ranks[1]["multi_pairs"] == len(token) > 0
+    words, q = multi_targets(ids.numpy(), weights.numpy())
+    m = w.loss_module("multi")
+    want = multi_info_nce(w.rank_inputs(0)[2].reshape(-1, 5)[token], m._features(w.embed(), torch.from_numpy(words)),
+                          torch.from_numpy(q), m.log_tau, m.min_tau)
+    assert ranks[0]["multi_loss"] == ranks[1]["multi_loss"] == pytest.approx(float(want.detach()), rel=1e-12)
 
 
 def test_step_label_features_equal_eq8_table():
@@ -379,3 +399,74 @@ def test_step_sampling_equals_literal_loops(objective, grid, k):
             assert mp.ids.tolist() == [c[2][0] for c in cands]
             np.testing.assert_allclose(np.asarray(mp.weights, dtype=np.float64),
                                        [c[2][1] for c in cands], rtol=1e-6)
+
+
+def _plain_soft_infonce(x, t, q, tau):
+    """The loss with autograd's own operators (the form before the hand-written backward)."""
+    logits = F.normalize(x, dim=-1) @ F.normalize(t, dim=-1).T / tau
+    if q is None:
+        target = torch.arange(x.shape[0])
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    r = q / q.sum(dim=0, keepdim=True)
+    return 0.5 * (-(q * logits.log_softmax(dim=1)).sum(dim=1).mean()
+                  - (r * logits.log_softmax(dim=0)).sum(dim=0).mean())
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_hand_written_backward_equals_autograd(soft):
+    """The one-node loss (the pick of tokens, the temperature, the InfoNCE) gives the plain
+    formula's value and gradients for the tokens and log tau (through exp and the clamp), and
+    passes gradcheck, in fp64."""
+    from trainer.sea_loss import _SymmetricInfoNCE
+
+    g = torch.Generator().manual_seed(3)
+    n, u, d = 7, (5 if soft else 7), 6
+    tokens = torch.randn(2, 6, d, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 3, 5, 6, 7, 10, 11])  # 7 of the 12 tokens, over both images
+    tokens[0, 3] *= 1e-3  # a short row: the normalisation's Jacobian matters
+    t = F.normalize(torch.randn(u, d, generator=g, dtype=torch.float64), dim=-1)
+    q = None
+    if soft:
+        q = torch.rand(n, u, generator=g, dtype=torch.float64) * (torch.rand(n, u, generator=g) < 0.6)
+        q[:, 0] += 0.1  # every row and column has some weight
+        q[0, 1:] += 0.2
+        q = q / q.sum(dim=1, keepdim=True)
+    for log_tau0, min_tau in ((0.3, 0.01), (-2.0, 0.01), (-5.0, 0.05)):  # the last one clamped
+        grads = []
+        for fn in (lambda a, lt, m=min_tau: _SymmetricInfoNCE.apply(a, index, t, q, lt, m),
+                   lambda a, lt, m=min_tau: _plain_soft_infonce(a.reshape(-1, d)[index], t, q,
+                                                                lt.exp().clamp(min=m))):
+            ta = tokens.clone().requires_grad_(True)
+            log_tau = torch.tensor(log_tau0, dtype=torch.float64, requires_grad=True)
+            loss = fn(ta, log_tau)
+            loss.backward()
+            grads.append((float(loss.detach()), ta.grad, log_tau.grad))
+        (l1, gx1, gt1), (l2, gx2, gt2) = grads
+        assert l1 == pytest.approx(l2, rel=1e-12)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gt1, gt2, rtol=1e-9, atol=1e-12)
+        flat = gx1.reshape(-1, d)
+        unpicked = [i for i in range(12) if i not in index.tolist()]
+        assert flat[unpicked].abs().sum() == 0 and flat[index].abs().sum(dim=1).min() > 0
+        if log_tau0 == -5.0:
+            assert float(gt1) == 0.0  # clamped temperature: no gradient
+    lt = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
+    ta = tokens.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: _SymmetricInfoNCE.apply(a, index, t, q, b, 0.01), (ta, lt))
+
+
+def test_loss_is_fp32_under_bf16_autocast():
+    """Under autocast the visual tokens arrive in bf16; L_a still computes in fp32 and hands
+    back a bf16 gradient."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 8, generator=g).bfloat16().requires_grad_(True)
+    t = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    tau = torch.tensor(0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = info_nce(x, t, tau.log(), t_unit=True)
+    assert loss.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(float(_plain_soft_infonce(x.detach().float(), t, None, tau)), rel=1e-6)
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="targets"):
+        info_nce(x, t.requires_grad_(True), tau.log())

@@ -19,13 +19,15 @@
   "multi-semantic alignment"): every kept label of a sampled patch is a positive, weighted by
   s / sum(s); see ``multi_info_nce``.
 
-Sampling runs once per optimizer step for all micro-batches (``sample_step``), vectorised on
-the device. Only the uniforms are drawn per micro-batch, from that micro-batch's generator, so
-one process with accumulation draws exactly what several ranks without it draw.
+Sampling runs once per optimizer step for all micro-batches (``sample_step``), vectorised in
+numpy on the host where the labels are. Only the uniforms are drawn per micro-batch, from that
+micro-batch's generator, so one process with accumulation draws exactly what several ranks
+without it draw. The loss of a micro-batch is one autograd node (``_SymmetricInfoNCE``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,76 +99,92 @@ def load_word_tokens(tokenizer, wordlist, rule: str, cache_dir: str | Path | Non
 OBJECTIVES = ("sampled", "multi")
 
 
-_GEOMETRY: dict = {}  # (grid, k, device) -> window geometry: fixed per run, built once
+_GEOMETRY: dict = {}  # (grid, k) -> window geometry: fixed per run, built once
 
 
-def _window_geometry(grid: tuple[int, int], k: int, device) -> tuple[torch.Tensor, ...]:
+def _window_geometry(grid: tuple[int, int], k: int) -> tuple[np.ndarray, ...]:
     """Per window (row-major): its first patch's flat index, its height and width."""
-    key = (tuple(grid), k, str(device))
+    key = (tuple(grid), k)
     if key not in _GEOMETRY:
         gh, gw = grid
-        ys = torch.arange(0, gh, k)
-        xs = torch.arange(0, gw, k)
+        ys, xs = np.arange(0, gh, k), np.arange(0, gw, k)
         base = (ys[:, None] * gw + xs[None, :]).reshape(-1)
-        hs = torch.clamp(gh - ys, max=k)[:, None].expand(len(ys), len(xs)).reshape(-1)
-        ws = torch.clamp(gw - xs, max=k)[None, :].expand(len(ys), len(xs)).reshape(-1)
-        _GEOMETRY[key] = tuple(t.to(device) for t in (base, hs.float(), ws.float()))
+        hs = np.broadcast_to(np.minimum(gh - ys, k)[:, None], (len(ys), len(xs))).reshape(-1)
+        ws = np.broadcast_to(np.minimum(gw - xs, k)[None, :], (len(ys), len(xs))).reshape(-1)
+        _GEOMETRY[key] = (base, hs.astype(np.float32), ws.astype(np.float32))
     return _GEOMETRY[key]
 
 
-def window_patches(u: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
-    """One patch per k x k window from uniforms ``u`` (B, num_windows, 2): (B, num_windows)
-    flat indices into the grid. Edge windows may be smaller when k does not divide the grid."""
-    base, hs, ws = _window_geometry(grid, k, u.device)
-    return base + (u[..., 0] * hs).long() * grid[1] + (u[..., 1] * ws).long()
+def window_patches(u: np.ndarray, grid: tuple[int, int], k: int) -> np.ndarray:
+    """One patch per k x k window from float32 uniforms ``u`` (B, num_windows, 2): (B,
+    num_windows) flat indices into the grid. Edge windows may be smaller when k does not
+    divide the grid."""
+    base, hs, ws = _window_geometry(grid, k)
+    return base + (u[..., 0] * hs).astype(np.int64) * grid[1] + (u[..., 1] * ws).astype(np.int64)
 
 
 def num_windows(grid: tuple[int, int], k: int) -> int:
     return (-(-grid[0] // k)) * (-(-grid[1] // k))
 
 
-def label_weights(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def label_weights(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """(M, n) -> s / sum(s) over the kept labels (negative scores count as 0; all-zero rows
     uniform over the kept labels; rows with none kept all 0)."""
     kept = ids != SENTINEL
-    w = torch.where(kept, scores.clamp(min=0), torch.zeros_like(scores))
-    w = torch.where((w.sum(dim=1, keepdim=True) <= 0), kept.to(w.dtype), w)
-    return w / w.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    w = np.where(kept, np.maximum(scores, 0), 0).astype(np.float32)
+    w = np.where(w.sum(axis=1, keepdims=True) <= 0, kept.astype(np.float32), w)
+    return w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
 
 
-def draw_labels(ids: torch.Tensor, scores: torch.Tensor, u: torch.Tensor):
+def draw_labels(ids: np.ndarray, scores: np.ndarray, u: np.ndarray):
     """ids, scores (M, n), uniforms u (M,) -> (word (M,), valid (M,)): one kept label per row
-    with probability s / sum(s), by inverse CDF (no per-row sampling call)."""
-    valid = (ids != SENTINEL).any(dim=1)
-    cdf = label_weights(ids, scores).cumsum(dim=1)
-    choice = (cdf < u[:, None] * cdf[:, -1:]).sum(dim=1).clamp(max=ids.shape[1] - 1)
-    return ids.gather(1, choice[:, None]).squeeze(1), valid
+    with probability s / sum(s) (as ``label_weights``), by inverse CDF on the unnormalised
+    weights: the first label whose running sum reaches u * sum."""
+    kept = ids != SENTINEL
+    w = np.where(kept, np.maximum(scores, 0), 0).astype(np.float32)
+    w = np.where(w.sum(axis=1, keepdims=True) <= 0, kept, w)  # all-zero rows: uniform
+    cdf = w.cumsum(axis=1)
+    choice = np.minimum((cdf < u[:, None] * cdf[:, -1:]).sum(axis=1), ids.shape[1] - 1)
+    return ids[np.arange(ids.shape[0]), choice], kept.any(axis=1)
 
 
-def dedupe(keys: torch.Tensor, prio: torch.Tensor) -> torch.Tensor:
+def dedupe(keys: np.ndarray, prio: np.ndarray) -> np.ndarray:
     """Indices (sorted) keeping one entry per distinct key: the one with the lowest ``prio``
     (uniforms, so a uniformly random one among duplicates)."""
-    if keys.numel() == 0:
-        return keys.new_zeros(0, dtype=torch.long)
-    order = prio.argsort()
-    by_key = keys[order].sort(stable=True)
-    first = torch.ones_like(by_key.values, dtype=torch.bool)
-    first[1:] = by_key.values[1:] != by_key.values[:-1]
-    return order[by_key.indices[first]].sort().values
+    if keys.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((prio, keys))  # by key, then priority
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = keys[order[1:]] != keys[order[:-1]]
+    return np.sort(order[first])
+
+
+def multi_targets(ids: np.ndarray, weights: np.ndarray):
+    """(N, n) kept labels and their weights -> (the distinct words U with a positive weight,
+    Q (N, |U|) float32: Q[i, u] = weight of word u among token i's labels, rows summing to 1)."""
+    pos = weights > 0
+    words, inv = np.unique(ids[pos], return_inverse=True)
+    cell = np.nonzero(pos)[0] * words.size + inv.reshape(-1)  # (token, word), summed if repeated
+    q = np.bincount(cell, weights=weights[pos], minlength=ids.shape[0] * words.size)
+    return words, q.reshape(ids.shape[0], words.size).astype(np.float32)
 
 
 @dataclass
 class MicroPairs:
-    """SEA's draws for one micro-batch: the sampled visual tokens (image, patch) and their
-    targets: ``words`` (N,) for ``sampled``; ``ids`` and ``weights`` (N, n) for ``multi``.
-    ``rows`` index the step's word table (``StepSample.words``)."""
+    """SEA's draws for one micro-batch: the sampled visual tokens (image ``img``, patch ``pat``;
+    ``token`` = img * P + pat) and their targets. ``sampled``: ``words`` (N,), and ``rows``
+    (N,) into the step's word table. ``multi``: ``ids`` and ``weights`` (N, n) (gathered across
+    ranks), and the micro-batch's distinct positive words as ``rows`` (U,) into the step's
+    table with ``q`` (N, U) (``multi_targets``)."""
 
     img: torch.Tensor
     pat: torch.Tensor
+    token: torch.Tensor
     words: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    q: torch.Tensor | None = None
 
 
 @dataclass
@@ -180,97 +198,186 @@ class StepSample:
 
 def draw_uniforms(gen: torch.Generator, batch: int, windows: int) -> torch.Tensor:
     """A micro-batch's randomness: per window (dy, dx, label draw, de-duplication priority).
-    Drawn on the CPU, so CPU and GPU runs sample the same pairs."""
+    Drawn on the CPU from torch's generator, so every device samples the same pairs."""
     return torch.rand(batch, windows, 4, generator=gen)
+
+
+def _host(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
 def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tuple[int, int],
                 k: int, gens: list[torch.Generator], objective: str = "sampled",
                 device: torch.device | str = "cpu") -> StepSample:
-    """Pairs of every micro-batch of one step in one vectorised pass on ``device``.
+    """Pairs of every micro-batch of one step in one vectorised pass.
 
     ``labels[i]`` is micro-batch i's (ids, scores), each (B_i, P, n), or None (no labels).
+    The pass runs in numpy on the host, where the loader put the labels: a step's candidates
+    are a few thousand rows, which numpy handles in well under a millisecond, while torch
+    pays several microseconds of dispatch per operator and, on a GPU, would need every label
+    copied over and a synchronisation for the split sizes. Only the picks (a few hundred
+    integers per micro-batch) go to ``device``.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"sea.objective must be one of {OBJECTIVES}, got '{objective}'")
     nw = num_windows(grid, k)
     present = [i for i, lab in enumerate(labels) if lab is not None and lab[0].shape[0] > 0]
     if not present:
         return StepSample([None] * len(labels), torch.zeros(0, dtype=torch.long, device=device))
-    sizes = [labels[i][0].shape[0] for i in present]
-    u = torch.cat([draw_uniforms(gens[i], b, nw) for i, b in zip(present, sizes)]).to(device)
-    ids = torch.cat([labels[i][0] for i in present]).to(device, torch.long, non_blocking=True)
-    scores = torch.cat([labels[i][1] for i in present]).to(device, torch.float, non_blocking=True)
-    patches = window_patches(u[..., :2], grid, k)  # (B, nw)
-    rows = torch.arange(ids.shape[0], device=device).repeat_interleave(nw)
-    pat = patches.reshape(-1)
-    pid, psc = ids[rows, pat], scores[rows, pat]  # (B*nw, n)
+    sizes = np.array([labels[i][0].shape[0] for i in present])
+    u = torch.cat([draw_uniforms(gens[i], int(b), nw) for i, b in zip(present, sizes)]).numpy()
+    ids = np.concatenate([_host(labels[i][0]) for i in present])
+    scores = np.concatenate([_host(labels[i][1]) for i in present])
+    nb, npatch, n = ids.shape
+    image = np.repeat(np.arange(nb), nw)  # each candidate's image (over the step)
+    flat = image * npatch + window_patches(u[..., :2], grid, k).reshape(-1)
+    pid = ids.reshape(-1, n)[flat].astype(np.int64)
+    psc = scores.reshape(-1, n)[flat].astype(np.float32)  # fp16 -> fp32 on the picks only
     u = u.reshape(-1, 4)
-    # rows are in micro-batch order, so every selection below stays grouped by micro-batch
-    first_row = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)  # of each micro-batch
+    micro = np.repeat(np.arange(len(present)), sizes * nw)  # each candidate's micro-batch
     if objective == "sampled":
         words, valid = draw_labels(pid, psc, u[:, 2])
-        sel = valid.nonzero().squeeze(1)
+        sel = np.flatnonzero(valid)
         # one pair per distinct word per micro-batch: key (micro-batch, word)
-        micro = torch.bucketize(rows[sel], first_row, right=True) - 1
-        sel = sel[dedupe(micro * (SENTINEL + 1) + words[sel], u[sel, 3])]
-        step_words, inv = torch.unique(words[sel], return_inverse=True)
-    elif objective == "multi":
-        sel = (pid != SENTINEL).any(dim=1).nonzero().squeeze(1)
+        sel = sel[dedupe(micro[sel] * (SENTINEL + 1) + words[sel], u[sel, 3])]
+        step_words, inv = np.unique(words[sel], return_inverse=True)
+        inv = inv.reshape(-1)
+    else:
+        sel = np.flatnonzero((pid != SENTINEL).any(axis=1))
         weights = label_weights(pid[sel], psc[sel])
-        step_words = torch.unique(pid[sel][weights > 0])
-    else:
-        raise ValueError(f"sea.objective must be one of {OBJECTIVES}, got '{objective}'")
-    r_sel = rows[sel]
-    counts = torch.bucketize(first_row, r_sel).diff(append=r_sel.new_tensor([r_sel.numel()])).tolist()
-    img = r_sel - first_row.repeat_interleave(torch.tensor(counts, device=device))
-    parts = [img.split(counts), pat[sel].split(counts)]
-    if objective == "sampled":
-        parts += [words[sel].split(counts), inv.split(counts)]
-    else:
-        parts += [pid[sel].split(counts), weights.split(counts)]
+        step_words = np.unique(pid[sel][weights > 0])
+    # candidates are in micro-batch order, so every selection stays grouped by micro-batch
+    first_image = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(micro[sel], minlength=len(present)))])
+    img = image[sel] - first_image[micro[sel]]
+    pat = flat[sel] - image[sel] * npatch
+    pid = pid[sel]
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     out: list[MicroPairs | None] = [None] * len(labels)
     for j, i in enumerate(present):
-        a, b, c, d = (t[j] for t in parts)
-        out[i] = (MicroPairs(a, b, words=c, rows=d) if objective == "sampled"
-                  else MicroPairs(a, b, ids=c, weights=d))
-    return StepSample(out, step_words)
+        part = slice(bounds[j], bounds[j + 1])
+        mp = MicroPairs(dev(img[part]), dev(pat[part]), dev(img[part] * npatch + pat[part]))
+        if objective == "sampled":
+            mp.words, mp.rows = dev(words[sel][part]), dev(inv[part])
+        else:
+            distinct, q = multi_targets(pid[part], weights[part])
+            mp.ids, mp.weights = dev(pid[part]), dev(weights[part])
+            mp.rows, mp.q = dev(np.searchsorted(step_words, distinct)), dev(q)
+        out[i] = mp
+    return StepSample(out, dev(step_words))
 
 
-def info_nce(x: torch.Tensor, t: torch.Tensor, tau: torch.Tensor, t_unit: bool = False) -> torch.Tensor:
-    """Symmetric InfoNCE (Eq. 9) over N matched rows of x and t, cosine similarity / tau.
+class _SymmetricInfoNCE(torch.autograd.Function):
+    """L_a as one autograd node: the pick of the sampled tokens, the temperature and a
+    symmetric InfoNCE with soft targets.
+
+    Forward: x = tokens' rows ``index`` (all rows when None); tau = max(exp(log_tau),
+    min_tau); logits = cos(x_i, t_u) / tau (t already unit rows); token -> words:
+    -sum_u q[i, u] log softmax_u(logits[i]), mean over i; words -> tokens: -sum_i r[i, u]
+    log softmax_i(logits[:, u]), mean over u, with r = q / sum_i q[i, u]; the loss is half
+    their sum. ``q=None`` is the identity (Eq. 9: one positive per row and column).
+    Backward, derived by hand: dlogits = (softmax_row * sum_u q - q) / (2N) +
+    (softmax_col * sum_i r - r) / (2U), then through 1/tau (and exp, unless clamped), the
+    matmul, the normalisation and the pick (an index_add). Why one node: on small batches
+    autograd's per-operator bookkeeping, not arithmetic, was most of L_a's cost (about
+    twenty nodes per micro-batch before). Computes in at least fp32, with autocast off. The
+    tests check it against autograd of the plain formula (gradcheck in fp64) and against
+    Eq. 9 written term by term."""
+
+    @staticmethod
+    def forward(ctx, tokens, index, t, q, log_tau, min_tau):
+        ctx.shape, ctx.x_dtype = tokens.shape, tokens.dtype
+        with _autocast_off(tokens.device.type):
+            x = tokens.reshape(-1, tokens.shape[-1])
+            if index is not None:
+                x = x.index_select(0, index)
+            if x.dtype not in (torch.float32, torch.float64):
+                x = x.float()
+            t, q, log_tau = (a if a is None or a.dtype == x.dtype else a.to(x.dtype) for a in (t, q, log_tau))
+            e = log_tau.exp()
+            tau = e.clamp(min=min_tau)
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+            logits = (x @ t.T) * (1.0 / (norm * tau))  # cosine / tau in one (N, 1) factor
+            lr, lc = logits.log_softmax(dim=1), logits.log_softmax(dim=0)
+            n, u = logits.shape
+            if q is None:
+                loss = (lr.diagonal().sum() + lc.diagonal().sum()) * (-0.5 / n)
+                r = None
+            else:
+                r = q / q.sum(dim=0, keepdim=True)
+                loss = (q * lr).sum() * (-0.5 / n) + (r * lc).sum() * (-0.5 / u)
+        ctx.save_for_backward(x, index, norm, t, logits, lr, lc, q, r, e, tau)
+        ctx.min_tau = min_tau
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        x, index, norm, t, logits, lr, lc, q, r, e, tau = ctx.saved_tensors
+        with _autocast_off(x.device.type):
+            n, u = logits.shape
+            if q is None:
+                dl = lr.exp().add_(lc.exp()).mul_(0.5 / n)
+                dl.diagonal().sub_(1.0 / n)
+            else:
+                dl = (lr.exp().mul_(q.sum(dim=1, keepdim=True)).sub_(q)).mul_(0.5 / n).add_(
+                    lc.exp().mul_(r.sum(dim=0, keepdim=True)).sub_(r).mul_(0.5 / u))
+            dl.mul_(g)
+            d_log_tau = None
+            if ctx.needs_input_grad[4]:
+                # logits = S / tau: dL/dtau = -sum(dl * logits) / tau; dtau/dlog_tau = exp(log_tau)
+                # where the clamp is not active, else 0
+                d_log_tau = -(dl * logits).sum() * (e > ctx.min_tau)
+            dtokens = None
+            if ctx.needs_input_grad[0]:
+                xn = x / norm
+                dxn = (dl @ t).div_(tau)
+                # the normalisation's Jacobian (I - xn xn^T) / |x|; below the clamp, 1 / eps
+                proj = dxn - xn * (dxn * xn).sum(dim=1, keepdim=True)
+                dx = torch.where(norm > 1e-12, proj, dxn).div_(norm)
+                if index is not None:
+                    dx = dx.new_zeros(ctx.shape[:-1].numel(), dx.shape[1]).index_add_(0, index, dx)
+                dtokens = dx.view(ctx.shape).to(ctx.x_dtype)
+        return dtokens, None, None, None, d_log_tau, None
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled (the loss is fp32), without the context manager's cost when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _targets(t: torch.Tensor, t_unit: bool) -> torch.Tensor:
+    if t.requires_grad:
+        raise ValueError("the label features are targets: pass them detached")
+    return t if t_unit else F.normalize(t if t.dtype == torch.float64 else t.float(), dim=-1)
+
+
+def info_nce(x: torch.Tensor, t: torch.Tensor, log_tau: torch.Tensor, min_tau: float = 0.0,
+             index: torch.Tensor | None = None, t_unit: bool = False) -> torch.Tensor:
+    """Symmetric InfoNCE (Eq. 9) over N matched rows of x (or x's rows ``index``, x then any
+    (..., D)) and t, cosine similarity / tau, tau = max(exp(log_tau), min_tau).
     ``t_unit``: t is already L2-normalised (the step's label table is normalised once)."""
-    if x.shape[0] == 0:
+    if t.shape[0] == 0:
         return x.sum() * 0.0
-    t = t.float() if t_unit else F.normalize(t.float(), dim=-1)
-    logits = F.normalize(x.float(), dim=-1) @ t.T / tau
-    target = torch.arange(x.shape[0], device=x.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), None, log_tau, min_tau)
 
 
-def multi_targets(ids: torch.Tensor, weights: torch.Tensor):
-    """(N, n) kept labels and their weights -> (the distinct words U with a positive weight,
-    Q (N, |U|): Q[i, u] = weight of word u among token i's labels, rows summing to 1)."""
-    pos = weights > 0
-    words, inv = torch.unique(ids[pos], return_inverse=True)
-    q = weights.new_zeros(ids.shape[0], words.numel())
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[pos]
-    q.index_put_((rows, inv), weights[pos], accumulate=True)
-    return words, q
-
-
-def multi_info_nce(x: torch.Tensor, t: torch.Tensor, q: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Multi-positive symmetric InfoNCE. x (N, D) visual tokens, t (U, D) the features of the
-    distinct label words, q (N, U) each token's target distribution over U (s / sum(s) of its
-    kept labels). Token -> words: cross-entropy of softmax over U against q[i]. Word -> tokens:
-    for word u, cross-entropy of softmax over the N tokens against q[:, u] / sum_i q[i, u] (the
-    tokens carrying u, by their weight for u). L = mean of both directions' means."""
-    if x.shape[0] == 0 or t.shape[0] == 0:
+def multi_info_nce(x: torch.Tensor, t: torch.Tensor, q: torch.Tensor, log_tau: torch.Tensor,
+                   min_tau: float = 0.0, index: torch.Tensor | None = None,
+                   t_unit: bool = False) -> torch.Tensor:
+    """Multi-positive symmetric InfoNCE. x (N, D) visual tokens (or x's rows ``index``), t
+    (U, D) the features of the distinct label words, q (N, U) each token's target
+    distribution over U (s / sum(s) of its kept labels). Token -> words: cross-entropy of
+    softmax over U against q[i]. Word -> tokens: for word u, cross-entropy of softmax over the
+    N tokens against q[:, u] / sum_i q[i, u] (the tokens carrying u, by their weight for u).
+    L = mean of both directions' means."""
+    if t.shape[0] == 0 or q.shape[0] == 0:
         return x.sum() * 0.0
-    logits = F.normalize(x.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T / tau
-    q = q.float()
-    to_words = -(q * logits.log_softmax(dim=1)).sum(dim=1).mean()
-    r = q / q.sum(dim=0, keepdim=True)
-    to_tokens = -(r * logits.log_softmax(dim=0)).sum(dim=0).mean()
-    return 0.5 * (to_words + to_tokens)
+    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), q, log_tau, min_tau)
 
 
 class AlignmentLoss(nn.Module):
@@ -324,27 +431,33 @@ class AlignmentLoss(nn.Module):
         pair of a word found on several ranks survives."""
         dev = embed_weight.device
         pairs = step.micro[micro] if step is not None else None
-        if pairs is None or visual_tokens is None:  # no pairs here: 0, the temperature attached
-            empty = torch.zeros(0, dtype=torch.long, device=dev)
-            x = embed_weight.new_zeros(0, embed_weight.shape[1]) + 0.0 * self.log_tau
-            pairs = MicroPairs(empty, empty, words=empty, ids=empty[:, None],
-                               weights=torch.zeros(0, 1, device=dev))
-        else:
-            x = visual_tokens[pairs.img, pairs.pat]
-        if self.objective == "multi":
-            ids, weights = pairs.ids, pairs.weights
-            if gather is not None:
-                x, ids, weights = gather(x, ids, weights)
-            words, q = multi_targets(ids, weights)
-            return multi_info_nce(x, self._features(embed_weight, words), q, self.tau), int(x.shape[0])
-        if gather is not None:
-            x, words = gather(x, pairs.words)
-            keep = dedupe(words, torch.rand(words.shape[0], generator=shared_gen).to(dev))
-            x, t = x[keep], self._features(embed_weight, words[keep])
-        elif pairs.rows is None or pairs.rows.numel() == 0:
-            t = x.detach()  # no pairs: info_nce returns the attached 0
-        else:
+        multi = self.objective == "multi"
+        if gather is None:
+            if pairs is None or visual_tokens is None or pairs.token.numel() == 0:
+                # no pairs here: 0, the temperature attached (DDP sees every parameter used)
+                return self.log_tau * 0.0, 0
             if step.table is None:  # once per step: the embedding table does not change within it
                 step.table = F.normalize(self._features(embed_weight, step.words).float(), dim=-1)
-            return info_nce(x, step.table[pairs.rows], self.tau, t_unit=True), int(x.shape[0])
-        return info_nce(x, t, self.tau), int(x.shape[0])
+            t = step.table[pairs.rows]
+            args = (self.log_tau, self.min_tau, pairs.token, True)
+            loss = multi_info_nce(visual_tokens, t, pairs.q, *args) if multi else \
+                info_nce(visual_tokens, t, *args)
+            return loss, int(pairs.token.numel())
+        # cross-rank negatives: collective, so every rank gathers, with or without pairs
+        if pairs is None or visual_tokens is None:
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            x = embed_weight.new_zeros(0, embed_weight.shape[1]) + 0.0 * self.log_tau
+            pairs = MicroPairs(empty, empty, empty, words=empty, ids=empty[:, None],
+                               weights=torch.zeros(0, 1, device=dev))
+        else:
+            x = visual_tokens.reshape(-1, visual_tokens.shape[-1]).index_select(0, pairs.token)
+        if multi:
+            x, ids, weights = gather(x, pairs.ids, pairs.weights)
+            words, q = (torch.from_numpy(a).to(dev) for a in multi_targets(_host(ids), _host(weights)))
+            t = self._features(embed_weight, words)
+            return multi_info_nce(x, t, q, self.log_tau, self.min_tau), int(x.shape[0])
+        x, words = gather(x, pairs.words)
+        prio = torch.rand(words.shape[0], generator=shared_gen).numpy()
+        keep = torch.from_numpy(dedupe(_host(words), prio)).to(dev)
+        t = self._features(embed_weight, words[keep])
+        return info_nce(x, t, self.log_tau, self.min_tau, index=keep), int(keep.numel())
