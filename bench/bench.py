@@ -9,7 +9,9 @@ ViT-B/16-shaped vision tower (random weights; speed does not depend on them), th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -39,6 +41,45 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def median_ci(values: list[float]) -> dict:
+    """Median and its distribution-free 95 % interval (order statistics n/2 -+ 0.98 sqrt(n))."""
+    v = sorted(values)
+    n = len(v)
+    half = 0.98 * math.sqrt(n)
+    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half))
+    return {"median": statistics.median(v), "ci95": [v[lo], v[hi]], "n": n}
+
+
+def paired_steps(setups: dict, rounds: int) -> tuple[dict, dict]:
+    """Step time of each setting, and each setting's ratio to the first (lambda = 0), paired.
+
+    One round runs one optimizer step of every setting back to back, in an order rotated every
+    round, with Python's garbage collector off during the steps; a setting's ratio is the
+    median over rounds of its step time over the first setting's in the same round. Pairing
+    within a round cancels the machine's drift, which on our shared 2-core machines moves a
+    step by 10-30 % over seconds; the per-round medians of blocks of steps (the protocol
+    before) left that drift in."""
+    from trainer.train import train_step
+
+    keys = list(setups)
+    times: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        gc.collect()
+        gc.disable()
+        try:
+            for k in order:
+                p, batches = setups[k]
+                t0 = time.perf_counter()
+                train_step(p, batches, 1)
+                times[k].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
+    base = times[keys[0]]
+    ratios = {k: median_ci([a / b for a, b in zip(times[k], base, strict=True)]) for k in keys[1:]}
+    return ratios, times
 
 
 def machine() -> dict:
@@ -219,14 +260,10 @@ def bench_training(work: Path, repeats: int, res: dict):
         p.task.train()
         p.dataset.set_position(0, 0)
         batches = list(p.dataset)[: p.accum]
-        train_step(p, batches, 0)  # warm-up
+        for _ in range(3):  # warm-up
+            train_step(p, batches, 0)
         setups[(w, objective)] = (p, batches)
-    # the three settings take turns, so drift in the machine's speed touches all of them alike
-    step_times = {k: [] for k in setups}
-    for _ in range(repeats * 3):
-        for k, (p, batches) in setups.items():
-            t = timed(lambda p=p, b=batches: train_step(p, b, 1), 10)
-            step_times[k].append(statistics.median(t))
+    ratios, step_times = paired_steps(setups, rounds=60 * repeats)
     p, batches = setups[(1.0, "sampled")]
     consume = sum(len(b["input_ids"]) for b in batches) / statistics.median(step_times[(1.0, "sampled")])
     ds = p.dataset
@@ -244,10 +281,8 @@ def bench_training(work: Path, repeats: int, res: dict):
         "step_s_lambda0": stat(step_times[(0.0, "sampled")]),
         "step_s_lambda1": stat(step_times[(1.0, "sampled")]),
         "step_s_lambda1_multi": stat(step_times[(1.0, "multi")]),
-        "sea_overhead_ratio": statistics.median(step_times[(1.0, "sampled")])
-        / statistics.median(step_times[(0.0, "sampled")]),
-        "sea_overhead_ratio_multi": statistics.median(step_times[(1.0, "multi")])
-        / statistics.median(step_times[(0.0, "sampled")]),
+        "sea_overhead_ratio": ratios[(1.0, "sampled")],
+        "sea_overhead_ratio_multi": ratios[(1.0, "multi")],
         "reader_img_s": stat([rows / x for x in read_t]),
         "trainer_consumes_img_s": consume,
     }
@@ -329,6 +364,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
     def f(s, digits=2):
         return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
+    def ci(s):
+        return f"{s['median']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
     lines = [
         "# Benchmarks", "",
         f"Produced by `{command}` on {res['machine']['cpus']} CPU cores, GPU: "
@@ -374,8 +412,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
               f"- step time lambda = 0: {f(t['step_s_lambda0'], 4)} s; lambda = 1: "
               f"{f(t['step_s_lambda1'], 4)} s (`sea.objective=sampled`), "
               f"{f(t['step_s_lambda1_multi'], 4)} s (`multi`)",
-              f"- ratio lambda 1 / lambda 0 (medians): sampled {t['sea_overhead_ratio']:.3f}, "
-              f"multi {t['sea_overhead_ratio_multi']:.3f} (target <= 1.05)", "",
+              f"- ratio lambda 1 / lambda 0 (median of {t['sea_overhead_ratio']['n']} paired steps, "
+              f"95 % interval of the median): sampled {ci(t['sea_overhead_ratio'])}, multi "
+              f"{ci(t['sea_overhead_ratio_multi'])} (target <= 1.05)", "",
               "## Memory (peak RSS of the whole process, MiB)", ""]
     for k, v in m.items():
         lines.append(f"- {k}: {v:.2f}" if "ratio" in k else f"- {k}: {v:.0f}")
@@ -391,7 +430,19 @@ def main() -> int:
     ap.add_argument("--json", default=str(REPO / "bench" / "results.json"))
     ap.add_argument("--notes", default=str(REPO / "bench" / "notes.md"))
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown from --json")
+    ap.add_argument("--only-training", action="store_true",
+                    help="only SEA's training overhead; prints its figures, writes nothing")
     args = ap.parse_args()
+    if args.only_training:
+        work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
+        res = {"storage": {}}
+        try:
+            bench_training(work, args.repeats, res)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        t = res["training"]
+        print(json.dumps({k: t[k] for k in t if k.startswith(("sea_", "step_"))}, indent=1))
+        return 0
     if args.render:
         res = json.loads(Path(args.json).read_text())
         notes = Path(args.notes)
