@@ -138,14 +138,10 @@ def label_weights(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def draw_labels(ids: np.ndarray, scores: np.ndarray, u: np.ndarray):
     """ids, scores (M, n), uniforms u (M,) -> (word (M,), valid (M,)): one kept label per row
-    with probability s / sum(s) (as ``label_weights``), by inverse CDF on the unnormalised
-    weights: the first label whose running sum reaches u * sum."""
-    kept = ids != SENTINEL
-    w = np.where(kept, np.maximum(scores, 0), 0).astype(np.float32)
-    w = np.where(w.sum(axis=1, keepdims=True) <= 0, kept, w)  # all-zero rows: uniform
-    cdf = w.cumsum(axis=1)
+    with probability s / sum(s), by inverse CDF (no per-row sampling call)."""
+    cdf = label_weights(ids, scores).cumsum(axis=1)
     choice = np.minimum((cdf < u[:, None] * cdf[:, -1:]).sum(axis=1), ids.shape[1] - 1)
-    return ids[np.arange(ids.shape[0]), choice], kept.any(axis=1)
+    return ids[np.arange(ids.shape[0]), choice], (ids != SENTINEL).any(axis=1)
 
 
 def dedupe(keys: np.ndarray, prio: np.ndarray) -> np.ndarray:
