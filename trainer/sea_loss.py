@@ -236,7 +236,8 @@ def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tu
         sel = np.flatnonzero(valid)
         # one pair per distinct word per micro-batch: key (micro-batch, word)
         sel = sel[dedupe(micro[sel] * (SENTINEL + 1) + words[sel], u[sel, 3])]
-        step_words, inv = np.unique(words[sel], return_inverse=True)
+        words = words[sel]
+        step_words, inv = np.unique(words, return_inverse=True)
         inv = inv.reshape(-1)
     else:
         sel = np.flatnonzero((pid != SENTINEL).any(axis=1))
@@ -257,7 +258,7 @@ def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tu
         part = slice(bounds[j], bounds[j + 1])
         mp = MicroPairs(dev(img[part]), dev(pat[part]), dev(img[part] * npatch + pat[part]))
         if objective == "sampled":
-            mp.words, mp.rows = dev(words[sel][part]), dev(inv[part])
+            mp.words, mp.rows = dev(words[part]), dev(inv[part])
         else:
             distinct, q = multi_targets(pid[part], weights[part])
             mp.ids, mp.weights = dev(pid[part]), dev(weights[part])
