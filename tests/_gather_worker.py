@@ -52,6 +52,15 @@ def main():
     mp = mstep.micro[0]
     mine.update(multi_loss=float(mloss.detach()), multi_pairs=mn,
                 multi_pick=None if mp is None else (mp.token, mp.ids, mp.weights))
+    # ranks whose label rows differ in width (2 against 3 labels per patch): refused on every
+    # rank, not padded into wrong label ids
+    wide = torch.cat([ids, torch.full_like(ids[..., :1], SENTINEL)], dim=-1) if d.rank else ids
+    wstep = multi.sample([(wide, torch.ones(wide.shape))], [torch.Generator().manual_seed(5)])
+    try:
+        multi(tokens.detach(), embed(), wstep, 0, gather=D.gather_pairs, shared_gen=shared)
+        mine["width_error"] = None
+    except ValueError as e:
+        mine["width_error"] = str(e)
     everything = D.gather_objects(mine, d)
     if d.is_main():
         torch.save(everything, out_file)

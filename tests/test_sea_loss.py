@@ -306,6 +306,7 @@ def test_gathered_negatives_hold_each_word_once(tmp_path):
     want = multi_info_nce(w.rank_inputs(0)[2].reshape(-1, 5)[token], m._features(w.embed(), torch.from_numpy(words)),
                           torch.from_numpy(q), m.log_tau, m.min_tau)
     assert ranks[0]["multi_loss"] == ranks[1]["multi_loss"] == pytest.approx(float(want.detach()), rel=1e-12)
+    assert all("differ in shape" in (rk["width_error"] or "") for rk in ranks)
 
 
 def test_step_label_features_equal_eq8_table():
