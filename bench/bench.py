@@ -236,11 +236,11 @@ def bench_storage(work: Path, res: dict):
     blob.unlink()
 
 
-def bench_training(work: Path, repeats: int, res: dict):
-    """SEA overhead and reader speed on the demo's tiny setup."""
+def training_setups(work: Path, settings: list[tuple]) -> tuple[dict, dict]:
+    """The demo's tiny setup, built once per (lambda, objective, tag) in ``settings``, warmed
+    up, with one optimizer step's micro-batches; and the label extraction's summary."""
     from pipeline.extract import run_local
     from pipeline.tiny import save_tiny
-    from trainer.data import StreamDataset
     from trainer.tiny import save_tiny_llm
     from trainer.train import build, train_step
     from wordlist import load_wordlist
@@ -248,21 +248,28 @@ def bench_training(work: Path, repeats: int, res: dict):
 
     spec = save_tiny("clip", work / "models" / "tiny-clip")
     make_sample(work / "sample", n=48)
-    s = run_local(extract_config(work, spec))
-    res["storage"]["demo_8x8x10"] = {"bytes_per_image": s["bytes_per_image"],
-                                     "raw_bytes_per_image": 64 * 10 * 4}
+    summary = run_local(extract_config(work, spec))
     llm = save_tiny_llm(work / "models" / "tiny-llm", list(load_wordlist().words),
                         extra_text=sample_text())
     setups = {}
-    for w, objective in ((0.0, "sampled"), (1.0, "sampled"), (1.0, "multi")):
-        cfg = pretrain_config(work, spec, llm, w, f"sea.objective={objective}")
-        p = build(cfg, "pretrain")
+    for key in settings:
+        p = build(pretrain_config(work, spec, llm, key[0], f"sea.objective={key[1]}"), "pretrain")
         p.task.train()
         p.dataset.set_position(0, 0)
         batches = list(p.dataset)[: p.accum]
         for _ in range(3):  # warm-up
             train_step(p, batches, 0)
-        setups[(w, objective)] = (p, batches)
+        setups[key] = (p, batches)
+    return setups, summary
+
+
+def bench_training(work: Path, repeats: int, res: dict):
+    """SEA overhead and reader speed on the demo's tiny setup."""
+    from trainer.data import StreamDataset
+
+    setups, s = training_setups(work, [(0.0, "sampled"), (1.0, "sampled"), (1.0, "multi")])
+    res["storage"]["demo_8x8x10"] = {"bytes_per_image": s["bytes_per_image"],
+                                     "raw_bytes_per_image": 64 * 10 * 4}
     ratios, step_times = paired_steps(setups, rounds=60 * repeats)
     p, batches = setups[(1.0, "sampled")]
     consume = sum(len(b["input_ids"]) for b in batches) / statistics.median(step_times[(1.0, "sampled")])
@@ -422,6 +429,33 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def probe(kind: str) -> int:
+    """``--probe``: the A/A check of ``paired_steps`` or the per-step operator counts."""
+    work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
+    try:
+        if kind == "aa":
+            keys = [(0.0, "sampled", "a"), (0.0, "sampled", "b"), (0.0, "sampled", "c"), (1.0, "sampled", "")]
+            setups, _ = training_setups(work, keys)
+            ratios, _ = paired_steps(setups, rounds=200)
+            out = {"+".join(str(v) for v in k if v != ""): r for k, r in ratios.items()}
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            from trainer.train import train_step
+
+            setups, _ = training_setups(work, [(0.0, "sampled"), (1.0, "sampled"), (1.0, "multi")])
+            out = {}
+            for k, (p, batches) in setups.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(10):
+                        train_step(p, batches, 1)
+                out[f"lambda={k[0]:g} {k[1]}"] = sum(e.count for e in prof.key_averages()) / 10
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=48)
@@ -430,9 +464,15 @@ def main() -> int:
     ap.add_argument("--json", default=str(REPO / "bench" / "results.json"))
     ap.add_argument("--notes", default=str(REPO / "bench" / "notes.md"))
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown from --json")
+    ap.add_argument("--probe", choices=["aa", "ops"],
+                    help="check the overhead protocol: 'aa' times three identical lambda = 0 "
+                         "setups against each other (ratios should be 1); 'ops' counts the "
+                         "operators each setting dispatches per step (machine-independent)")
     ap.add_argument("--only-training", action="store_true",
                     help="only SEA's training overhead; prints its figures, writes nothing")
     args = ap.parse_args()
+    if args.probe:
+        return probe(args.probe)
     if args.only_training:
         work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
         res = {"storage": {}}
