@@ -99,6 +99,7 @@ def load_word_tokens(tokenizer, wordlist, rule: str, cache_dir: str | Path | Non
 OBJECTIVES = ("sampled", "multi")
 
 
+_EPS = 1e-12  # the normalisation's floor, as F.normalize
 _GEOMETRY: dict = {}  # (grid, k) -> window geometry: fixed per run, built once
 
 
@@ -272,20 +273,22 @@ class _SymmetricInfoNCE(torch.autograd.Function):
     symmetric InfoNCE with soft targets.
 
     Forward: x = tokens' rows ``index`` (all rows when None); tau = max(exp(log_tau),
-    min_tau); logits = cos(x_i, t_u) / tau (t already unit rows); token -> words:
+    min_tau); s = cos(x_i, t_u) (t already unit rows), logits = s / tau; token -> words:
     -sum_u q[i, u] log softmax_u(logits[i]), mean over i; words -> tokens: -sum_i r[i, u]
-    log softmax_i(logits[:, u]), mean over u, with r = q / sum_i q[i, u]; the loss is half
-    their sum. ``q=None`` is the identity (Eq. 9: one positive per row and column).
-    Backward, derived by hand: dlogits = (softmax_row * sum_u q - q) / (2N) +
-    (softmax_col * sum_i r - r) / (2U), then through 1/tau (and exp, unless clamped), the
-    matmul, the normalisation and the pick (an index_add). Why one node: on small batches
-    autograd's per-operator bookkeeping, not arithmetic, was most of L_a's cost (about
-    twenty nodes per micro-batch before). Computes in at least fp32, with autocast off. The
-    tests check it against autograd of the plain formula (gradcheck in fp64) and against
-    Eq. 9 written term by term."""
+    log softmax_i(logits[:, u]), mean over u, with r = q / sum_i q[i, u] (``r`` may be passed
+    precomputed); the loss is half their sum. ``q=None`` is the identity (Eq. 9: one positive
+    per row and column).
+    Backward, derived by hand: dlogits = (softmax_row * sum_u q - q) / (2N) + (softmax_col *
+    sum_i r - r) / (2U); ds = dlogits / tau; d log_tau = -sum(ds * s) where the clamp is not
+    active (else 0); through the matmul, the normalisation (I - xn xn^T) / |x| and the pick
+    (an index_add). Why one node, and why the terms are grouped as they are: on small batches
+    the per-operator dispatch, not arithmetic, is L_a's cost, so both passes are written with
+    as few operators as the formula allows (13 forward, about 20 backward). Computes in at
+    least fp32, with autocast off. The tests check it against autograd of the plain formula
+    (gradcheck in fp64) and against Eq. 9 written term by term."""
 
     @staticmethod
-    def forward(ctx, tokens, index, t, q, log_tau, min_tau):
+    def forward(ctx, tokens, index, t, q, log_tau, min_tau, r=None):
         ctx.shape, ctx.x_dtype = tokens.shape, tokens.dtype
         with _autocast_off(tokens.device.type):
             x = tokens.reshape(-1, tokens.shape[-1])
@@ -293,51 +296,56 @@ class _SymmetricInfoNCE(torch.autograd.Function):
                 x = x.index_select(0, index)
             if x.dtype not in (torch.float32, torch.float64):
                 x = x.float()
-            t, q, log_tau = (a if a is None or a.dtype == x.dtype else a.to(x.dtype) for a in (t, q, log_tau))
+            t, q, r, log_tau = (a if a is None or a.dtype == x.dtype else a.to(x.dtype)
+                                for a in (t, q, r, log_tau))
             e = log_tau.exp()
             tau = e.clamp(min=min_tau)
-            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
-            logits = (x @ t.T) * (1.0 / (norm * tau))  # cosine / tau in one (N, 1) factor
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_EPS)
+            xn = x / norm
+            s = xn @ t.T
+            logits = s / tau
             lr, lc = logits.log_softmax(dim=1), logits.log_softmax(dim=0)
             n, u = logits.shape
             if q is None:
-                loss = (lr.diagonal().sum() + lc.diagonal().sum()) * (-0.5 / n)
-                r = None
+                loss = lr.add(lc).trace().mul(-0.5 / n)  # diagonals: one positive each way
             else:
-                r = q / q.sum(dim=0, keepdim=True)
-                loss = (q * lr).sum() * (-0.5 / n) + (r * lc).sum() * (-0.5 / u)
-        ctx.save_for_backward(x, index, norm, t, logits, lr, lc, q, r, e, tau)
+                if r is None:
+                    r = q / q.sum(dim=0, keepdim=True)
+                loss = (q * lr).sum().mul(-0.5 / n) - (r * lc).sum().mul(0.5 / u)
+        ctx.save_for_backward(xn, index, norm, t, s, lr, lc, q, r, e, tau)
         ctx.min_tau = min_tau
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        x, index, norm, t, logits, lr, lc, q, r, e, tau = ctx.saved_tensors
-        with _autocast_off(x.device.type):
-            n, u = logits.shape
+        xn, index, norm, t, s, lr, lc, q, r, e, tau = ctx.saved_tensors
+        with _autocast_off(xn.device.type):
+            n, u = lr.shape
             if q is None:
-                dl = lr.exp().add_(lc.exp()).mul_(0.5 / n)
-                dl.diagonal().sub_(1.0 / n)
-            else:
-                dl = (lr.exp().mul_(q.sum(dim=1, keepdim=True)).sub_(q)).mul_(0.5 / n).add_(
-                    lc.exp().mul_(r.sum(dim=0, keepdim=True)).sub_(r).mul_(0.5 / u))
-            dl.mul_(g)
+                ds = lr.exp().add_(lc.exp())
+                ds.diagonal().sub_(2.0)
+            else:  # the column term in units of the row term's 1/(2N)
+                ds = lr.exp().mul_(q.sum(dim=1, keepdim=True)).sub_(q).add_(
+                    lc.exp().mul_(r.sum(dim=0, keepdim=True)).sub_(r), alpha=n / u)
+            ds.mul_(g.mul(0.5 / n).div(tau))  # dL/ds = dlogits / tau
             d_log_tau = None
             if ctx.needs_input_grad[4]:
-                # logits = S / tau: dL/dtau = -sum(dl * logits) / tau; dtau/dlog_tau = exp(log_tau)
-                # where the clamp is not active, else 0
-                d_log_tau = -(dl * logits).sum() * (e > ctx.min_tau)
+                # dL/dtau = -sum(ds * s) / tau and dtau/dlog_tau = exp(log_tau) = tau where the
+                # clamp is not active, else 0
+                dot = torch.vdot(ds.reshape(-1), s.reshape(-1))
+                d_log_tau = torch.where(e > ctx.min_tau, -dot, 0.0)
             dtokens = None
             if ctx.needs_input_grad[0]:
-                xn = x / norm
-                dxn = (dl @ t).div_(tau)
-                # the normalisation's Jacobian (I - xn xn^T) / |x|; below the clamp, 1 / eps
-                proj = dxn - xn * (dxn * xn).sum(dim=1, keepdim=True)
-                dx = torch.where(norm > 1e-12, proj, dxn).div_(norm)
+                dxn = ds @ t
+                # the normalisation's Jacobian (I - xn xn^T) / |x|; below the clamp, I / eps
+                along = (dxn * xn).sum(dim=1, keepdim=True).mul_(norm > _EPS)
+                dx = torch.addcmul(dxn, xn, along, value=-1.0).div_(norm)
                 if index is not None:
                     dx = dx.new_zeros(ctx.shape[:-1].numel(), dx.shape[1]).index_add_(0, index, dx)
-                dtokens = dx.view(ctx.shape).to(ctx.x_dtype)
-        return dtokens, None, None, None, d_log_tau, None
+                dtokens = dx.view(ctx.shape)
+                if dtokens.dtype != ctx.x_dtype:
+                    dtokens = dtokens.to(ctx.x_dtype)
+        return dtokens, None, None, None, d_log_tau, None, None
 
 
 def _autocast_off(device_type: str):
