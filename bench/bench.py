@@ -275,14 +275,17 @@ def bench_training(work: Path, repeats: int, res: dict):
     consume = sum(len(b["input_ids"]) for b in batches) / statistics.median(step_times[(1.0, "sampled")])
     ds = p.dataset
 
-    def read_all():
+    def read_all(draws=None):
         n = 0
-        for b in StreamDataset(ds.source, ds.micro, 0, holdout=ds.holdout):
+        for b in StreamDataset(ds.source, ds.micro, 0, holdout=ds.holdout, draws=draws):
             n += len(b["input_ids"])
         return n
 
     rows = read_all()
     read_t = timed(read_all, repeats)
+    # SEA's draws happen in the loader (beside the step, in loader workers): their cost there
+    draw_t = {o: timed(lambda o=o: read_all(setups[(1.0, o)][0].dataset.draws), repeats)
+              for o in ("sampled", "multi")}
     res["training"] = {
         "config": "demo: tiny CLIP 8x8 grid, tiny Llama (64 wide, 2 layers), micro 4, global 8",
         "step_s_lambda0": stat(step_times[(0.0, "sampled")]),
@@ -291,6 +294,8 @@ def bench_training(work: Path, repeats: int, res: dict):
         "sea_overhead_ratio": ratios[(1.0, "sampled")],
         "sea_overhead_ratio_multi": ratios[(1.0, "multi")],
         "reader_img_s": stat([rows / x for x in read_t]),
+        "reader_img_s_with_draws": stat([rows / x for x in draw_t["sampled"]]),
+        "reader_img_s_with_draws_multi": stat([rows / x for x in draw_t["multi"]]),
         "trainer_consumes_img_s": consume,
     }
 
@@ -411,6 +416,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
     lines.append(f"| bench run, {e['grid'][0]}x{e['grid'][1]}x10 (real labels of the random ViT-B) | "
                  f"{e['bytes_per_image_196x10']:.0f} | {e['grid'][0] * e['grid'][1] * 40} |")
     lines += ["", f"- streaming reader (labels + image decode + tokenization), demo set: {f(t['reader_img_s'], 1)} img/s",
+              f"- the same reader drawing SEA's pairs (`sampled` / `multi`; the loader does this, "
+              f"beside the step): {f(t['reader_img_s_with_draws'], 1)} / "
+              f"{f(t['reader_img_s_with_draws_multi'], 1)} img/s",
               f"- trainer consumption at the demo config: {t['trainer_consumes_img_s']:.1f} img/s", "",
               f"- shard verification (sha256 of every shard byte, each extraction rerun and trainer "
               f"start): {f(res['verify']['s_per_gib'], 2)} s per GiB (from the page cache; a cold "

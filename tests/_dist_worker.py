@@ -22,7 +22,7 @@ def main():
     p = build(cfg, stage)
     # the global batch is the single-process stream's first global_batch samples
     ds = StreamDataset(p.source, cfg.optim.micro_batch_size, cfg.optim.seed, 0, 1, 0,
-                       cfg.data.shuffle_window, p.dataset.holdout)
+                       cfg.data.shuffle_window, p.dataset.holdout, p.dataset.draws)
     it = iter(ds)
     n_micro = cfg.optim.global_batch_size // cfg.optim.micro_batch_size
     micro = [next(it) for _ in range(n_micro)]

@@ -54,6 +54,49 @@ def test_resume_skips_exactly_what_was_consumed(source):
         assert full[:k] + _rows(ds, workers=2) == full, k
 
 
+@pytest.mark.parametrize("objective", ["sampled", "multi"])
+def test_sea_draws_are_keyed_by_the_data_position(source, objective):
+    """Each labelled micro-batch carries its SEA pairs, drawn in the loader worker from (seed,
+    epoch, global worker, the worker's batch number): equal to sampling that batch's labels
+    with that key by hand, the same again after a resume, and different per batch."""
+    from trainer.sea_loss import Draws, sample_pairs
+
+    draws = Draws((8, 8), 2, objective, seed=3)
+
+    def stream(ds):
+        return [(b["rows"], b["label_ids"], b["label_scores"], b["sea"])
+                for b in DataLoader(ds, batch_size=None, num_workers=2)]
+
+    full = stream(StreamDataset(source, 2, seed=3, num_workers=2, holdout=4, draws=draws))
+    ds = StreamDataset(source, 2, seed=3, num_workers=2, holdout=4, draws=draws)
+    order = round_robin_order(ds.batches_per_worker())
+    for k, (_, ids, scores, got) in enumerate(full):
+        worker, number = order[k], order[:k].count(order[k])
+        want = sample_pairs([(ids, scores)], (8, 8), 2, [torch.Generator().manual_seed(
+            ((3 * 1_000_003 + 0) * 7_919 + worker) * 100_003 + number)], objective)[0]
+        for f in ("token", "words", "q", "r", "ids", "weights"):
+            a, b = getattr(got, f), getattr(want, f)
+            assert (a is None and b is None) or torch.equal(a, b), (k, f)
+    assert len({tuple(b[3].token.tolist()) for b in full}) == len(full)
+    ds.set_position(0, 3)
+    resumed = stream(ds)
+    assert [r for r, *_ in resumed] == [r for r, *_ in full[3:]]
+    for (_, _, _, a), (_, _, _, b) in zip(resumed, full[3:], strict=True):
+        assert torch.equal(a.token, b.token) and torch.equal(a.words, b.words)
+
+
+def test_labelled_batch_without_draws_is_refused(pretrain_cfg):
+    """lambda > 0 with batches that carry labels but no draws would train with L_a = 0."""
+    from trainer.train import build, step_sample
+
+    p = build(pretrain_cfg(), "pretrain")
+    batch = next(iter(p.dataset))
+    assert batch["sea"] is not None and step_sample(p, [batch]).micro[0] is not None
+    del batch["sea"]
+    with pytest.raises(ValueError, match="no SEA draws"):
+        step_sample(p, [batch])
+
+
 def test_round_robin_model():
     assert round_robin_order([2, 1, 3]) == [0, 1, 2, 0, 2, 2]
     assert resume_skips([2, 1, 3], 4) == [2, 1, 1]

@@ -138,9 +138,9 @@ def test_batch_with_nothing_to_predict_gives_zero_lm_loss(pretrain_cfg):
     p = _parts(pretrain_cfg())
     batch = _first_batches(p, 1)[0]
     batch["labels"] = [torch.full_like(x, IGNORE_INDEX) for x in batch["labels"]]
-    from trainer.train import sample_sea
+    from trainer.train import step_sample
 
-    out = p.task(batch, sample_sea(p, [batch], 0), 0)
+    out = p.task(batch, step_sample(p, [batch]), 0)
     assert float(out["lm_loss"].detach()) == 0.0 and out["loss"].requires_grad
     out["loss"].backward()
     assert p.task.mllm.adapter[0].weight.grad is not None

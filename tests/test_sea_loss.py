@@ -171,10 +171,11 @@ def test_step_sampling_is_per_micro_batch_and_vectorised_alike():
         mp = step.micro[i]
         assert torch.equal(mp.img, alone.img) and torch.equal(mp.pat, alone.pat)
         assert torch.equal(mp.words, alone.words)
-        assert torch.equal(step.words[mp.rows], mp.words)  # rows index the step's word table
+        # the step's label table is the micro-batches' target words, in order
+        assert torch.equal(step.words[step.offsets[i]:step.offsets[i + 1]], mp.words)
         assert len(set(mp.words.tolist())) == len(mp.words)
     # a word may repeat across micro-batches (each is its own InfoNCE)
-    assert sum(len(m.words) for m in step.micro) > len(step.words)
+    assert len(set(step.words.tolist())) < len(step.words)
     # a micro-batch without labels gets None
     assert sample_step([None, labs[0]], (4, 4), 2, gens()[:2]).micro[0] is None
 
@@ -395,11 +396,20 @@ def test_step_sampling_equals_literal_loops(objective, grid, k):
         assert [(int(i), int(q)) for i, q in zip(mp.img, mp.pat)] == [(c[0], c[1]) for c in cands]
         if objective == "sampled":
             assert mp.words.tolist() == [c[2] for c in cands]
-            assert torch.equal(step.words[mp.rows], mp.words)
         else:
             assert mp.ids.tolist() == [c[2][0] for c in cands]
             np.testing.assert_allclose(np.asarray(mp.weights, dtype=np.float64),
                                        [c[2][1] for c in cands], rtol=1e-6)
+            # the targets: the distinct positive words, q over them and r = q / column sums
+            pos = {w for c in cands for w, s in zip(*c[2]) if s > 0}
+            assert mp.words.tolist() == sorted(pos)
+            q = np.zeros((len(cands), len(pos)))
+            for i, c in enumerate(cands):
+                for w, s in zip(*c[2]):
+                    if s > 0:
+                        q[i, sorted(pos).index(w)] += s
+            np.testing.assert_allclose(mp.q.numpy(), q, rtol=1e-6)
+            np.testing.assert_allclose(mp.r.numpy(), q / q.sum(axis=0), rtol=1e-6)
 
 
 def _plain_soft_infonce(x, t, q, tau):

@@ -285,7 +285,7 @@ class StreamDataset(IterableDataset):
 
     def __init__(self, source: SampleSource, micro_batch: int, seed: int, rank: int = 0,
                  world: int = 1, num_workers: int = 0, shuffle_window: int = 8,
-                 holdout: int = 0):
+                 holdout: int = 0, draws=None):
         self.source = source
         self.micro = micro_batch
         self.seed = seed
@@ -294,6 +294,7 @@ class StreamDataset(IterableDataset):
         self.num_workers = max(num_workers, 0)
         self.window = max(shuffle_window, 1)
         self.holdout = holdout
+        self.draws = draws  # SEA's pair sampler (trainer.sea_loss.Draws), None without L_a
         self.epoch = 0
         self.skip = [0] * max(self.num_workers, 1)
         self.rotate = 0
@@ -342,6 +343,7 @@ class StreamDataset(IterableDataset):
         mine = self._epoch_blocks()[g::self.global_workers()]
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + g)
         skip_rows = self.skip[w] * self.micro
+        number = self.skip[w]  # this worker's batch number in the epoch (keys SEA's draws)
         pending: list[dict] = []
         for start in range(0, len(mine), self.window):
             rows = []
@@ -355,15 +357,19 @@ class StreamDataset(IterableDataset):
             for row in rows:
                 pending.append(row)
                 if len(pending) == self.micro:
-                    yield self._batch(pending)
+                    yield self._batch(pending, g, number)
                     pending = []
+                    number += 1
         if pending:
-            yield self._batch(pending)
+            yield self._batch(pending, g, number)
 
-    def _batch(self, rows: list[dict]) -> dict:
+    def _batch(self, rows: list[dict], worker: int = 0, number: int = 0) -> dict:
         samples = [s for s in (self.source.sample(r) for r in rows) if s is not None]
         batch = collate(samples) if samples else {"input_ids": [], "rows": []}
         batch["bad"] = len(rows) - len(samples)
+        if self.draws is not None and batch.get("label_ids") is not None:
+            batch["sea"] = self.draws(batch["label_ids"], batch["label_scores"], self.epoch,
+                                      worker, number)
         return batch
 
 

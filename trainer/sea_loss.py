@@ -19,10 +19,12 @@
   "multi-semantic alignment"): every kept label of a sampled patch is a positive, weighted by
   s / sum(s); see ``multi_info_nce``.
 
-Sampling runs once per optimizer step for all micro-batches (``sample_step``), vectorised in
-numpy on the host where the labels are. Only the uniforms are drawn per micro-batch, from that
-micro-batch's generator, so one process with accumulation draws exactly what several ranks
-without it draw. The loss of a micro-batch is one autograd node (``_SymmetricInfoNCE``).
+Sampling is vectorised in numpy on the host, where the labels are (``sample_pairs``). The
+trainer's data loader draws each micro-batch's pairs as it builds the batch (``Draws``), from
+a generator keyed by the batch's place in the data stream, so the draws overlap the training
+step (in loader workers) and a resumed run draws the same. In the step, the micro-batches'
+target words form one label table whose features are computed once (``StepSample``), and the
+loss of a micro-batch is one autograd node (``_SymmetricInfoNCE``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -169,33 +171,78 @@ def multi_targets(ids: np.ndarray, weights: np.ndarray):
 @dataclass
 class MicroPairs:
     """SEA's draws for one micro-batch: the sampled visual tokens (image ``img``, patch ``pat``;
-    ``token`` = img * P + pat) and their targets. ``sampled``: ``words`` (N,), and ``rows``
-    (N,) into the step's word table. ``multi``: ``ids`` and ``weights`` (N, n) (gathered across
-    ranks), and the micro-batch's distinct positive words as ``rows`` (U,) into the step's
-    table with ``q`` (N, U) (``multi_targets``)."""
+    ``token`` = img * P + pat) and ``words``, the target words, one per column of L_a's
+    logits. ``sampled``: one word per pair (N,). ``multi``: the micro-batch's distinct positive
+    words (U,), with ``q`` (N, U) each token's weights over them and ``r`` = q / column sums
+    (``multi_targets``), and each token's kept labels ``ids`` / ``weights`` (N, n), which cross-
+    rank negatives gather. Built on the host (by the data loader); ``pin_memory`` lets torch's
+    DataLoader pin it, ``to`` moves it."""
 
     img: torch.Tensor
     pat: torch.Tensor
     token: torch.Tensor
-    words: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
+    words: torch.Tensor
+    q: torch.Tensor | None = None
+    r: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
-    q: torch.Tensor | None = None
+
+    def _map(self, fn) -> MicroPairs:
+        return MicroPairs(*(None if v is None else fn(v) for v in
+                            (getattr(self, f.name) for f in fields(self))))
+
+    def to(self, device, non_blocking: bool = False) -> MicroPairs:
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> MicroPairs:
+        return self._map(lambda v: v.pin_memory())
 
 
 @dataclass
 class StepSample:
-    """Every micro-batch's pairs of one optimizer step, and the distinct words they use."""
+    """The pairs of every micro-batch of one optimizer step. Their target words, concatenated
+    in micro-batch order, form the step's label table (``words``; micro-batch i's rows start at
+    ``offsets[i]``), whose features are computed once, on first use in the step (the
+    embedding table does not change within a step)."""
 
     micro: list[MicroPairs | None]
-    words: torch.Tensor  # (U,) distinct words of the step
-    table: torch.Tensor | None = None  # their unit label features, filled on first use in the step
+    words: torch.Tensor = field(init=False)
+    offsets: list[int] = field(init=False)
+    table: torch.Tensor | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        present = [m.words for m in self.micro if m is not None]
+        self.offsets = np.concatenate([[0], np.cumsum([0 if m is None else m.words.numel()
+                                                       for m in self.micro])]).tolist()
+        self.words = (present[0] if len(present) == 1 else torch.cat(present)) if present else \
+            torch.zeros(0, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """What the data loader needs to draw SEA's pairs for each micro-batch it builds: the grid,
+    the window, the objective and the run's seed. A micro-batch's randomness comes from its
+    place in the data stream (epoch, global loader worker, the worker's batch number), so the
+    draws are fixed by the data position (nothing to save; a resumed run draws the same) and
+    belong to the batch, as the data order does. Why in the loader and not in the training
+    step: with loader workers this host work overlaps the step instead of delaying it."""
+
+    grid: tuple[int, int]
+    window: int
+    objective: str
+    seed: int
+
+    def generator(self, epoch: int, worker: int, batch: int) -> torch.Generator:
+        key = ((self.seed * 1_000_003 + epoch) * 7_919 + worker) * 100_003 + batch
+        return torch.Generator().manual_seed(key % (1 << 63))
+
+    def __call__(self, ids, scores, epoch: int, worker: int, batch: int) -> MicroPairs | None:
+        return sample_pairs([(ids, scores)], self.grid, self.window,
+                            [self.generator(epoch, worker, batch)], self.objective)[0]
 
 
 def draw_uniforms(gen: torch.Generator, batch: int, windows: int) -> torch.Tensor:
-    """A micro-batch's randomness: per window (dy, dx, label draw, de-duplication priority).
-    Drawn on the CPU from torch's generator, so every device samples the same pairs."""
+    """A micro-batch's randomness: per window (dy, dx, label draw, de-duplication priority)."""
     return torch.rand(batch, windows, 4, generator=gen)
 
 
@@ -203,30 +250,29 @@ def _host(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
-def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tuple[int, int],
-                k: int, gens: list[torch.Generator], objective: str = "sampled",
-                device: torch.device | str = "cpu") -> StepSample:
-    """Pairs of every micro-batch of one step in one vectorised pass.
+def sample_pairs(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tuple[int, int],
+                 k: int, gens: list[torch.Generator], objective: str = "sampled") -> list[MicroPairs | None]:
+    """Pairs of one or more micro-batches in one vectorised pass, as host tensors.
 
-    ``labels[i]`` is micro-batch i's (ids, scores), each (B_i, P, n), or None (no labels).
-    The pass runs in numpy on the host, where the loader put the labels: a step's candidates
-    are a few thousand rows, which numpy handles in well under a millisecond, while torch
-    pays several microseconds of dispatch per operator and, on a GPU, would need every label
-    copied over and a synchronisation for the split sizes. Only the picks (a few hundred
-    integers per micro-batch) go to ``device``.
+    ``labels[i]`` is micro-batch i's (ids, scores), each (B_i, P, n), or None (no labels);
+    ``gens[i]`` its generator. Runs in numpy on the host, where the labels are: a micro-
+    batch's candidates are a few hundred rows, which numpy handles in a fraction of a
+    millisecond, while torch pays several microseconds of dispatch per operator and, on a
+    GPU, would need every label copied over.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"sea.objective must be one of {OBJECTIVES}, got '{objective}'")
     nw = num_windows(grid, k)
     present = [i for i, lab in enumerate(labels) if lab is not None and lab[0].shape[0] > 0]
+    out: list[MicroPairs | None] = [None] * len(labels)
     if not present:
-        return StepSample([None] * len(labels), torch.zeros(0, dtype=torch.long, device=device))
+        return out
     sizes = np.array([labels[i][0].shape[0] for i in present])
     u = torch.cat([draw_uniforms(gens[i], int(b), nw) for i, b in zip(present, sizes)]).numpy()
     ids = np.concatenate([_host(labels[i][0]) for i in present])
     scores = np.concatenate([_host(labels[i][1]) for i in present])
     nb, npatch, n = ids.shape
-    image = np.repeat(np.arange(nb), nw)  # each candidate's image (over the step)
+    image = np.repeat(np.arange(nb), nw)  # each candidate's image (over all micro-batches)
     flat = image * npatch + window_patches(u[..., :2], grid, k).reshape(-1)
     pid = ids.reshape(-1, n)[flat].astype(np.int64)
     psc = scores.reshape(-1, n)[flat].astype(np.float32)  # fp16 -> fp32 on the picks only
@@ -238,12 +284,9 @@ def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tu
         # one pair per distinct word per micro-batch: key (micro-batch, word)
         sel = sel[dedupe(micro[sel] * (SENTINEL + 1) + words[sel], u[sel, 3])]
         words = words[sel]
-        step_words, inv = np.unique(words, return_inverse=True)
-        inv = inv.reshape(-1)
     else:
         sel = np.flatnonzero((pid != SENTINEL).any(axis=1))
         weights = label_weights(pid[sel], psc[sel])
-        step_words = np.unique(pid[sel][weights > 0])
     # candidates are in micro-batch order, so every selection stays grouped by micro-batch
     first_image = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     bounds = np.concatenate([[0], np.cumsum(np.bincount(micro[sel], minlength=len(present)))])
@@ -251,21 +294,27 @@ def sample_step(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: tu
     pat = flat[sel] - image[sel] * npatch
     pid = pid[sel]
 
-    def dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    def host(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a))
 
-    out: list[MicroPairs | None] = [None] * len(labels)
     for j, i in enumerate(present):
         part = slice(bounds[j], bounds[j + 1])
-        mp = MicroPairs(dev(img[part]), dev(pat[part]), dev(img[part] * npatch + pat[part]))
+        token = img[part] * npatch + pat[part]
         if objective == "sampled":
-            mp.words, mp.rows = dev(words[part]), dev(inv[part])
+            out[i] = MicroPairs(host(img[part]), host(pat[part]), host(token), host(words[part]))
         else:
             distinct, q = multi_targets(pid[part], weights[part])
-            mp.ids, mp.weights = dev(pid[part]), dev(weights[part])
-            mp.rows, mp.q = dev(np.searchsorted(step_words, distinct)), dev(q)
-        out[i] = mp
-    return StepSample(out, dev(step_words))
+            r = q / np.maximum(q.sum(axis=0, keepdims=True), 1e-30)
+            out[i] = MicroPairs(host(img[part]), host(pat[part]), host(token), host(distinct),
+                                host(q), host(r), host(pid[part]), host(weights[part]))
+    return out
+
+
+def sample_step(labels, grid: tuple[int, int], k: int, gens: list[torch.Generator],
+                objective: str = "sampled", device: torch.device | str = "cpu") -> StepSample:
+    """``sample_pairs`` for a step's micro-batches at once, on ``device``."""
+    return StepSample([None if m is None else m.to(device)
+                       for m in sample_pairs(labels, grid, k, gens, objective)])
 
 
 class _SymmetricInfoNCE(torch.autograd.Function):
@@ -373,16 +422,16 @@ def info_nce(x: torch.Tensor, t: torch.Tensor, log_tau: torch.Tensor, min_tau: f
 
 def multi_info_nce(x: torch.Tensor, t: torch.Tensor, q: torch.Tensor, log_tau: torch.Tensor,
                    min_tau: float = 0.0, index: torch.Tensor | None = None,
-                   t_unit: bool = False) -> torch.Tensor:
+                   t_unit: bool = False, r: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-positive symmetric InfoNCE. x (N, D) visual tokens (or x's rows ``index``), t
     (U, D) the features of the distinct label words, q (N, U) each token's target
     distribution over U (s / sum(s) of its kept labels). Token -> words: cross-entropy of
     softmax over U against q[i]. Word -> tokens: for word u, cross-entropy of softmax over the
     N tokens against q[:, u] / sum_i q[i, u] (the tokens carrying u, by their weight for u).
-    L = mean of both directions' means."""
+    L = mean of both directions' means. ``r``: that column-normalised q, if already known."""
     if t.shape[0] == 0 or q.shape[0] == 0:
         return x.sum() * 0.0
-    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), q, log_tau, min_tau)
+    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), q, log_tau, min_tau, r)
 
 
 class AlignmentLoss(nn.Module):
@@ -417,8 +466,12 @@ class AlignmentLoss(nn.Module):
         return self.log_tau.exp().clamp(min=self.min_tau)
 
     def sample(self, labels, gens, device=None) -> StepSample:
+        """A step's pairs drawn here (the trainer's loader draws them instead: ``draws``)."""
         return sample_step(labels, self.grid, self.window, gens, self.objective,
                            device if device is not None else self.flat_ids.device)
+
+    def draws(self, seed: int) -> Draws:
+        return Draws(self.grid, self.window, self.objective, seed)
 
     def _features(self, embed_weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """Eq. 8 for ``words``: the mean of each word's token embeddings (as
@@ -443,16 +496,16 @@ class AlignmentLoss(nn.Module):
                 return self.log_tau * 0.0, 0
             if step.table is None:  # once per step: the embedding table does not change within it
                 step.table = F.normalize(self._features(embed_weight, step.words).float(), dim=-1)
-            t = step.table[pairs.rows]
+            t = step.table.narrow(0, step.offsets[micro], pairs.words.shape[0])
             args = (self.log_tau, self.min_tau, pairs.token, True)
-            loss = multi_info_nce(visual_tokens, t, pairs.q, *args) if multi else \
+            loss = multi_info_nce(visual_tokens, t, pairs.q, *args, r=pairs.r) if multi else \
                 info_nce(visual_tokens, t, *args)
             return loss, int(pairs.token.numel())
         # cross-rank negatives: collective, so every rank gathers, with or without pairs
         if pairs is None or visual_tokens is None:
             empty = torch.zeros(0, dtype=torch.long, device=dev)
             x = embed_weight.new_zeros(0, embed_weight.shape[1]) + 0.0 * self.log_tau
-            pairs = MicroPairs(empty, empty, empty, words=empty, ids=empty[:, None],
+            pairs = MicroPairs(empty, empty, empty, empty, ids=empty[:, None],
                                weights=torch.zeros(0, 1, device=dev))
         else:
             x = visual_tokens.reshape(-1, visual_tokens.shape[-1]).index_select(0, pairs.token)

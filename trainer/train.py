@@ -34,7 +34,7 @@ from trainer.llm import load_llm
 from trainer.model import MLLM
 from trainer.runlog import Logger
 from trainer.s2 import tower_transform
-from trainer.sea_loss import AlignmentLoss, load_word_tokens
+from trainer.sea_loss import AlignmentLoss, StepSample, load_word_tokens
 from trainer.task import SEATask
 
 # config keys that may change between a run and its resume (nothing that moves the data
@@ -135,7 +135,8 @@ def build(cfg, stage: str = "pretrain") -> Parts:
                          f"x world {d.world} x an integer accumulation")
     holdout = cfg.data.holdout_images if cfg.data.shards else 0
     dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world,
-                            cfg.data.num_workers, cfg.data.shuffle_window, holdout)
+                            cfg.data.num_workers, cfg.data.shuffle_window, holdout,
+                            align.draws(o.seed) if align is not None else None)
     if d.is_main():
         print(f"data ({stage}): {format_report(source.report)}", file=sys.stderr)
     # ranks may hold a few more batches than others: every rank stops the epoch at the
@@ -185,34 +186,31 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """SEA sampling randomness from (seed, step, global micro-batch index): nothing to save,
-    and the same for one process with accumulation as for several ranks without."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_003 + micro)
-
-
 def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """The same on every rank (local micro-batch index): picks among gathered duplicates."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 100_003 + micro) ^ 0x5EA5EA5EA)
 
 
-def sample_sea(p: Parts, micro_batches: list[dict], step: int):
-    """SEA's pairs for the whole step in one vectorised pass (None when L_a is off)."""
-    align = p.task.align
-    if align is None or p.task.weight <= 0:
+def step_sample(p: Parts, micro_batches: list[dict]) -> StepSample | None:
+    """The step's SEA pairs, drawn by the loader with each micro-batch (``Draws``), on the
+    device (None when L_a is off)."""
+    if p.task.align is None or p.task.weight <= 0:
         return None
-    n = len(micro_batches)
-    labels = [(mb["label_ids"], mb["label_scores"]) if mb.get("label_ids") is not None else None
-              for mb in micro_batches]
-    gens = [step_generator(p.cfg.optim.seed, step, p.dist.rank * n + i) for i in range(n)]
-    return align.sample(labels, gens, p.device)
+    for mb in micro_batches:
+        if mb.get("label_ids") is not None and mb.get("sea") is None:
+            # never train with lambda > 0 and L_a silently 0
+            raise ValueError("a labelled micro-batch carries no SEA draws ('sea'): build the "
+                             "StreamDataset with draws=task.align.draws(seed), as build() does")
+    cuda = p.device.type == "cuda"
+    return StepSample([mb["sea"].to(p.device, non_blocking=cuda) if mb.get("sea") is not None
+                       else None for mb in micro_batches])
 
 
 def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None) -> dict:
     """Gradients of one optimizer step's micro-batches (averaged over them and the ranks)."""
     sums = {"loss": 0.0, "lm_loss": 0.0, "align_loss": 0.0, "pairs": 0, "dropped": 0}
     n = len(micro_batches)
-    sample = sample_sea(p, micro_batches, step)
+    sample = step_sample(p, micro_batches)
     for i, mb in enumerate(micro_batches):
         if not mb["input_ids"]:
             continue
