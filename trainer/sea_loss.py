@@ -33,7 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -189,9 +189,12 @@ class MicroPairs:
 
     def _map(self, fn) -> MicroPairs:
         return MicroPairs(*(None if v is None else fn(v) for v in
-                            (getattr(self, f.name) for f in fields(self))))
+                            (self.img, self.pat, self.token, self.words, self.q, self.r,
+                             self.ids, self.weights)))
 
     def to(self, device, non_blocking: bool = False) -> MicroPairs:
+        if self.token.device == torch.device(device):
+            return self
         return self._map(lambda v: v.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> MicroPairs:
@@ -212,8 +215,9 @@ class StepSample:
 
     def __post_init__(self):
         present = [m.words for m in self.micro if m is not None]
-        self.offsets = np.concatenate([[0], np.cumsum([0 if m is None else m.words.numel()
-                                                       for m in self.micro])]).tolist()
+        self.offsets = [0]
+        for m in self.micro:
+            self.offsets.append(self.offsets[-1] + (0 if m is None else m.words.shape[0]))
         self.words = (present[0] if len(present) == 1 else torch.cat(present)) if present else \
             torch.zeros(0, dtype=torch.long)
 
@@ -361,13 +365,16 @@ class _SymmetricInfoNCE(torch.autograd.Function):
                 if r is None:
                     r = q / q.sum(dim=0, keepdim=True)
                 loss = (q * lr).sum().mul(-0.5 / n) - (r * lc).sum().mul(0.5 / u)
-        ctx.save_for_backward(xn, index, norm, t, s, lr, lc, q, r, e, tau)
+        # kept on ctx, not save_for_backward: none is an output, and the inputs among them
+        # (t, index, q, r) are the step's own tensors, never modified in place; packing and
+        # checking eleven saved tensors was a measurable share of this node's cost
+        ctx.saved = (xn, index, norm, t, s, lr, lc, q, r, e, tau)
         ctx.min_tau = min_tau
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        xn, index, norm, t, s, lr, lc, q, r, e, tau = ctx.saved_tensors
+        xn, index, norm, t, s, lr, lc, q, r, e, tau = ctx.saved
         with _autocast_off(xn.device.type):
             n, u = lr.shape
             if q is None:
