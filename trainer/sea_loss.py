@@ -485,8 +485,16 @@ class AlignmentLoss(nn.Module):
         ``label_features_table``). Targets: no gradient into the embedding table."""
         with torch.no_grad():
             w = embed_weight.detach()
+            pw = self.pad_w[words]
             return F.embedding_bag(self.pad_ids[words], w, mode="sum",
-                                   per_sample_weights=self.pad_w[words].to(w.dtype))
+                                   per_sample_weights=pw if pw.dtype == w.dtype else pw.to(w.dtype))
+
+    def _unit_features(self, embed_weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """``_features`` in at least fp32, L2-normalised (as F.normalize, in fewer operators)."""
+        f = self._features(embed_weight, words)
+        if f.dtype not in (torch.float32, torch.float64):
+            f = f.float()
+        return f.div_(torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min_(_EPS))
 
     def forward(self, visual_tokens: torch.Tensor | None, embed_weight: torch.Tensor,
                 step: StepSample | None, micro: int, gather=None,
@@ -502,7 +510,7 @@ class AlignmentLoss(nn.Module):
                 # no pairs here: 0, the temperature attached (DDP sees every parameter used)
                 return self.log_tau * 0.0, 0
             if step.table is None:  # once per step: the embedding table does not change within it
-                step.table = F.normalize(self._features(embed_weight, step.words).float(), dim=-1)
+                step.table = self._unit_features(embed_weight, step.words)
             t = step.table.narrow(0, step.offsets[micro], pairs.words.shape[0])
             args = (self.log_tau, self.min_tau, pairs.token, True)
             loss = multi_info_nce(visual_tokens, t, pairs.q, *args, r=pairs.r) if multi else \
