@@ -24,3 +24,20 @@ def test_gpu_labels_agree_with_cpu(extract_cfg, tmp_path):
         agree += int((ia[..., 0] == ib[..., 0]).sum())
         total += ia[..., 0].size
     assert agree / total >= 0.99, f"top-1 agreement {agree / total:.4f}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sea_draws_are_pinned_by_the_loader_and_moved_to_the_gpu():
+    """The DataLoader (pin_memory=True on CUDA) pins a batch's SEA draws through
+    MicroPairs.pin_memory, and the step moves them to the device without blocking."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from trainer.sea_loss import Draws
+
+    g = torch.Generator().manual_seed(0)
+    ids, scores = torch.randint(0, 50, (2, 16, 3), generator=g), torch.rand(2, 16, 3, generator=g)
+    mp = Draws((4, 4), 2, "multi", 0)(ids, scores, 0, 0, 0)
+    pinned = pin_memory({"sea": mp})["sea"]
+    assert pinned.token.is_pinned() and pinned.q.is_pinned() and pinned.weights.is_pinned()
+    dev = pinned.to(torch.device("cuda"), non_blocking=True)
+    assert dev.token.is_cuda and torch.equal(dev.q.cpu(), mp.q) and torch.equal(dev.words.cpu(), mp.words)
