@@ -365,16 +365,16 @@ class _SymmetricInfoNCE(torch.autograd.Function):
                 if r is None:
                     r = q / q.sum(dim=0, keepdim=True)
                 loss = (q * lr).sum().mul(-0.5 / n) - (r * lc).sum().mul(0.5 / u)
-        # kept on ctx, not save_for_backward: none is an output, and the inputs among them
-        # (t, index, q, r) are the step's own tensors, never modified in place; packing and
-        # checking eleven saved tensors was a measurable share of this node's cost
-        ctx.saved = (xn, index, norm, t, s, lr, lc, q, r, e, tau)
+        # save_for_backward, not ctx attributes: those are 2 % faster per call (paired) but
+        # would keep the (N, U) matrices alive until the graph is dropped, not free them
+        # after the backward
+        ctx.save_for_backward(xn, index, norm, t, s, lr, lc, q, r, e, tau)
         ctx.min_tau = min_tau
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        xn, index, norm, t, s, lr, lc, q, r, e, tau = ctx.saved
+        xn, index, norm, t, s, lr, lc, q, r, e, tau = ctx.saved_tensors
         with _autocast_off(xn.device.type):
             n, u = lr.shape
             if q is None:
