@@ -170,27 +170,34 @@ def multi_targets(ids: np.ndarray, weights: np.ndarray):
 
 @dataclass
 class MicroPairs:
-    """SEA's draws for one micro-batch: the sampled visual tokens (image ``img``, patch ``pat``;
-    ``token`` = img * P + pat) and ``words``, the target words, one per column of L_a's
-    logits. ``sampled``: one word per pair (N,). ``multi``: the micro-batch's distinct positive
-    words (U,), with ``q`` (N, U) each token's weights over them and ``r`` = q / column sums
-    (``multi_targets``), and each token's kept labels ``ids`` / ``weights`` (N, n), which cross-
-    rank negatives gather. Built on the host (by the data loader); ``pin_memory`` lets torch's
-    DataLoader pin it, ``to`` moves it."""
+    """SEA's draws for one micro-batch: the sampled visual tokens (``token`` = image * P +
+    patch, P = ``patches`` per image; ``img`` and ``pat`` derived) and ``words``, the target
+    words, one per column of L_a's logits. ``sampled``: one word per pair (N,). ``multi``: the
+    micro-batch's distinct positive words (U,), with ``q`` (N, U) each token's weights over
+    them and ``r`` = q / column sums (``multi_targets``), and each token's kept labels ``ids``
+    / ``weights`` (N, n), which cross-rank negatives gather. Built on the host (by the data
+    loader); ``pin_memory`` lets torch's DataLoader pin it, ``to`` moves it."""
 
-    img: torch.Tensor
-    pat: torch.Tensor
     token: torch.Tensor
     words: torch.Tensor
     q: torch.Tensor | None = None
     r: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    patches: int = 1
+
+    @property
+    def img(self) -> torch.Tensor:
+        return self.token // self.patches
+
+    @property
+    def pat(self) -> torch.Tensor:
+        return self.token % self.patches
 
     def _map(self, fn) -> MicroPairs:
         return MicroPairs(*(None if v is None else fn(v) for v in
-                            (self.img, self.pat, self.token, self.words, self.q, self.r,
-                             self.ids, self.weights)))
+                            (self.token, self.words, self.q, self.r, self.ids, self.weights)),
+                          patches=self.patches)
 
     def to(self, device, non_blocking: bool = False) -> MicroPairs:
         if self.token.device == torch.device(device):
@@ -303,14 +310,14 @@ def sample_pairs(labels: list[tuple[torch.Tensor, torch.Tensor] | None], grid: t
 
     for j, i in enumerate(present):
         part = slice(bounds[j], bounds[j + 1])
-        token = img[part] * npatch + pat[part]
+        token = host(img[part] * npatch + pat[part])
         if objective == "sampled":
-            out[i] = MicroPairs(host(img[part]), host(pat[part]), host(token), host(words[part]))
+            out[i] = MicroPairs(token, host(words[part]), patches=npatch)
         else:
             distinct, q = multi_targets(pid[part], weights[part])
             r = q / np.maximum(q.sum(axis=0, keepdims=True), 1e-30)
-            out[i] = MicroPairs(host(img[part]), host(pat[part]), host(token), host(distinct),
-                                host(q), host(r), host(pid[part]), host(weights[part]))
+            out[i] = MicroPairs(token, host(distinct), host(q), host(r), host(pid[part]),
+                                host(weights[part]), patches=npatch)
     return out
 
 
@@ -520,7 +527,7 @@ class AlignmentLoss(nn.Module):
         if pairs is None or visual_tokens is None:
             empty = torch.zeros(0, dtype=torch.long, device=dev)
             x = embed_weight.new_zeros(0, embed_weight.shape[1]) + 0.0 * self.log_tau
-            pairs = MicroPairs(empty, empty, empty, empty, ids=empty[:, None],
+            pairs = MicroPairs(empty, empty, ids=empty[:, None],
                                weights=torch.zeros(0, 1, device=dev))
         else:
             x = visual_tokens.reshape(-1, visual_tokens.shape[-1]).index_select(0, pairs.token)
