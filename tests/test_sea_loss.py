@@ -444,18 +444,28 @@ def test_hand_written_backward_equals_autograd(soft):
         q = q / q.sum(dim=1, keepdim=True)
     for log_tau0, min_tau in ((0.3, 0.01), (-2.0, 0.01), (-5.0, 0.05)):  # the last one clamped
         grads = []
-        for fn in (lambda a, lt, m=min_tau: _SymmetricInfoNCE.apply(a, index, t, q, lt, m),
-                   lambda a, lt, m=min_tau: _plain_soft_infonce(a.reshape(-1, d)[index], t, q,
-                                                                lt.exp().clamp(min=m))):
+        # the node (for soft targets also with r given, the loader's path), then autograd;
+        # the loss is scaled before the backward, as the step scales it (lambda / micro-batches)
+        fns = [lambda a, lt, m=min_tau: _SymmetricInfoNCE.apply(a, index, t, q, lt, m)]
+        if soft:
+            fns.append(lambda a, lt, m=min_tau: _SymmetricInfoNCE.apply(
+                a, index, t, q, lt, m, q / q.sum(dim=0, keepdim=True)))
+        fns.append(lambda a, lt, m=min_tau: _plain_soft_infonce(a.reshape(-1, d)[index], t, q,
+                                                                lt.exp().clamp(min=m)))
+        for fn in fns:
             ta = tokens.clone().requires_grad_(True)
             log_tau = torch.tensor(log_tau0, dtype=torch.float64, requires_grad=True)
             loss = fn(ta, log_tau)
-            loss.backward()
+            (loss * 0.37).backward()
             grads.append((float(loss.detach()), ta.grad, log_tau.grad))
-        (l1, gx1, gt1), (l2, gx2, gt2) = grads
-        assert l1 == pytest.approx(l2, rel=1e-12)
-        torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(gt1, gt2, rtol=1e-9, atol=1e-12)
+            with torch.no_grad():  # evaluation (the node skips the gradient): the same value
+                assert float(fn(ta, log_tau)) == pytest.approx(float(loss), rel=1e-12)
+        l2, gx2, gt2 = grads[-1]
+        for l1, gx1, gt1 in grads[:-1]:
+            assert l1 == pytest.approx(l2, rel=1e-12)
+            torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(gt1, gt2, rtol=1e-9, atol=1e-12)
+        gx1, gt1 = grads[0][1:]
         flat = gx1.reshape(-1, d)
         unpicked = [i for i in range(12) if i not in index.tolist()]
         assert flat[unpicked].abs().sum() == 0 and flat[index].abs().sum(dim=1).min() > 0

@@ -332,24 +332,31 @@ class _SymmetricInfoNCE(torch.autograd.Function):
     """L_a as one autograd node: the pick of the sampled tokens, the temperature and a
     symmetric InfoNCE with soft targets.
 
-    Forward: x = tokens' rows ``index`` (all rows when None); tau = max(exp(log_tau),
-    min_tau); s = cos(x_i, t_u) (t already unit rows), logits = s / tau; token -> words:
-    -sum_u q[i, u] log softmax_u(logits[i]), mean over i; words -> tokens: -sum_i r[i, u]
-    log softmax_i(logits[:, u]), mean over u, with r = q / sum_i q[i, u] (``r`` may be passed
-    precomputed); the loss is half their sum. ``q=None`` is the identity (Eq. 9: one positive
-    per row and column).
-    Backward, derived by hand: dlogits = (softmax_row * sum_u q - q) / (2N) + (softmax_col *
+    Loss: x = tokens' rows ``index`` (all rows when None); tau = max(exp(log_tau), min_tau);
+    s = cos(x_i, t_u) (t already unit rows), logits = s / tau; token -> words: -sum_u q[i, u]
+    log softmax_u(logits[i]), mean over i; words -> tokens: -sum_i r[i, u] log
+    softmax_i(logits[:, u]), mean over u, with r = q / sum_i q[i, u]; the loss is half their
+    sum. ``q=None`` is the identity (Eq. 9: one positive per row and column). ``r`` may be
+    passed precomputed (``multi_targets``' q and r); the caller then guarantees that q's rows
+    sum to 1, as multi_targets' do, which drops two operators from the gradient.
+    Gradient, derived by hand: dlogits = (softmax_row * sum_u q - q) / (2N) + (softmax_col *
     sum_i r - r) / (2U); ds = dlogits / tau; d log_tau = -sum(ds * s) where the clamp is not
     active (else 0); through the matmul, the normalisation (I - xn xn^T) / |x| and the pick
-    (an index_add). Why one node, and why the terms are grouped as they are: on small batches
-    the per-operator dispatch, not arithmetic, is L_a's cost, so both passes are written with
-    as few operators as the formula allows (13 forward, about 20 backward). Computes in at
-    least fp32, with autocast off. The tests check it against autograd of the plain formula
-    (gradcheck in fp64) and against Eq. 9 written term by term."""
+    (an index_add).
+    Why the gradient is computed in the forward: the loss is a scalar, so the backward only
+    scales it by the incoming gradient. The node then keeps one (N, D) tensor and a scalar for
+    the backward instead of its (N, U) intermediates, the row and column softmaxes come from
+    the log-softmaxes in place, and the backward is three operators. On small batches the
+    per-operator dispatch, not arithmetic, is L_a's cost, so both passes are written with as
+    few operators as the formula allows. Computes in at least fp32, with autocast off. The
+    tests check it against autograd of the plain formula (gradcheck in fp64) and against Eq. 9
+    written term by term."""
 
     @staticmethod
-    def forward(ctx, tokens, index, t, q, log_tau, min_tau, r=None):
-        ctx.shape, ctx.x_dtype = tokens.shape, tokens.dtype
+    def forward(ctx, tokens, index, t, q, log_tau, min_tau, r=None, grad=True):
+        # ``grad``: the caller's grad mode (inside forward it is always off, and
+        # needs_input_grad does not see torch.no_grad), so evaluation skips the gradient
+        need_x, need_tau = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[4]
         with _autocast_off(tokens.device.type):
             x = tokens.reshape(-1, tokens.shape[-1])
             if index is not None:
@@ -368,47 +375,48 @@ class _SymmetricInfoNCE(torch.autograd.Function):
             n, u = logits.shape
             if q is None:
                 loss = lr.add(lc).trace().mul(-0.5 / n)  # diagonals: one positive each way
+                ds = lr.exp_().add_(lc.exp_())  # softmaxes, in place (N = U)
+                ds.diagonal().sub_(2.0)
             else:
+                rows_sum_to_one = r is not None
                 if r is None:
                     r = q / q.sum(dim=0, keepdim=True)
-                loss = (q * lr).sum().mul(-0.5 / n) - (r * lc).sum().mul(0.5 / u)
-        # save_for_backward, not ctx attributes: those are 2 % faster per call (paired) but
-        # would keep the (N, U) matrices alive until the graph is dropped, not free them
-        # after the backward
-        ctx.save_for_backward(xn, index, norm, t, s, lr, lc, q, r, e, tau)
-        ctx.min_tau = min_tau
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        xn, index, norm, t, s, lr, lc, q, r, e, tau = ctx.saved_tensors
-        with _autocast_off(xn.device.type):
-            n, u = lr.shape
-            if q is None:
-                ds = lr.exp().add_(lc.exp())
-                ds.diagonal().sub_(2.0)
-            else:  # the column term in units of the row term's 1/(2N)
-                ds = lr.exp().mul_(q.sum(dim=1, keepdim=True)).sub_(q).add_(
-                    lc.exp().mul_(r.sum(dim=0, keepdim=True)).sub_(r), alpha=n / u)
-            ds.mul_(g.mul(0.5 / n).div(tau))  # dL/ds = dlogits / tau
-            d_log_tau = None
-            if ctx.needs_input_grad[4]:
+                loss = torch.addcmul(lr.mul(q), lc, r, value=n / u).sum().mul(-0.5 / n)
+                # in units of the row term's 1/(2N); r's columns sum to 1 by construction
+                ds = lr.exp_()
+                if not rows_sum_to_one:
+                    ds.mul_(q.sum(dim=1, keepdim=True))
+                ds.sub_(q).add_(lc.exp_().sub_(r), alpha=n / u)
+            dx = d_log_tau = None
+            if need_x or need_tau:
+                ds.mul_(0.5 / n).div_(tau)  # dL/ds = dlogits / tau
+            if need_tau:
                 # dL/dtau = -sum(ds * s) / tau and dtau/dlog_tau = exp(log_tau) = tau where the
                 # clamp is not active, else 0
-                dot = torch.vdot(ds.reshape(-1), s.reshape(-1))
-                d_log_tau = torch.where(e > ctx.min_tau, -dot, 0.0)
-            dtokens = None
-            if ctx.needs_input_grad[0]:
+                d_log_tau = torch.where(e > min_tau, -torch.vdot(ds.reshape(-1), s.reshape(-1)), 0.0)
+            if need_x:
                 dxn = ds @ t
                 # the normalisation's Jacobian (I - xn xn^T) / |x|; below the clamp, I / eps
                 along = (dxn * xn).sum(dim=1, keepdim=True).mul_(norm > _EPS)
                 dx = torch.addcmul(dxn, xn, along, value=-1.0).div_(norm)
-                if index is not None:
-                    dx = dx.new_zeros(ctx.shape[:-1].numel(), dx.shape[1]).index_add_(0, index, dx)
-                dtokens = dx.view(ctx.shape)
-                if dtokens.dtype != ctx.x_dtype:
-                    dtokens = dtokens.to(ctx.x_dtype)
-        return dtokens, None, None, None, d_log_tau, None, None
+        ctx.save_for_backward(dx, index, d_log_tau)
+        ctx.shape, ctx.x_dtype = tokens.shape, tokens.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, index, d_log_tau = ctx.saved_tensors
+        dtokens = None
+        if d_log_tau is not None:
+            d_log_tau = d_log_tau * g
+        if dx is not None:
+            dx = dx * g
+            if index is not None:
+                dx = dx.new_zeros(ctx.shape[:-1].numel(), dx.shape[1]).index_add_(0, index, dx)
+            dtokens = dx.view(ctx.shape)
+            if dtokens.dtype != ctx.x_dtype:
+                dtokens = dtokens.to(ctx.x_dtype)
+        return dtokens, None, None, None, d_log_tau, None, None, None
 
 
 def _autocast_off(device_type: str):
@@ -431,7 +439,8 @@ def info_nce(x: torch.Tensor, t: torch.Tensor, log_tau: torch.Tensor, min_tau: f
     ``t_unit``: t is already L2-normalised (the step's label table is normalised once)."""
     if t.shape[0] == 0:
         return x.sum() * 0.0
-    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), None, log_tau, min_tau)
+    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), None, log_tau, min_tau, None,
+                                   torch.is_grad_enabled())
 
 
 def multi_info_nce(x: torch.Tensor, t: torch.Tensor, q: torch.Tensor, log_tau: torch.Tensor,
@@ -442,10 +451,12 @@ def multi_info_nce(x: torch.Tensor, t: torch.Tensor, q: torch.Tensor, log_tau: t
     distribution over U (s / sum(s) of its kept labels). Token -> words: cross-entropy of
     softmax over U against q[i]. Word -> tokens: for word u, cross-entropy of softmax over the
     N tokens against q[:, u] / sum_i q[i, u] (the tokens carrying u, by their weight for u).
-    L = mean of both directions' means. ``r``: that column-normalised q, if already known."""
+    L = mean of both directions' means. ``r``: that column-normalised q, if already known;
+    passing it promises that q's rows sum to 1 (``multi_targets``' do)."""
     if t.shape[0] == 0 or q.shape[0] == 0:
         return x.sum() * 0.0
-    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), q, log_tau, min_tau, r)
+    return _SymmetricInfoNCE.apply(x, index, _targets(t, t_unit), q, log_tau, min_tau, r,
+                                   torch.is_grad_enabled())
 
 
 class AlignmentLoss(nn.Module):
