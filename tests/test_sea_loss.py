@@ -474,6 +474,11 @@ def test_hand_written_backward_equals_autograd(soft):
     lt = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
     ta = tokens.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: _SymmetricInfoNCE.apply(a, index, t, q, b, 0.01), (ta, lt))
+    # the gradient is computed in the forward and saved: a second derivative is refused, not
+    # silently wrong
+    (gx,) = torch.autograd.grad(_SymmetricInfoNCE.apply(ta, index, t, q, lt, 0.01), ta, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()
 
 
 def test_loss_is_fp32_under_bf16_autocast():

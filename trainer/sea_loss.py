@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from pipeline.shards import SENTINEL
 from trainer.model import label_features_table
@@ -373,22 +374,23 @@ class _SymmetricInfoNCE(torch.autograd.Function):
             logits = s / tau
             lr, lc = logits.log_softmax(dim=1), logits.log_softmax(dim=0)
             n, u = logits.shape
+            rows_sum_to_one = r is not None
             if q is None:
                 loss = lr.add(lc).trace().mul(-0.5 / n)  # diagonals: one positive each way
-                ds = lr.exp_().add_(lc.exp_())  # softmaxes, in place (N = U)
-                ds.diagonal().sub_(2.0)
             else:
-                rows_sum_to_one = r is not None
                 if r is None:
                     r = q / q.sum(dim=0, keepdim=True)
                 loss = torch.addcmul(lr.mul(q), lc, r, value=n / u).sum().mul(-0.5 / n)
-                # in units of the row term's 1/(2N); r's columns sum to 1 by construction
-                ds = lr.exp_()
-                if not rows_sum_to_one:
-                    ds.mul_(q.sum(dim=1, keepdim=True))
-                ds.sub_(q).add_(lc.exp_().sub_(r), alpha=n / u)
             dx = d_log_tau = None
-            if need_x or need_tau:
+            if need_x or need_tau:  # the softmaxes from the log-softmaxes, in place
+                if q is None:  # N = U
+                    ds = lr.exp_().add_(lc.exp_())
+                    ds.diagonal().sub_(2.0)
+                else:  # in units of the row term's 1/(2N); r's columns sum to 1 by construction
+                    ds = lr.exp_()
+                    if not rows_sum_to_one:
+                        ds.mul_(q.sum(dim=1, keepdim=True))
+                    ds.sub_(q).add_(lc.exp_().sub_(r), alpha=n / u)
                 ds.mul_(0.5 / n).div_(tau)  # dL/ds = dlogits / tau
             if need_tau:
                 # dL/dtau = -sum(ds * s) / tau and dtau/dlog_tau = exp(log_tau) = tau where the
@@ -404,6 +406,7 @@ class _SymmetricInfoNCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: a second derivative would be wrong
     def backward(ctx, g):
         dx, index, d_log_tau = ctx.saved_tensors
         dtokens = None
