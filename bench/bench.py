@@ -437,8 +437,39 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def optimizer_update_us(foreach: bool, temperature: bool, n: int = 1000) -> float:
+    """Microseconds of one ``clip_grad_norm_`` + ``AdamW.step`` over the tiny adapter's
+    parameters (two 64 x 64 weights, two biases), with or without the 0-dimensional
+    temperature, with torch's per-parameter loop or its foreach kernels (median of 5 blocks)."""
+    shapes = [(64, 64), (64,), (64, 64), (64,)] + ([()] if temperature else [])
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for q in ps:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.AdamW(ps, lr=1e-3, foreach=foreach)
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=foreach)
+        opt.step()
+
+    for _ in range(100):
+        update()
+    blocks = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            update()
+        blocks.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(blocks)
+
+
 def probe(kind: str) -> int:
-    """``--probe``: the A/A check of ``paired_steps`` or the per-step operator counts."""
+    """``--probe``: the A/A check of ``paired_steps``, the per-step operator counts, or the
+    optimizer update's cost with and without the temperature."""
+    if kind == "optim":
+        out = {f"{'foreach' if f else 'loop'}, {'5 (with temperature)' if t else '4'} params, us":
+               round(optimizer_update_us(f, t), 1) for f in (False, True) for t in (False, True)}
+        print(json.dumps(out, indent=1))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
     try:
         if kind == "aa":
@@ -472,7 +503,7 @@ def main() -> int:
     ap.add_argument("--json", default=str(REPO / "bench" / "results.json"))
     ap.add_argument("--notes", default=str(REPO / "bench" / "notes.md"))
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown from --json")
-    ap.add_argument("--probe", choices=["aa", "ops"],
+    ap.add_argument("--probe", choices=["aa", "ops", "optim"],
                     help="check the overhead protocol: 'aa' times three identical lambda = 0 "
                          "setups against each other (ratios should be 1); 'ops' counts the "
                          "operators each setting dispatches per step (machine-independent)")

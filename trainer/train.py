@@ -153,7 +153,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     # text-only batches leave the vision tower (and without labels, the temperature) unused
     model = D.wrap(task, d, cfg.dist.strategy, device, find_unused=stage == "finetune")
     optimizer = torch.optim.AdamW(param_groups(task, cfg), lr=o.lr, betas=tuple(o.betas),
-                                  weight_decay=o.weight_decay, foreach=_foreach(device))
+                                  weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, o.warmup_ratio))
     return Parts(cfg, stage, d, device, enc, tok, wl, word_tokens, task, model, source, dataset,
                  optimizer, scheduler, accum, per_epoch, total)
@@ -178,14 +178,6 @@ def param_groups(task: SEATask, cfg) -> list[dict]:
     if vision:
         groups.append({"params": vision, "lr": vision_lr})
     return groups
-
-
-def _foreach(device: torch.device) -> bool | None:
-    """The optimizer's and the gradient clipping's multi-tensor kernels: torch's default on
-    CUDA, asked for on CPU too, where torch's default is a Python loop over the parameters
-    (about 0.1 ms per parameter per step here: the temperature's update alone cost 0.18 ms of
-    a 46 ms tiny step, against 0.05 ms with these kernels). Elsewhere torch decides."""
-    return True if device.type in ("cpu", "cuda") else None
 
 
 def _autocast(device: torch.device):
@@ -244,8 +236,7 @@ def train_step(p: Parts, micro_batches: list[dict], step: int, gather=None) -> d
     params = [q for g in p.optimizer.param_groups for q in g["params"]]
     grad_norm = None
     if p.cfg.optim.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.cfg.optim.grad_clip,
-                                                         foreach=_foreach(p.device)))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.cfg.optim.grad_clip))
     p.optimizer.step()
     p.scheduler.step()
     return {**metrics, "lr": p.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
