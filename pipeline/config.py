@@ -35,9 +35,9 @@ class LabelConfig:
     min_score: float = doc(0.0, "scores below this are dropped (paper: 0)")
     templates: list[str] = doc([], "prompt templates; [] = the bare word; several = ensemble")
     surgery_depth: int = doc(6, "blocks with the CLIP Surgery second path (reference code: 6)")
-    surgery_weights: str = doc("token", "feature-surgery word weights: token (each patch's own "
-                                        "similarities, current CLIP Surgery code) | cls (the "
-                                        "class token's, older copies)")
+    surgery_weights: str = doc("cls", "feature-surgery word weights: cls (the class token's "
+                                      "similarities, current CLIP Surgery code, d2cf33f) | "
+                                      "token (each patch's own, the older demo version 9f5be11)")
     search_backend: str = doc("auto", "auto | faiss | torch")
     text_batch_size: int = doc(1024, "words per text-tower batch")
     text_cache_dir: str | None = doc(None, "word-embedding cache (default $SEA_CACHE or ~/.cache/sea)")

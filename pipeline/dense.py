@@ -147,11 +147,11 @@ def patch_features(visual, images: torch.Tensor, kind: str, surgery_depth: int =
     return clip_patch_features(visual, images, kind, surgery_depth)
 
 
-SURGERY_WEIGHTS = ("token", "cls")
+SURGERY_WEIGHTS = ("cls", "token")
 
 
 def surgery_scores(patches: torch.Tensor, cls: torch.Tensor, text: torch.Tensor,
-                   weights: str = "token") -> torch.Tensor:
+                   weights: str = "cls") -> torch.Tensor:
     """CLIP Surgery's feature surgery in closed form, all inputs L2-normalised.
 
     The reference forms feats[i,t,:] = v_i * t_t * w[i,t], subtracts their mean over words and
@@ -159,9 +159,10 @@ def surgery_scores(patches: torch.Tensor, cls: torch.Tensor, text: torch.Tensor,
         score[i,t] = w[i,t] s[i,t] - mean_t'(w[i,t'] s[i,t']),   s = cos(v_i, t_t),
     so no (P, W, D) tensor is ever formed (576 x 41,241 x 768 would not fit).
 
-    ``weights="token"`` (the current xmed-lab code): w[i,:] = softmax(2 s[i,:]) / mean, each
-    token weighted by its own similarities. ``"cls"`` (older copies): one w for every token,
-    from the class token's similarities. patches (B, P, D), cls (B, D), text (W, D) -> (B, P, W).
+    ``weights="cls"`` (the current xmed-lab/CLIP_Surgery ``clip/clip.py``, d2cf33f, 2023-04-13):
+    one w for every token, from the class token's similarities. ``"token"`` (the one-day-older
+    "demo version", 9f5be11): w[i,:] = softmax(2 s[i,:]) / mean, each token weighted by its own
+    similarities. patches (B, P, D), cls (B, D), text (W, D) -> (B, P, W).
     """
     sims = patches @ text.T  # (B, P, W)
     if weights == "token":

@@ -91,7 +91,7 @@ def finalize(scores: torch.Tensor, ids: torch.Tensor, min_score: float, n: int):
 
 
 def surgery_topk(patches: torch.Tensor, cls: torch.Tensor, text: torch.Tensor, k: int,
-                 weights: str = "token"):
+                 weights: str = "cls"):
     """Top k of CLIP Surgery's feature-surgery scores, image by image (B, P, D) -> (B*P, k).
 
     One image at a time bounds memory at a (P, W) matrix (95 MB at 576 x 41,241 fp32).

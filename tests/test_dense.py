@@ -92,28 +92,40 @@ def test_surgery_depth_zero_is_raw(clip_visual, images):
     torch.testing.assert_close(a, b)
 
 
-def _feature_surgery_literal(image_features, text_features, weights="token"):
+def _feature_surgery_literal(image_features, text_features, weights="cls"):
     """CLIP Surgery's `clip_feature_surgery` (no redundant_feats), element-wise as written.
 
-    ``token``: the current xmed-lab/CLIP_Surgery `clip/clip.py` (each token weighted by its own
-    similarities, w of shape b x n_i x n_t). ``cls``: older copies (every token weighted by the
-    class token's similarities, w of shape 1 x n_t for b = 1).
+    ``cls``: xmed-lab/CLIP_Surgery `clip/clip.py` at d2cf33f (2023-04-13, HEAD): every token
+    weighted by the class token's similarities, ``w.reshape(1, 1, n_t, 1)`` (so one image per
+    call, as upstream's demo uses it). ``token``: the "demo version" 9f5be11 (2023-04-12): each
+    token weighted by its own similarities, ``w.reshape(b, n_i, n_t, 1)``.
     """
-    if weights == "token":
-        prob = image_features @ text_features.t()
-    else:
-        prob = image_features[:, :1, :] @ text_features.t()
+    if weights == "cls":
+        return torch.cat([_feature_surgery_literal_d2cf33f(image_features[i:i + 1], text_features)
+                          for i in range(image_features.shape[0])])
+    prob = image_features @ text_features.t()
     prob = (prob * 2).softmax(-1)
     w = prob / prob.mean(-1, keepdim=True)
     b, n_t, n_i, c = (image_features.shape[0], text_features.shape[0],
                       image_features.shape[1], image_features.shape[2])
     feats = image_features.reshape(b, n_i, 1, c) * text_features.reshape(1, 1, n_t, c)
-    if weights == "token":
-        feats = feats * w.reshape(b, n_i, n_t, 1)
-    else:
-        feats = feats * w.reshape(b, 1, n_t, 1)
-    redundant = feats.mean(2, keepdim=True)
-    return (feats - redundant).sum(-1)
+    feats *= w.reshape(b, n_i, n_t, 1)
+    redundant_feats = feats.mean(2, keepdim=True)
+    feats = feats - redundant_feats
+    return feats.sum(-1)
+
+
+def _feature_surgery_literal_d2cf33f(image_features, text_features):
+    prob = image_features[:, :1, :] @ text_features.t()
+    prob = (prob * 2).softmax(-1)
+    w = prob / prob.mean(-1, keepdim=True)
+    b, n_t, n_i, c = (image_features.shape[0], text_features.shape[0],
+                      image_features.shape[1], image_features.shape[2])
+    feats = image_features.reshape(b, n_i, 1, c) * text_features.reshape(1, 1, n_t, c)
+    feats *= w.reshape(1, 1, n_t, 1)
+    redundant_feats = feats.mean(2, keepdim=True)
+    feats = feats - redundant_feats
+    return feats.sum(-1)
 
 
 def _surgery_inputs(b=2, p=12, d=8, w=30, seed=3):
@@ -129,6 +141,18 @@ def test_surgery_closed_form_equals_literal_transcription(weights):
     want = _feature_surgery_literal(feats, text, weights)[:, 1:]
     got = dense.surgery_scores(feats[:, 1:], feats[:, 0], text, weights=weights)
     torch.testing.assert_close(got, want)
+
+
+def test_surgery_defaults_to_the_current_upstream_code(extract_cfg):
+    # the current xmed-lab code (d2cf33f) weights by the class token; 9f5be11 was the demo version
+    from pipeline.config import ExtractConfig
+    from pipeline.stages import Labeler
+
+    assert ExtractConfig().labels.surgery_weights == "cls"
+    feats, text = _surgery_inputs()
+    torch.testing.assert_close(dense.surgery_scores(feats[:, 1:], feats[:, 0], text),
+                               _feature_surgery_literal(feats, text, "cls")[:, 1:])
+    assert Labeler(extract_cfg("labels.mode=surgery"), progress=False).metadata()["surgery_weights"] == "cls"
 
 
 def test_surgery_weightings_differ():
