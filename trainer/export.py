@@ -128,6 +128,15 @@ def chat_template(tok, stage: str) -> str:
     return _FLATTEN + bos + body
 
 
+def _eos(tok, meta) -> int | list[int] | None:
+    """``generation_config.eos_token_id``: every id a reply may end with (EOS and the chat
+    template's end of turn), so transformers' own ``generate`` stops where ours does."""
+    from trainer.prompts import stop_token_ids
+
+    ids = stop_token_ids(tok, "plain" if meta["stage"] == "pretrain" else "chat")
+    return ids if len(ids) > 1 else (ids[0] if ids else None)
+
+
 def _with_image_token(tok, llm):
     """A copy of the tokenizer with ``<image>``, and the LLM's vocabulary grown to hold it (new
     rows zero: the input row is always replaced, the output row must never win)."""
@@ -186,7 +195,7 @@ def export_hf_llava(mllm, tok, preprocess, meta, vcfg, vsd, out: Path) -> dict:
         raise RuntimeError(f"export left weights unset: {left[:5]}")
     gen = copy.deepcopy(llm.generation_config)
     gen.suppress_tokens = [image_id]
-    gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, _eos(tok, meta)
     gen.bos_token_id = tok.bos_token_id
     model.generation_config = gen
     model.save_pretrained(out, safe_serialization=True)
@@ -253,6 +262,7 @@ def export_llava(mllm, tok, preprocess, meta, vcfg, vsd, out: Path) -> dict:
     if meta["stage"] == "finetune":
         state = {k: t.detach() for k, t in mllm.llm.state_dict().items()}
         state.update(projector)
+        mllm.llm.generation_config.eos_token_id = _eos(tok, meta)
         mllm.llm.save_pretrained(out, state_dict=state, safe_serialization=True)
         tok.save_pretrained(out)
     cfg, note = _llava_config(mllm.llm, meta, vcfg, tower)

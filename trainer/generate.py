@@ -14,7 +14,7 @@ def answer_ids(mllm, tok, preprocess, meta, image_path: str | None, prompt: str,
     """The greedy reply's token ids."""
     from pipeline.data import load_rgb
     from trainer.model import splice
-    from trainer.prompts import generation_prompt
+    from trainer.prompts import generation_prompt, stop_token_ids
 
     fmt = "plain" if meta["stage"] == "pretrain" else "chat"
     device = mllm.adapter[0].weight.device
@@ -28,7 +28,7 @@ def answer_ids(mllm, tok, preprocess, meta, image_path: str | None, prompt: str,
                 max_length=meta.get("max_length", 2048), truncation="error")
     out = mllm.llm.generate(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                             max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                            pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok, fmt))
     return out[0].tolist()
 
 

@@ -90,7 +90,9 @@ def _turn_spans(tokenizer, msgs: list[dict]) -> tuple[str, list[tuple[int, int, 
     """The whole conversation rendered once, and each turn's (start, end, role) in it.
 
     Each user turn's span includes the generation prompt that follows it (``ASSISTANT:``),
-    so an assistant span holds exactly what the model must produce.
+    so an assistant span holds exactly what the model must produce. A template may close the
+    whole conversation with special tokens that are gone once another turn follows (Phi-3's
+    adds EOS after the last turn): such a tail of the shorter rendering is not part of its turn.
     """
     spans = []
     prev = ""
@@ -98,10 +100,31 @@ def _turn_spans(tokenizer, msgs: list[dict]) -> tuple[str, list[tuple[int, int, 
         nxt = msgs[i + 1]["role"] if i + 1 < len(msgs) else None
         text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=nxt == "assistant")
         if not text.startswith(prev):
-            raise ValueError("chat template output is not incremental; cannot mask turns")
+            keep = _closing_tail(tokenizer, prev, text)
+            if keep is None:
+                raise ValueError("chat template output is not incremental; cannot mask turns")
+            if spans:
+                spans[-1] = (spans[-1][0], keep, spans[-1][2])
+            prev = prev[:keep]
         spans.append((len(prev), len(text), m["role"]))
         prev = text
     return prev, spans
+
+
+def _closing_tail(tokenizer, prev: str, text: str) -> int | None:
+    """The longest prefix of ``prev`` that ``text`` continues and after which ``prev`` holds
+    only special tokens and whitespace (a conversation's closing marks); None if there is none."""
+    k = 0
+    while k < min(len(prev), len(text)) and prev[k] == text[k]:
+        k += 1
+    specials = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
+    for cut in range(k, max(-1, k - 64), -1):  # back out of a special token cut in half
+        tail = prev[cut:]
+        for t in specials:
+            tail = tail.replace(t, "")
+        if not tail.strip():
+            return cut
+    return None
 
 
 def _with_bos(tokenizer, text: str, ids: list[int], labels: list[int] | None = None):
@@ -145,6 +168,35 @@ def build_sample(item: dict, tokenizer, fmt: str, has_image: bool):
     if has_image and ids.count(IMAGE_TOKEN_INDEX) != 1:
         raise ValueError(f"sample {item.get('id')}: expected one <image>, found {ids.count(IMAGE_TOKEN_INDEX)}")
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+_PROBE = "seaXprobeXturn"  # an assistant reply no template trims or escapes
+
+
+def stop_token_ids(tokenizer, fmt: str = "chat") -> list[int]:
+    """The ids a reply ends with: EOS, and in the chat format the special token the tokenizer's
+    chat template closes an assistant turn with, when that is not EOS.
+
+    Found from the template itself, not a table of models: one assistant turn is rendered with a
+    probe reply and the first token after the probe is taken if it is a special token (Gemma's
+    ``<end_of_turn>``, Phi-3's ``<|end|>``, Llama-3's ``<|eot_id|>``, ChatML's ``<|im_end|>``).
+    Templates that close a turn with EOS itself (Vicuna's, Llama-2's) add nothing. The plain
+    format (stage 1) ends every caption with EOS (``build_plain``).
+    """
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt != "chat":
+        return ids
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    text = _render(tokenizer, msgs, add_generation_prompt=False)
+    if _PROBE not in text:
+        return ids
+    tail = text[text.rindex(_PROBE) + len(_PROBE):]
+    first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    if first and first[0] in special and first[0] not in ids:
+        ids.append(first[0])
+    return ids
 
 
 def generation_prompt(tokenizer, prompt: str, fmt: str, has_image: bool = True) -> torch.Tensor:
