@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.model import IGNORE_INDEX, MLLM, splice
+from trainer.model import IGNORE_INDEX, MLLM, splice, supervised_lm_loss
 from trainer.sea_loss import AlignmentLoss
 
 
@@ -34,9 +34,8 @@ class SEATask(nn.Module):
         sp = splice(embed, batch["input_ids"], batch["labels"], tokens, batch["has_image"],
                     self.max_length, self.truncation)
         if sp.keep.any() and (sp.labels[:, 1:] != IGNORE_INDEX).any():
-            out = m.llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                        labels=sp.labels, use_cache=False)
-            lm_loss = out.loss
+            # the output head only where a caption / answer token is predicted
+            lm_loss = supervised_lm_loss(m.llm, sp.inputs_embeds, sp.attention_mask, sp.labels)
         else:  # nothing to predict (all dropped or masked): 0, still attached to the adapter
             anchor = tokens if tokens is not None else m.adapter[0].weight
             lm_loss = anchor.sum() * 0.0

@@ -152,7 +152,7 @@ def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | 
 @torch.inference_mode()
 def caption_loss(mllm, tok, preprocess, world_dir: str | Path, batch: int = 32) -> float:
     """Mean caption (next-token) loss per target token on a world's captions, stage-1 format."""
-    from trainer.model import splice
+    from trainer.model import splice, supervised_lm_loss
     from trainer.prompts import build_sample
 
     root = Path(world_dir)
@@ -165,12 +165,9 @@ def caption_loss(mllm, tok, preprocess, world_dir: str | Path, batch: int = 32) 
         feats = mllm.visual_tokens(pixels_of(root, [it["image"] for it in chunk], preprocess))
         sp = splice(embed, [b[0] for b in built], [b[1] for b in built], feats,
                     [True] * len(chunk), max_length=4096)
-        logits = mllm.llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask).logits
-        tgt = sp.labels[:, 1:]
-        lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, ignore_index=-100,
-                             reduction="sum")
-        total += float(lp)
-        count += int((tgt != -100).sum())
+        total += float(supervised_lm_loss(mllm.llm, sp.inputs_embeds, sp.attention_mask,
+                                          sp.labels, reduction="sum"))
+        count += int((sp.labels[:, 1:] != -100).sum())
     return total / max(1, count)
 
 
