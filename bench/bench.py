@@ -300,6 +300,83 @@ def bench_training(work: Path, repeats: int, res: dict):
     }
 
 
+def logits_bytes(positions: int, vocab: int) -> int:
+    """fp32 logits of one sample (one copy; the backward holds about as much again)."""
+    return positions * vocab * 4
+
+
+def bench_logits(work: Path, rounds: int, res: dict) -> None:
+    """Stage-1 step at the world's LM shape (Llama, 128 wide, 3 layers, 4 heads, its 4,096-token
+    BPE), 8x8 visual tokens, micro = global = 32, lambda = 0: the output head at the supervised
+    positions only against transformers' full-logits loss, paired in one run (the variant
+    swapped between back-to-back steps of the same model and batch)."""
+    import trainer.task as task_mod
+    from pipeline.extract import run_local
+    from pipeline.tiny import save_tiny
+    from trainer.model import IGNORE_INDEX, supervised_lm_loss
+    from trainer.tiny import save_tiny_llm
+    from trainer.train import build, train_step
+    from wordlist import load_wordlist
+    from world.models import LMSpec
+    from world.sample import extract_config, make_sample, pretrain_config, sample_text
+
+    def full(llm, embeds, mask, labels):
+        return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+
+    lm = LMSpec()
+    spec = save_tiny("clip", work / "models" / "tiny-clip")
+    d = work / "logits"
+    make_sample(d / "sample", n=80)
+    run_local(extract_config(d, spec))
+    llm = save_tiny_llm(work / "models" / "world-shape-llm", list(load_wordlist().words),
+                        vocab_size=lm.vocab_size, hidden=lm.hidden, layers=lm.layers,
+                        heads=lm.heads, extra_text=sample_text())
+    p = build(pretrain_config(d, spec, llm, 0.0, "optim.global_batch_size=32",
+                              "optim.micro_batch_size=32"), "pretrain")
+    p.task.train()
+    p.dataset.set_position(0, 0)
+    batches = list(p.dataset)[: p.accum]
+    variants = {"supervised": supervised_lm_loss, "full": full}
+    times: dict = {k: [] for k in variants}
+    try:
+        for k in variants:  # warm-up
+            task_mod.supervised_lm_loss = variants[k]
+            for _ in range(2):
+                train_step(p, batches, 1)
+        for r in range(rounds):
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            gc.collect()
+            gc.disable()
+            try:
+                for k in order:
+                    task_mod.supervised_lm_loss = variants[k]
+                    t0 = time.perf_counter()
+                    train_step(p, batches, 1)
+                    times[k].append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
+    finally:
+        task_mod.supervised_lm_loss = supervised_lm_loss
+    ids = [len(x) for b in batches for x in b["input_ids"]]
+    read = sum(int((torch.as_tensor(x)[1:] != IGNORE_INDEX).sum()) for b in batches for x in b["labels"])
+    grid = p.task.mllm.grid
+    positions = sum(ids) + len(ids) * (grid[0] * grid[1] - 1)
+    shapes = {"vicuna-7b (32,000 vocab)": 32000, "llama-3-8b (128,256 vocab)": 128256}
+    # LLaVA-1.5 stage 1: <s>, 576 visual tokens, a ~40-token caption and EOS
+    seq, cap = 1 + 576 + 41, 41
+    res["logits"] = {
+        "config": f"world LM shape ({lm.hidden} wide, {lm.layers} layers, {len(p.tokenizer)} "
+                  f"vocab), {grid[0]}x{grid[1]} visual tokens, micro 32, stage 1, lambda 0",
+        "positions_per_step": positions, "supervised_per_step": read,
+        "step_s_supervised": stat(times["supervised"]), "step_s_full": stat(times["full"]),
+        "speedup_full_over_supervised": median_ci(
+            [a / b for a, b in zip(times["full"], times["supervised"], strict=True)]),
+        "computed_fp32_logits_mib_per_sample": {
+            k: {"full": logits_bytes(seq, v) / 2**20, "supervised": logits_bytes(cap, v) / 2**20,
+                "positions": [seq, cap]} for k, v in shapes.items()},
+    }
+
+
 def peak_rss(cmd: list[str], env=None) -> float:
     """Peak resident memory (MiB) of a child process."""
     code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
@@ -430,11 +507,31 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
               f"- ratio lambda 1 / lambda 0 (median of {t['sea_overhead_ratio']['n']} paired steps, "
               f"95 % interval of the median): sampled {ci(t['sea_overhead_ratio'])}, multi "
               f"{ci(t['sea_overhead_ratio_multi'])} (target <= 1.05)", "",
+              *_logits_lines(res.get("logits"), f, ci),
               "## Memory (peak RSS of the whole process, MiB)", ""]
     for k, v in m.items():
         lines.append(f"- {k}: {v:.2f}" if "ratio" in k else f"- {k}: {v:.0f}")
     lines += ["", "## Reading the figures", "", *res.get("notes", [])]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _logits_lines(lg: dict | None, f, ci) -> list[str]:
+    if not lg:
+        return []
+    out = ["## Logits only where the loss reads them (" + lg["config"] + ")", "",
+           f"- positions per step {lg['positions_per_step']}, of which supervised (caption and "
+           f"EOS) {lg['supervised_per_step']}",
+           f"- step time, output head at the supervised positions: {f(lg['step_s_supervised'], 4)} s; "
+           f"transformers' full-logits loss: {f(lg['step_s_full'], 4)} s",
+           f"- speed-up full / supervised (median of {lg['speedup_full_over_supervised']['n']} "
+           f"paired steps, 95 % interval of the median): {ci(lg['speedup_full_over_supervised'])} "
+           f"(target >= 3)",
+           "- computed, not measured: fp32 logits of one LLaVA-1.5 stage-1 sample (<s>, 576 "
+           "visual tokens, a 40-token caption, EOS), one copy; the backward holds about as much again:"]
+    for k, v in lg["computed_fp32_logits_mib_per_sample"].items():
+        out.append(f"  - {k}: {v['full']:.0f} MiB at all {v['positions'][0]} positions, "
+                   f"{v['supervised']:.1f} MiB at the {v['positions'][1]} supervised ones")
+    return out + [""]
 
 
 def optimizer_update_us(foreach: bool, temperature: bool, n: int = 1000) -> float:
@@ -507,11 +604,22 @@ def main() -> int:
                     help="check the overhead protocol: 'aa' times three identical lambda = 0 "
                          "setups against each other (ratios should be 1); 'ops' counts the "
                          "operators each setting dispatches per step (machine-independent)")
+    ap.add_argument("--only-logits", action="store_true",
+                    help="only the supervised-logits step comparison; prints it, writes nothing")
     ap.add_argument("--only-training", action="store_true",
                     help="only SEA's training overhead; prints its figures, writes nothing")
     args = ap.parse_args()
     if args.probe:
         return probe(args.probe)
+    if args.only_logits:
+        work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
+        res = {}
+        try:
+            bench_logits(work, 20 * args.repeats, res)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(res["logits"], indent=1))
+        return 0
     if args.only_training:
         work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
         res = {"storage": {}}
@@ -541,6 +649,7 @@ def main() -> int:
         bench_extraction(work, spec, js, work / "bench-sample" / "images", args.repeats, res)
         bench_storage(work, res)
         bench_training(work, args.repeats, res)
+        bench_logits(work, 20 * args.repeats, res)
         bench_memory(work, spec, res, n_small=16)
         bench_stats_memory(work, res)
     finally:

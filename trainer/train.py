@@ -36,6 +36,7 @@ from trainer.runlog import Logger
 from trainer.s2 import tower_transform
 from trainer.sea_loss import AlignmentLoss, StepSample, load_word_tokens
 from trainer.task import SEATask
+from trainer.watch import ChanceWatch
 
 # config keys that may change between a run and its resume (nothing that moves the data
 # order, e.g. data.num_workers, or the schedule, e.g. optim.max_steps)
@@ -208,7 +209,8 @@ def step_sample(p: Parts, micro_batches: list[dict]) -> StepSample | None:
 
 def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None) -> dict:
     """Gradients of one optimizer step's micro-batches (averaged over them and the ranks)."""
-    sums = {"loss": 0.0, "lm_loss": 0.0, "align_loss": 0.0, "pairs": 0, "dropped": 0}
+    sums = {"loss": 0.0, "lm_loss": 0.0, "align_loss": 0.0, "align_chance": 0.0, "pairs": 0,
+            "dropped": 0}
     n = len(micro_batches)
     sample = step_sample(p, micro_batches)
     for i, mb in enumerate(micro_batches):
@@ -224,6 +226,8 @@ def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None
         for k in ("loss", "lm_loss", "align_loss"):
             sums[k] += float(out[k].detach()) / n
         sums["pairs"] += out["pairs"]
+        # L_a of tokens that match no label better than another: ln(pairs), averaged as L_a is
+        sums["align_chance"] += math.log(out["pairs"]) / n if out["pairs"] > 1 else 0.0
         sums["dropped"] += out["dropped"]
     if p.task.align is not None:  # once per step (it changes only at the optimizer step)
         sums["tau"] = float(p.task.align.tau.detach())
@@ -389,6 +393,8 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     bar = tqdm(total=p.total_steps, initial=st.step, desc=stage, unit="step", dynamic_ncols=True,
                disable=not (cfg.log.progress and p.dist.is_main()))
     set_train_mode(p)
+    sea_on = p.task.align is not None and p.task.weight > 0
+    watch = ChanceWatch(p.total_steps, cfg.sea.log_tau_init) if sea_on and stage == "pretrain" else None
     last_eval = None
     history = []
     t_last, samples_last = time.perf_counter(), st.samples
@@ -412,6 +418,12 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
             micro = []
             st.step += 1
             history.append(metrics["loss"])
+            if watch is not None:
+                line = watch.update(st.step, metrics["align_loss"], metrics["align_chance"],
+                                    metrics.get("tau"))
+                if line and p.dist.is_main():
+                    bar.write(f"warning: {line}", file=sys.stderr)
+                metrics["align_at_chance"] = int(watch.fired)
             bar.update(1)
             if st.step % cfg.log.every == 0 or st.step == p.total_steps:
                 now = time.perf_counter()
@@ -419,8 +431,10 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
                 t_last, samples_last = now, st.samples
                 logger.log(st.step, {**metrics, "epoch": st.epoch})
                 shown = {"loss": f"{metrics['loss']:.3f}"}
-                if p.task.align is not None and p.task.weight > 0:
+                if sea_on:
                     shown["L_a"] = f"{metrics['align_loss']:.3f}"
+                    if watch is not None and watch.fired:
+                        shown["L_a"] += " (at chance)"
                 shown["samples/s"] = f"{metrics['samples_per_s']:.1f}"
                 bar.set_postfix(shown, refresh=False)
             # the last step's evaluation is the final one, below (logged once)
