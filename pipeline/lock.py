@@ -1,10 +1,12 @@
 """One writer per output folder: an exclusive lock file holding the holder's host and pid.
 
 Created atomically (written to a temporary name, then hard-linked to ``.lock``, which fails
-when the name exists). A lock left by a dead process on this host is taken over; a live
-holder, or any holder on another host (whose liveness cannot be checked from here), is
-refused with its name, so a second driver exits at once instead of deleting the first one's
-temporary shards.
+when the name exists). A lock left by a dead process on this host is taken over, and so is one
+carrying this process's own pid on this host (a container restarted with the same hostname
+gives its driver the same pid, often 1: the holder cannot be alive and be us). A live holder,
+or any holder on another host (whose liveness cannot be checked from here), is refused with
+its name and how to check it, so a second driver exits at once instead of deleting the first
+one's temporary shards.
 """
 
 from __future__ import annotations
@@ -66,15 +68,17 @@ class OutputLock:
             raise FolderLocked(f"{self.key} {self.folder} is locked by an unreadable {self.path}; "
                                f"if no other run uses this folder, delete that file") from None
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-        if host == socket.gethostname() and not _alive(pid):
-            self.path.unlink(missing_ok=True)  # its holder died: take it over
+        here = host == socket.gethostname()
+        if here and (pid == os.getpid() or not _alive(pid)):
+            self.path.unlink(missing_ok=True)  # its holder died (or was a previous life of us)
             return
-        where = "this host" if host == socket.gethostname() else f"host {host}"
+        where = "this host" if here else f"host {host}"
+        check = f"`ps -p {pid}`" + ("" if here else f" on {host}")
         raise FolderLocked(
             f"{self.key} {self.folder} is in use by pid {pid} on {where} (since {since}): one "
-            f"writer per folder. Wait for it, or use another {self.key}"
-            + ("" if host == socket.gethostname() else
-               f"; if that process is gone, delete {self.path}"))
+            f"writer per folder. Wait for it, or use another {self.key}. Check the holder with "
+            f"{check}; once that process is gone (or it is another program that reused the pid), "
+            f"it is safe to delete {self.path}")
 
     def release(self) -> None:
         if self.held:

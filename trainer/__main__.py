@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         cli.print_config(cfg)
         return 0
-    from trainer.train import build, eval_alignment, train
+    from pipeline.lock import FolderLocked
+    from trainer.train import Preempted, build, eval_alignment, train
 
+    errors = (*errors, FolderLocked)
     try:
         if args.cmd != "eval-align":
             result = train(cfg, stage)
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             weights, _ = checkpoint.load(path)
             parts.task.load_state_dict(weights, strict=False)
             result = {"checkpoint": str(path), "stage": stage, "align": eval_alignment(parts)}
+    except Preempted as e:  # 128 + the signal, as a process the signal had ended
+        if distributed.from_env().is_main():
+            print(f"preempted: {e}", file=sys.stderr)
+        return 128 + e.signum
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

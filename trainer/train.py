@@ -378,10 +378,71 @@ def check_output(cfg, main: bool) -> None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
+class Preempted(RuntimeError):
+    """SIGTERM / SIGUSR1 arrived: the step finished, a complete checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, path):
+        import signal
+
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: saved "
+                         f"{path}; continue with resume=latest")
+
+
+class _Signals:
+    """SIGTERM (a scheduler's preemption, torchrun's stop) and SIGUSR1 (what Slurm sends ahead
+    of a preemption with ``--signal``) set a flag; the loop ends the step, saves and stops.
+    Installed only in the main thread (Python's rule), restored on exit."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.got: int | None = None
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self.old[sig] = signal.signal(sig, self._set)
+
+    def _set(self, signum, _frame):
+        self.got = signum
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+def _stop_requested(flag: int | None, p: Parts) -> int | None:
+    """The signal any rank got, agreed by all ranks (one tiny all-reduce per step), so every
+    rank saves at the same step."""
+    if not p.dist.enabled:
+        return flag
+    t = torch.tensor([flag or 0], device=p.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t) or None
+
+
 def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
           stop_after: int | None = None) -> dict:
     """Run (or resume) a stage. ``stop_after`` returns right after that step without saving:
-    what a killed job leaves behind (tests resume from the last periodic checkpoint)."""
+    what a killed job leaves behind (tests resume from the last periodic checkpoint).
+    Rank 0 holds ``log.output``'s writer lock for the whole job (``pipeline.lock``)."""
+    from pipeline.lock import OutputLock
+
+    main = D.from_env().is_main()
+    lock = OutputLock(cfg.log.output, key="log.output").acquire() if main else None
+    signals = _Signals()
+    try:
+        return _train(cfg, stage, parts, stop_after, signals)
+    finally:
+        signals.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals: _Signals) -> dict:
     from tqdm.auto import tqdm
 
     check_output(cfg, D.from_env().is_main())
@@ -442,6 +503,12 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
                     and st.step < p.total_steps and p.dist.is_main()):
                 last_eval = eval_alignment(p)
                 logger.log(st.step, last_eval or {}, kind="eval")
+            got = _stop_requested(signals.got, p) if st.step < p.total_steps else None
+            if got is not None:
+                bar.close()
+                path = save_checkpoint(p, st)
+                logger.close()
+                raise Preempted(got, st.step, path or Path(cfg.log.output) / "checkpoints")
             if st.step % cfg.log.save_every == 0 and st.step < p.total_steps:
                 save_checkpoint(p, st)
             if (st.step >= p.total_steps or st.batches_in_epoch >= epoch_batches
