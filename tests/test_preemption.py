@@ -73,17 +73,16 @@ def test_a_signal_saves_the_step_and_resume_continues_exactly(sig, tiny_clip, ti
     assert _train_losses(out) == full  # every step once, identical floats on CPU
 
 
-def test_a_second_writer_on_the_same_output_is_refused(pretrain_cfg, tmp_path, capsys):
+def test_a_second_writer_on_the_same_output_is_refused(pretrain_cfg, tmp_path):
+    import socket
+
     from pipeline.lock import LOCK, FolderLocked
-    from trainer.__main__ import main
     from trainer.train import train
 
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         out.mkdir()
-        import socket
-
         (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                             "since": time.time()}))
         with pytest.raises(FolderLocked, match="log.output"):
