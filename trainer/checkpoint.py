@@ -166,10 +166,24 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_latest(output: str | Path, warn=print) -> tuple[Path, dict, dict] | None:
-    """The newest checkpoint that verifies; each newer damaged one is reported by name."""
-    for path in reversed(list_complete(output)):
+    """The newest checkpoint that verifies; each newer one that does not (incomplete, altered,
+    an older format) is named in one line with why. None when ``output`` holds no checkpoint
+    at all (a fresh start); a ``CheckpointError`` listing every one found, and why, when it
+    holds some and none is valid: such a run must never restart from step 0 on its own."""
+    root = ckpt_root(output)
+    found = sorted((d for d in root.glob("step-*") if d.is_dir()),
+                   key=lambda d: int(d.name.split("-")[1])) if root.is_dir() else []
+    why = []
+    for path in reversed(found):
         try:
             return (path, *load(path))
-        except CheckpointError as e:
-            warn(f"warning: {e}; falling back to the previous checkpoint")
-    return None
+        except (CheckpointError, FileNotFoundError) as e:
+            reason = str(e).replace(f"{path}", "").strip(" :") or "invalid"
+            why.append(f"{path.name}: {reason}")
+            warn(f"warning: skipping checkpoint {path} ({reason}); trying the one before")
+    if not found:
+        return None
+    raise CheckpointError(
+        f"resume=latest found {len(found)} checkpoint(s) in {root} and none is valid: "
+        + "; ".join(why) + ". Nothing was trained. To start this run over on purpose, run "
+        "without resume and with log.overwrite=true (deletes them), or pick another log.output")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from pipeline import shards
+from trainer.runlog import read_metrics
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
@@ -150,7 +152,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, names: list[str] | None =
         path = Path(run) / "metrics.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a training run (no metrics.jsonl)")
-        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        lines = read_metrics(path, lambda m: print(m, file=sys.stderr))
         for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
             pts = [(x["step"], x[key]) for x in lines if x.get(key) is not None]
             if pts:

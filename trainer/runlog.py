@@ -20,6 +20,27 @@ from pathlib import Path
 from seacore.config import to_dict
 
 
+def read_metrics(path: str | Path, warn=None) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A last line cut short (a full disk, a kill in the
+    middle of a write) is dropped, with a warning naming the file and line; any other line
+    that does not parse is an error naming both."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines):
+                if warn is not None:
+                    warn(f"warning: {path} line {i} is cut short ({e}); dropped")
+                continue
+            raise ValueError(f"{path} line {i} is not JSON ({e}); repair or remove that line") from e
+    return out
+
+
 class Logger:
     def __init__(self, cfg, main: bool, from_step: int = 0):
         self.main = main
@@ -31,10 +52,10 @@ class Logger:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = self.out / "metrics.jsonl"
         if metrics.is_file():
-            keep = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= from_step]
+            keep = [r for r in read_metrics(metrics, lambda m: print(m, file=sys.stderr))
+                    if r.get("step", 0) <= from_step]
             tmp = metrics.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             tmp.replace(metrics)
         name = cfg.log.run_name or self.out.resolve().name
         if "tensorboard" in cfg.log.report_to:

@@ -286,6 +286,16 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _same_path(v):
+    """A config value as compared on resume: a path that exists, resolved (a trailing '/',
+    './' or a symlink is the same place); anything else as it is."""
+    if not isinstance(v, str) or not v:
+        return v
+    prefix = "local-dir:" if v.startswith("local-dir:") else ""
+    raw = os.path.expanduser(v[len(prefix):])
+    return prefix + str(Path(raw).resolve()) if os.path.exists(raw) else v
+
+
 def resume_identity(cfg) -> dict:
     flat = {}
 
@@ -349,7 +359,7 @@ def resume(p: Parts) -> TrainState:
         raise ValueError(f"checkpoint {path} is from stage '{state['stage']}', not '{p.stage}'")
     now = resume_identity(p.cfg)
     for k in sorted(set(now) | set(state["identity"])):
-        if now.get(k) != state["identity"].get(k):
+        if _same_path(now.get(k)) != _same_path(state["identity"].get(k)):
             raise ValueError(f"checkpoint {path} was made with {k}={state['identity'].get(k)!r}, "
                              f"this run has {now.get(k)!r}; resume with the same config "
                              f"(only {', '.join(RESUME_FREE)} may change)")
@@ -358,7 +368,10 @@ def resume(p: Parts) -> TrainState:
     set_optimizer_state_dict(p.task, p.optimizer, state["optimizer"], options=opts)
     p.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][p.dist.rank])
-    return TrainState(**state["train_state"])
+    st = TrainState(**state["train_state"])
+    if p.dist.is_main():
+        print(f"resumed from {path} (step {st.step} of {p.total_steps})", file=sys.stderr)
+    return st
 
 
 def check_output(cfg, main: bool) -> None:
@@ -448,6 +461,14 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
     check_output(cfg, D.from_env().is_main())
     p = parts or build(cfg, stage)
     st = resume(p) if cfg.resume else TrainState()
+    final_dir = Path(cfg.log.output) / "final"
+    if cfg.resume and st.step >= p.total_steps and (final_dir / "sea_model.json").is_file():
+        # a finished run: nothing to train, log or save again
+        if p.dist.is_main():
+            print(f"{cfg.log.output} already finished at step {st.step}: nothing to do",
+                  file=sys.stderr)
+        return {"step": st.step, "samples": st.samples, "checkpoint": None, "align": None,
+                "losses": [], "final": str(final_dir)}
     gather = D.gather_pairs if (p.dist.enabled and cfg.sea.gather_negatives) else None
     logger = Logger(cfg, p.dist.is_main(), from_step=st.step)
     # tqdm's own columns give the ETA; the postfix adds loss, L_a (lambda > 0) and samples/s

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from trainer.runlog import read_metrics
 
 WORDLIST_SIZE = 41241  # 2of12 after the word-list rule; eval-align's chance is 1 / this
 
@@ -61,7 +62,7 @@ def alignment_curve_figure(res: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     colours = {}
     for run in res["runs"]:
-        lines = [json.loads(x) for x in (Path(run["stage1_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+        lines = read_metrics(Path(run["stage1_dir"]) / "metrics.jsonl")
         ev = [x for x in lines if x.get("kind") == "eval" and x.get("in_labels") is not None]
         if not ev:
             continue
@@ -240,7 +241,7 @@ def _align_loss_summary(res: dict) -> dict:
         path = Path(r["stage1_dir"]) / "metrics.jsonl"
         if not path.is_file():
             continue
-        tr = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        tr = read_metrics(path)
         tr = [x for x in tr if x.get("kind") == "train"]
         if len(tr) < 2:
             continue
