@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not distributed.from_env().enabled:
+            raise
+        print(f"error: {distributed.explain(e)}", file=sys.stderr)  # which rank, and why
+        return 1
     finally:
         distributed.close()
     if distributed.from_env().is_main():

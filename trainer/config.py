@@ -90,6 +90,8 @@ class LogConfig:
 @dataclasses.dataclass
 class DistConfig:
     strategy: str = doc("ddp", "ddp | fsdp (shards the LLM's decoder layers; for LLMs that do not fit one device)")
+    timeout_s: float = doc(1800.0, "seconds a collective waits for the other ranks before the job "
+                                   "ends with an error naming the rank (a stuck or dead rank)")
 
 
 @dataclasses.dataclass
@@ -113,6 +115,8 @@ class PretrainConfig:
             raise ConfigError("data.num_workers must be >= 0, or -1 for the machine's cores")
         if self.dist.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"dist.strategy must be ddp or fsdp, got '{self.dist.strategy}'")
+        if self.dist.timeout_s <= 0:
+            raise ConfigError(f"dist.timeout_s must be > 0, got {self.dist.timeout_s}")
         if self.sea.weight > 0 and not self.data.shards:
             raise ConfigError("sea.weight > 0 needs data.shards (the label run)")
         if self.data.truncation not in ("drop", "error"):

@@ -365,7 +365,7 @@ class StreamDataset(IterableDataset):
 
     def _batch(self, rows: list[dict], worker: int = 0, number: int = 0) -> dict:
         samples = [s for s in (self.source.sample(r) for r in rows) if s is not None]
-        batch = collate(samples) if samples else {"input_ids": [], "rows": []}
+        batch = collate(samples)
         batch["bad"] = len(rows) - len(samples)
         if self.draws is not None and batch.get("label_ids") is not None:
             batch["sea"] = self.draws(batch["label_ids"], batch["label_scores"], self.epoch,

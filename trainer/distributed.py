@@ -29,12 +29,34 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(device: torch.device) -> Dist:
+_TIMEOUT_S: float | None = None  # the process group's, for the messages below
+
+
+def init(device: torch.device, timeout_s: float = 1800.0) -> Dist:
+    """The process group, with a timeout on every collective (``dist.timeout_s``): a rank that
+    never arrives (stuck, dead, out of data) ends the job instead of holding every GPU."""
+    global _TIMEOUT_S
+    from datetime import timedelta
+
     d = from_env()
     if d.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        _TIMEOUT_S = timeout_s
     return d
+
+
+def explain(e: BaseException, d: Dist | None = None) -> str:
+    """A distributed failure in one line naming this rank (and the timeout, when one ran out)."""
+    d = d or from_env()
+    text = " ".join(str(e).split())
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    timed_out = any(w in text.lower() for w in ("timed out", "timeout", "time out"))
+    why = (f"a collective got no answer from the other ranks within dist.timeout_s={_TIMEOUT_S:g} "
+           f"s (a rank stuck, dead or out of data; see the other ranks' logs): "
+           if timed_out and _TIMEOUT_S is not None else "")
+    return f"rank {d.rank} of {d.world}: {why}{text}"
 
 
 def close() -> None:
@@ -44,7 +66,10 @@ def close() -> None:
 
 def barrier(d: Dist) -> None:
     if d.enabled:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise RuntimeError(explain(e, d)) from e
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -28,6 +28,8 @@ class SEATask(nn.Module):
         m = self.mllm
         device = m.adapter[0].weight.device
         embed = m.llm.get_input_embeddings()
+        if not batch["input_ids"]:
+            return self._empty(sample, micro, gather, shared_gen)
         tokens = None
         if batch["pixels"] is not None:
             tokens = m.visual_tokens(batch["pixels"].to(device), self.train_vision)
@@ -49,3 +51,22 @@ class SEATask(nn.Module):
         losses.update(align_loss=align_loss, pairs=pairs,
                       loss=lm_loss + self.weight * align_loss)
         return losses
+
+    def _empty(self, sample, micro: int, gather, shared_gen) -> dict:
+        """Zero loss through every module a real micro-batch runs (a blank image through the
+        tower and adapter, one position through the LM and its head), so the backward makes
+        the same collectives with zero gradients."""
+        from pipeline.encoders import image_size_of
+
+        m = self.mllm
+        device = m.adapter[0].weight.device
+        blank = torch.zeros(1, 3, *image_size_of(m.vision.visual), device=device)
+        tokens = m.visual_tokens(blank, self.train_vision)
+        logits = m.llm(inputs_embeds=tokens[:, :1], use_cache=False).logits
+        zero = (tokens.sum() + logits.sum()) * 0.0
+        align_loss, pairs = zero * 0.0, 0
+        if self.align is not None and self.weight > 0:
+            align_loss, pairs = self.align(None, m.llm.get_input_embeddings().weight, sample,
+                                           micro, gather, shared_gen)
+        return {"lm_loss": zero, "dropped": 0, "align_loss": align_loss, "pairs": pairs,
+                "loss": zero + self.weight * align_loss}

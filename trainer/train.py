@@ -42,7 +42,7 @@ from trainer.watch import ChanceWatch
 # order, e.g. data.num_workers, or the schedule, e.g. optim.max_steps)
 RESUME_FREE = ("resume", "log.progress", "log.every", "log.eval_every", "log.save_every",
                "log.keep_last", "log.report_to", "log.wandb_project", "log.run_name",
-               "log.overwrite")
+               "log.overwrite", "dist.timeout_s")
 
 
 @dataclass
@@ -98,7 +98,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
 
     d = D.from_env()
     device = pick_device(cfg.device, d.local_rank if d.enabled else None)
-    d = D.init(device)
+    d = D.init(device, cfg.dist.timeout_s)
     if cfg.data.num_workers < 0:  # resolved once and kept in the run's config: it fixes the order
         cfg.data.num_workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.manual_seed(cfg.optim.seed)
@@ -214,8 +214,9 @@ def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None
     n = len(micro_batches)
     sample = step_sample(p, micro_batches)
     for i, mb in enumerate(micro_batches):
-        if not mb["input_ids"]:
-            continue
+        # an empty micro-batch (every image unreadable) still runs forward and backward, at
+        # zero loss: its rank then joins every collective the others make (DDP's all-reduce,
+        # FSDP's gathers, SEA's gathered negatives), so no rank waits forever
         shared = shared_generator(p.cfg.optim.seed, step, i) if gather is not None else None
         # DDP: only the last micro-batch all-reduces gradients
         sync = i == n - 1 or not hasattr(p.model, "no_sync")
