@@ -39,6 +39,9 @@ class DataConfig:
     shuffle_block: int = doc(256, "rows per shuffle block; blocks are shuffled, then rows within a window")
     shuffle_window: int = doc(8, "blocks mixed together (bounds memory)")
     holdout_images: int = doc(256, "first N labelled images kept out of training for alignment eval")
+    max_error_rate: float = doc(0.05, "largest share of unreadable images (missing, corrupt) a run "
+                                      "may meet; more stops it, naming the first files (as "
+                                      "extraction's run.max_error_rate)")
 
 
 @dataclasses.dataclass
@@ -119,6 +122,8 @@ class PretrainConfig:
             raise ConfigError(f"dist.timeout_s must be > 0, got {self.dist.timeout_s}")
         if self.sea.weight > 0 and not self.data.shards:
             raise ConfigError("sea.weight > 0 needs data.shards (the label run)")
+        if not 0.0 <= self.data.max_error_rate <= 1.0:
+            raise ConfigError(f"data.max_error_rate must be in [0, 1], got {self.data.max_error_rate}")
         if self.data.truncation not in ("drop", "error"):
             raise ConfigError(f"data.truncation must be drop or error, got '{self.data.truncation}'")
         if self.sea.label_tokenization not in ("space", "bare"):

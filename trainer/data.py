@@ -185,22 +185,27 @@ class SampleSource:
                 for r, q in enumerate(paths)]
 
     def sample(self, row: dict) -> dict | None:
+        return self.try_sample(row)[0]
+
+    def try_sample(self, row: dict) -> tuple[dict | None, str | None]:
+        """(sample, None), or (None, "path: why") for an unreadable image, or (None, None)
+        for a labelled image absent from the JSON."""
         item = row["item"]
         if item is None:
-            return None  # labelled image absent from the JSON
+            return None, None
         pixel = None
         if item.get("image"):
             try:
                 img = load_rgb(resolve_inside(self.cfg.image_root, item["image"]), self.max_pixels)
                 pixel = self.preprocess(img)
-            except BadImage:
-                return None
+            except BadImage as e:
+                return None, f"{item['image']}: {e}"
         ids, labels = build_sample(item, self.tokenizer, self.fmt, has_image=pixel is not None)
         out = {"pixel": pixel, "input_ids": ids, "labels": labels, "row": row["row"]}
         if row["label_ids"] is not None:
             out["label_ids"] = torch.from_numpy(row["label_ids"].astype(np.int64))
             out["label_scores"] = torch.from_numpy(row["label_scores"])
-        return out
+        return out, None
 
 
 def collate(samples: list[dict]) -> dict:
@@ -364,9 +369,16 @@ class StreamDataset(IterableDataset):
             yield self._batch(pending, g, number)
 
     def _batch(self, rows: list[dict], worker: int = 0, number: int = 0) -> dict:
-        samples = [s for s in (self.source.sample(r) for r in rows) if s is not None]
+        samples, unreadable = [], []
+        for r in rows:
+            s, why = self.source.try_sample(r)
+            if s is not None:
+                samples.append(s)
+            elif why is not None:
+                unreadable.append(why)
         batch = collate(samples)
         batch["bad"] = len(rows) - len(samples)
+        batch["unreadable"] = unreadable
         if self.draws is not None and batch.get("label_ids") is not None:
             batch["sea"] = self.draws(batch["label_ids"], batch["label_scores"], self.epoch,
                                       worker, number)

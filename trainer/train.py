@@ -36,13 +36,13 @@ from trainer.runlog import Logger
 from trainer.s2 import tower_transform
 from trainer.sea_loss import AlignmentLoss, StepSample, load_word_tokens
 from trainer.task import SEATask
-from trainer.watch import ChanceWatch
+from trainer.watch import ChanceWatch, DropWatch
 
 # config keys that may change between a run and its resume (nothing that moves the data
 # order, e.g. data.num_workers, or the schedule, e.g. optim.max_steps)
 RESUME_FREE = ("resume", "log.progress", "log.every", "log.eval_every", "log.save_every",
                "log.keep_last", "log.report_to", "log.wandb_project", "log.run_name",
-               "log.overwrite", "dist.timeout_s")
+               "log.overwrite", "dist.timeout_s", "data.max_error_rate")
 
 
 @dataclass
@@ -428,6 +428,15 @@ class _Signals:
             signal.signal(sig, old)
 
 
+def _all_counts(p: Parts, *counts: int) -> list[int]:
+    """Counts summed over the ranks (one tiny all-reduce; the counts themselves on one)."""
+    if not p.dist.enabled:
+        return list(counts)
+    t = torch.tensor(counts, dtype=torch.long, device=p.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def _stop_requested(flag: int | None, p: Parts) -> int | None:
     """The signal any rank got, agreed by all ranks (one tiny all-reduce per step), so every
     rank saves at the same step."""
@@ -478,6 +487,7 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
     set_train_mode(p)
     sea_on = p.task.align is not None and p.task.weight > 0
     watch = ChanceWatch(p.total_steps, cfg.sea.log_tau_init) if sea_on and stage == "pretrain" else None
+    drops = DropWatch(cfg.data.max_error_rate)
     last_eval = None
     history = []
     t_last, samples_last = time.perf_counter(), st.samples
@@ -495,7 +505,14 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
             micro.append(batch)
             if len(micro) < p.accum:
                 continue
+            drops.add(micro)  # judged before the step: a batch of unreadable images trains nothing
+            problem = drops.problem(*_all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json)
+            if problem:
+                bar.close()
+                logger.close()
+                raise ValueError(problem)
             metrics = train_step(p, micro, st.step, gather)
+            drops.truncated += metrics["dropped"]
             st.samples += sum(len(b["input_ids"]) for b in micro) * p.dist.world
             metrics["bad_images"] = sum(b.get("bad", 0) for b in micro)
             micro = []
@@ -545,11 +562,17 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
     if st.samples == 0:  # every image failed to decode: never "succeed" having learnt nothing
         raise ValueError(f"trained on 0 samples in {st.step} steps: every sample was dropped "
                          f"(unreadable images; see the bad_images metric in {cfg.log.output}/metrics.jsonl)")
+    problem = drops.problem(*_all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json, final=True)
+    if problem:
+        logger.close()
+        raise ValueError(problem)
     final = save_checkpoint(p, st)
     if p.dist.is_main():
+        print(drops.summary(st.samples), file=sys.stderr)
         last_eval = eval_alignment(p)
         logger.log(st.step, last_eval or {}, kind="eval")
     write_final(p, Path(cfg.log.output) / "final")
     logger.close()
     return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval,
+            "dropped": {"unreadable": drops.bad, "truncated": drops.truncated},
             "losses": history, "final": str(Path(cfg.log.output) / "final")}

@@ -46,3 +46,52 @@ class ChanceWatch:
                 f"labels. The temperature started at tau = {math.exp(self.log_tau_init):.3g} "
                 f"(sea.log_tau_init={self.log_tau_init:g}){now}; in the ground-truth world "
                 f"sea.log_tau_init=-2.66 (tau 0.07, CLIP's start) made L_a fall (README, Evidence).")
+
+
+class DropWatch:
+    """Counts the samples dropped for unreadable images as the run goes, and says when they
+    pass ``data.max_error_rate``. During the run the rate is judged by the lower end of its 95 %
+    Wilson interval, over every rank's samples so far, so a run stops as soon as the rate is
+    surely too high (four unreadable images of four: before step 1) and not because the first
+    batch held one unlucky file; at the end, by the rate itself, as extraction does."""
+
+    def __init__(self, max_rate: float):
+        self.max_rate = max_rate
+        self.seen = self.bad = self.truncated = 0
+        self.first: list[str] = []
+        self.reasons: dict[str, int] = {}
+
+    def add(self, micro_batches: list[dict]) -> None:
+        for b in micro_batches:
+            bad = b.get("unreadable", [])
+            self.seen += len(b["input_ids"]) + len(bad)
+            self.bad += len(bad)
+            for why in bad:
+                reason = why.split(": ", 2)[1] if ": " in why else why
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+            self.first.extend(bad[: max(0, 5 - len(self.first))])
+
+    def problem(self, seen: int, bad: int, step: int, json_path: str, final: bool = False) -> str | None:
+        """``seen`` / ``bad``: the counts over all ranks (``self``'s on one process)."""
+        if not bad:
+            return None
+        rate = bad / seen
+        if (rate if final else wilson_low(bad, seen)) <= self.max_rate:
+            return None
+        first = "; ".join(self.first) or "on other ranks"
+        when = "at the end of the run" if final else f"stopping before step {step + 1}"
+        return (f"{bad} of {seen} samples read have unreadable images ({rate:.1%} > "
+                f"data.max_error_rate={self.max_rate:g}), {when}; first: {first}. Fix or "
+                f"remove them in {json_path} (or its image root), or raise data.max_error_rate "
+                f"to train without them")
+
+    def summary(self, samples: int) -> str:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
+        return (f"data: trained on {samples} samples; dropped {self.bad} with unreadable images "
+                f"({why}) and {self.truncated} whose image tokens did not fit data.max_length")
+
+
+def wilson_low(k: int, n: int, z: float = 1.96) -> float:
+    """Lower end of the Wilson score interval of a rate k / n."""
+    p, z2 = k / n, z * z
+    return (p + z2 / (2 * n) - z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
