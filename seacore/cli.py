@@ -74,3 +74,15 @@ def parse(parser: argparse.ArgumentParser, argv, cls_of, aliases: dict[str, str]
 
 def print_config(cfg, out=None) -> None:
     (out or sys.stdout).write(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
+
+
+def disk_full(e: BaseException, folder, key: str) -> str | None:
+    """One line for a write that ran out of space (also when Ray wraps the actor's OSError);
+    None for any other error."""
+    import errno
+
+    if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+        return None
+    return (f"no space left on the device writing to {key} {folder}: free space there or point "
+            f"{key} at a filesystem with room; rerun the same command to continue (finished "
+            f"chunks and checkpoints are kept, a half-written one is redone)")

@@ -177,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        full = cli.disk_full(e, cfg.log.output, "log.output")
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         if not distributed.from_env().enabled:
             raise
