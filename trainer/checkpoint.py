@@ -178,9 +178,8 @@ def load_latest(output: str | Path, warn=print) -> tuple[Path, dict, dict] | Non
         try:
             return (path, *load(path))
         except (CheckpointError, FileNotFoundError) as e:
-            reason = str(e).replace(f"{path}", "").strip(" :") or "invalid"
-            why.append(f"{path.name}: {reason}")
-            warn(f"warning: skipping checkpoint {path} ({reason}); trying the one before")
+            why.append(str(e))
+            warn(f"warning: skipping checkpoint {path}: {e}; trying the one before")
     if not found:
         return None
     raise CheckpointError(
