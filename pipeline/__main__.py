@@ -175,7 +175,16 @@ def _inspect(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.patch:
-        r, c = (int(x) for x in args.patch.split(","))
+        try:
+            r, c = (int(x) for x in args.patch.split(","))
+        except ValueError:
+            print(f"error: --patch {args.patch}: give ROW,COL, two integers (e.g. --patch 3,5)",
+                  file=sys.stderr)
+            return 2
+        if not (0 <= r < img.grid[0] and 0 <= c < img.grid[1]):
+            print(f"error: --patch {args.patch} is outside the {img.grid[0]}x{img.grid[1]} grid: "
+                  f"ROW in 0..{img.grid[0] - 1}, COL in 0..{img.grid[1] - 1}", file=sys.stderr)
+            return 2
         print(f"{img.path} (id {img.image_id}), patch {r},{c} of {img.grid[0]}x{img.grid[1]}:")
         for w, s in img.patch(r, c):
             print(f"  {w:24} {s:+.4f}")

@@ -147,6 +147,16 @@ def patch_features(visual, images: torch.Tensor, kind: str, surgery_depth: int =
     return clip_patch_features(visual, images, kind, surgery_depth)
 
 
+def image_size_of(visual) -> tuple[int, int]:
+    """(h, w) a tower takes: open_clip ViTs say it, timm trunks keep it in the patch embedding."""
+    size = getattr(visual, "image_size", None)
+    if size is None:
+        size = visual.trunk.patch_embed.img_size
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
 SURGERY_WEIGHTS = ("cls", "token")
 
 

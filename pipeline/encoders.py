@@ -6,7 +6,6 @@ says what to fetch and where to put it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-
-class WeightsNotFound(RuntimeError):
-    pass
+from pipeline.dense import image_size_of
+from pipeline.weights import WeightsNotFound, file_sha256  # noqa: F401 (the public names)
 
 
 @dataclass
@@ -38,21 +36,6 @@ class LoadedEncoder:
             "image_size": list(self.image_size),
             "grid": list(self.grid),
         }
-
-
-_HASH_CACHE: dict[tuple, str] = {}
-
-
-def file_sha256(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
 
 
 def _hf_cached_weights(pretrained_cfg: dict, cache_dir: str | None) -> str | None:
@@ -194,16 +177,6 @@ def preprocess_geometry(preprocess) -> dict:
         elif type(t).__name__ == "ResizeKeepRatio":  # open_clip's 'longest' mode: not replayed
             geo["other"] = "ResizeKeepRatio"
     return geo
-
-
-def image_size_of(visual) -> tuple[int, int]:
-    """(h, w) a tower takes: open_clip ViTs say it, timm trunks keep it in the patch embedding."""
-    size = getattr(visual, "image_size", None)
-    if size is None:
-        size = visual.trunk.patch_embed.img_size
-    if isinstance(size, int):
-        return (size, size)
-    return (int(size[0]), int(size[1]))
 
 
 def _local_dir_name(model: str) -> str:

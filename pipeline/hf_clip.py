@@ -39,7 +39,7 @@ def display_name(model: str) -> str:
 def resolve_dir(model: str, cache_dir: str | None = None, allow_download: bool = False,
                 section: str = "encoder") -> Path:
     """A local folder as given, else the model id's snapshot in the Hugging Face cache."""
-    from pipeline.encoders import WeightsNotFound
+    from pipeline.weights import WeightsNotFound
 
     spec = model[len(PREFIX):]
     if os.path.isdir(os.path.expanduser(spec)):
@@ -60,7 +60,7 @@ def resolve_dir(model: str, cache_dir: str | None = None, allow_download: bool =
 
 def weights_sha256(folder: Path) -> str:
     """sha256 of the weight file; of the files' hashes in order for a sharded checkpoint."""
-    from pipeline.encoders import file_sha256
+    from pipeline.weights import file_sha256
 
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
@@ -247,7 +247,7 @@ def open_clip_visual_to_hf(visual: torch.nn.Module) -> tuple[dict, dict]:
     if problems:
         raise ValueError("the vision tower has " + ", ".join(problems) +
                          ", which CLIPVisionModel cannot hold")
-    from pipeline.encoders import image_size_of
+    from pipeline.dense import image_size_of
 
     width = visual.transformer.width
     cfg = {"hidden_size": width, "intermediate_size": b0.mlp.c_fc.out_features,

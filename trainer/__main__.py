@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt about an image with a trained model")
     g.add_argument("--checkpoint", required=True, help="a run dir or its final/ folder")
     g.add_argument("--image", help="image file (omit for a text-only prompt)")
-    g.add_argument("--prompt", default="Describe the image.")
+    g.add_argument("--prompt", default=None,
+                   help="stage-2 models: the question (default 'Describe the image.'); stage-1 "
+                        "models caption the image and take no prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--device", default="auto")
     e = sub.add_parser("export", help="write a trained run for transformers (hf-llava) or the "
@@ -107,12 +109,22 @@ def _simple(args) -> int:
 
             print(json.dumps(export(args.run, args.format, args.out), indent=1))
         elif args.cmd == "generate":
+            from pipeline.data import BadImage, load_rgb
             from seacore.device import pick_device
             from trainer.final import load_final
             from trainer.generate import answer
 
+            if args.image is not None:  # before the model loads: a wrong path fails at once
+                try:
+                    load_rgb(Path(args.image), 89_478_485)
+                except BadImage as e:
+                    raise ValueError(f"--image {args.image}: {e}; give an image file") from None
             model = load_final(args.checkpoint, pick_device(args.device, key="--device"))
-            print(answer(*model, args.image, args.prompt, args.max_new_tokens))
+            if model[3]["stage"] == "pretrain" and args.prompt is not None:
+                print("note: a stage-1 model captions the image (LLaVA's plain format); "
+                      "--prompt is not used", file=sys.stderr)
+            print(answer(*model, args.image, args.prompt or "Describe the image.",
+                         args.max_new_tokens))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
