@@ -448,9 +448,11 @@ def _stop_requested(flag: int | None, p: Parts) -> int | None:
 
 
 def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, on_step=None) -> dict:
     """Run (or resume) a stage. ``stop_after`` returns right after that step without saving:
     what a killed job leaves behind (tests resume from the last periodic checkpoint).
+    ``on_step(step)`` is called after every optimizer step (a learning curve's evaluations);
+    the train mode of what trains is restored after it.
     Rank 0 holds ``log.output``'s writer lock for the whole job (``pipeline.lock``)."""
     from pipeline.lock import OutputLock
 
@@ -458,14 +460,15 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     lock = OutputLock(cfg.log.output, key="log.output").acquire() if main else None
     signals = _Signals()
     try:
-        return _train(cfg, stage, parts, stop_after, signals)
+        return _train(cfg, stage, parts, stop_after, signals, on_step)
     finally:
         signals.restore()
         if lock is not None:
             lock.release()
 
 
-def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals: _Signals) -> dict:
+def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals: _Signals,
+           on_step=None) -> dict:
     from tqdm.auto import tqdm
 
     check_output(cfg, D.from_env().is_main())
@@ -542,6 +545,9 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
                     and st.step < p.total_steps and p.dist.is_main()):
                 last_eval = eval_alignment(p)
                 logger.log(st.step, last_eval or {}, kind="eval")
+            if on_step is not None:
+                on_step(st.step)
+                set_train_mode(p)
             got = _stop_requested(signals.got, p) if st.step < p.total_steps else None
             if got is not None:
                 bar.close()
