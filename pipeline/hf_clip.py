@@ -203,7 +203,10 @@ def load_hf_clip(model: str, device: str | torch.device = "cpu", cache_dir: str 
         raise ValueError(f"{section}.model={model}: {folder} is a '{config.model_type}' "
                          f"checkpoint; hf-clip: takes a transformers CLIPModel")
     oc = build_open_clip(config)
-    hf = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    from seacore.quiet import no_loading_bars
+
+    with no_loading_bars():
+        hf = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     state = hf_to_open_clip_state(hf.state_dict(), config.vision_config.num_hidden_layers,
                                   config.text_config.num_hidden_layers)
     del hf

@@ -100,8 +100,11 @@ def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
     }, indent=2))
     torch.manual_seed(seed)
     open_clip.factory._MODEL_CONFIGS[name] = cfg  # only to build it once; loading uses the dir
+    from seacore.quiet import building_random_model
+
     try:
-        model = open_clip.create_model(name)
+        with building_random_model():
+            model = open_clip.create_model(name)
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -28,9 +28,12 @@ def load_llm(path: str, dtype: str, device: torch.device, trained: bool = False)
         raise LLMNotFound(f"llm.path {path} is a filesystem path but not a folder; point it at a "
                           f"folder with config.json, the weights and the tokenizer (or give a "
                           f"Hugging Face model id such as lmsys/vicuna-7b-v1.5 already in the cache)")
+    from seacore.quiet import no_loading_bars
+
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        with no_loading_bars():
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     except OSError as e:
         if os.path.isdir(os.path.expanduser(path)):
             raise LLMNotFound(f"llm.path {path} is a folder, but not a loadable model ({e}); it "
