@@ -28,6 +28,7 @@ from seacore.config import config_hash
 
 RUN_FILE = "run.json"
 ERRORS_FILE = "errors.jsonl"
+WORDLIST_FILE = "wordlist.txt"  # a copy of a word list other than 2of12: the run reads alone
 
 
 class RunMismatch(ValueError):
@@ -100,6 +101,10 @@ def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> Plan:
     for stale in out.glob(".shard-*.tmp*"):  # leftovers of a killed writer
         stale.unlink()
     shards.write_json_atomic(run_file, ident)
+    if cfg.labels.wordlist:  # small (the world's is 28 words); 2of12 is found by its hash
+        tmp = out / f".{WORDLIST_FILE}.tmp"
+        shutil.copyfile(cfg.labels.wordlist, tmp)
+        tmp.replace(out / WORDLIST_FILE)
     cs = cfg.run.chunk_size
     chunks = [(s, min(s + cs, len(records))) for s in range(0, len(records), cs)]
     done = shards.list_done(out, verify=True)  # reads every finished shard once
@@ -115,7 +120,7 @@ def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> Plan:
 
 def clear_run(out: Path) -> None:
     for pattern in ("shard-*.parquet", "shard-*.done", ".shard-*", shards.MANIFEST, ERRORS_FILE,
-                    RUN_FILE):
+                    RUN_FILE, WORDLIST_FILE):
         for p in out.glob(pattern):
             p.unlink() if p.is_file() else shutil.rmtree(p)
 

@@ -26,8 +26,11 @@ from pipeline import shards
 from wordlist import DATA_DIR, SHARED_COPY, WordList, WordListError, load_wordlist, sha256_file
 
 
-def find_wordlist(meta: dict, given: str | os.PathLike | None = None) -> WordList:
-    """The word list a run was made with, found by the sha256 in its metadata."""
+def find_wordlist(meta: dict, given: str | os.PathLike | None = None,
+                  run_dir: str | os.PathLike | None = None) -> WordList:
+    """The word list a run was made with, found by the sha256 in its metadata: ``given``, the
+    copy in the run's own folder (``wordlist.txt``, written for any list but 2of12),
+    ``$SEA_WORDLIST``, this checkout's ``wordlist/data/``, the team's shared copy."""
     want = meta["wordlist_sha256"]
     if given:  # named on purpose: it must be the one
         got = sha256_file(given) if Path(given).is_file() else "missing"
@@ -35,6 +38,8 @@ def find_wordlist(meta: dict, given: str | os.PathLike | None = None) -> WordLis
             raise WordListError(f"--wordlist {given}: sha256 {got}, the run was made with a list "
                                 f"of sha256 {want} ({meta['wordlist_size']} words)")
     candidates = [Path(given)] if given else []
+    if run_dir is not None:
+        candidates.append(Path(run_dir) / "wordlist.txt")
     if os.environ.get("SEA_WORDLIST"):
         candidates.append(Path(os.environ["SEA_WORDLIST"]))
     candidates += sorted(DATA_DIR.glob("*.txt")) + [SHARED_COPY]
@@ -81,7 +86,7 @@ class LabelSet:
                  verify: bool = True):
         self.dir = Path(shard_dir)
         self.meta, self.paths = shards.open_label_set(self.dir, verify=verify)
-        self.wordlist = find_wordlist(self.meta, wordlist)
+        self.wordlist = find_wordlist(self.meta, wordlist, self.dir)
         self.top_n = self.meta["top_n"]
 
     def image_root(self, override: str | os.PathLike | None = None) -> Path:

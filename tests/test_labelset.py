@@ -95,3 +95,21 @@ def test_stats_equal_a_direct_count(label_run, tmp_path):
     assert json.loads((tmp_path / "st" / "stats.json").read_text())["labels"] == st["labels"]
     for png in ("scores.png", "labels.png"):
         assert (tmp_path / "st" / png).stat().st_size > 5000
+
+
+def test_a_run_with_its_own_word_list_opens_from_its_folder(extract_cfg, tmp_path, monkeypatch):
+    """A run labelled against another list (the world's 28 words, a domain list) carries a
+    copy: show / stats / gallery / report find it by hash without --wordlist."""
+    from pipeline.extract import run_local
+    from pipeline.labelset import LabelSet
+
+    words = tmp_path / "mine.txt"
+    words.write_text("red\ngreen\nblue\ncircle\nsquare\ntriangle\nsky\ngrass\n")
+    out = tmp_path / "run"
+    run_local(extract_cfg(f"labels.wordlist={words}", out=out))
+    words.unlink()  # gone from where it was: the run must not need it
+    monkeypatch.delenv("SEA_WORDLIST", raising=False)
+    ls = LabelSet(out)
+    assert ls.wordlist.words[:3] == ("red", "green", "blue")
+    rc, out_text, err = _cli("stats", "--shards", str(out))
+    assert rc == 0, err

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--images", type=int, default=16)
     r.add_argument("--names", nargs="*", default=None, help="column names (default: folder names)")
     r.add_argument("--image-root", default=None, help="default: the label run's image root")
+    r.add_argument("--wordlist", default=None,
+                   help="the label run's word list (default: found by its hash, the run's own "
+                        "copy first), as pipeline show / stats / gallery take it")
     pl = sub.add_parser("plot", help="loss, L_a, temperature, lr and eval-align curves of runs")
     pl.add_argument("runs", nargs="+")
     pl.add_argument("--out", default="curves.png")
@@ -101,7 +104,7 @@ def _simple(args) -> int:
             from trainer.report import alignment_page
 
             summary = alignment_page(args.runs, args.shards, args.out, args.images,
-                                     args.image_root, args.names)
+                                     args.image_root, args.names, wordlist=args.wordlist)
             print(json.dumps(summary, indent=1))
             print(f"wrote {args.out}/alignment.html")
         elif args.cmd == "export":

@@ -61,7 +61,8 @@ def nearest_words(mllm, word_tokens, pixels: torch.Tensor) -> torch.Tensor:
 
 def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str | Path,
                    images: int = 16, image_root: str | Path | None = None,
-                   names: list[str] | None = None, px: int = 224) -> dict:
+                   names: list[str] | None = None, px: int = 224,
+                   wordlist: str | Path | None = None) -> dict:
     """Write ``out_dir/alignment.html``; -> the figures it shows (per run: share of shown
     patches whose nearest word is the top-1 label / among the kept labels)."""
     from pipeline.data import load_rgb, resolve_inside
@@ -70,7 +71,7 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
     from trainer.final import load_final
     from trainer.sea_loss import load_word_tokens
 
-    ls = LabelSet(shard_dir)
+    ls = LabelSet(shard_dir, wordlist)
     root, crop = ls.image_root(image_root), ls.crop
     rows = []  # the first labelled rows: the images eval-align holds out
     for rb, ids, _ in ls.batches():
