@@ -149,19 +149,24 @@ def plot_runs(runs: list[str | Path], out: str | Path, names: list[str] | None =
 
     names = names or [Path(r).name for r in runs]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for run, name in zip(runs, names, strict=True):
+    handles = {}
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
         path = Path(run) / "metrics.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a training run (no metrics.jsonl)")
         lines = read_metrics(path, lambda m: print(m, file=sys.stderr))
         for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
             pts = [(x["step"], x[key]) for x in lines if x.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=name, marker="o" if len(pts) < 20 else None)
+            if pts:  # one colour per run in every panel, whatever panels it has data for
+                (h,) = ax.plot(*zip(*pts, strict=True), color=f"C{i % 10}", label=name,
+                               marker="o" if len(pts) < 20 else None)
+                handles.setdefault(name, h)
             ax.set_title(title)
             ax.set_xlabel("step")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    # one legend for the figure: a run with no temperature (lambda = 0) is still in it
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)),
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
