@@ -127,17 +127,37 @@ class LabelSet:
 
 # --- statistics (the paper's Figure 6) -------------------------------------------------------
 
-SCORE_BINS = np.linspace(-1.0, 1.0, 401)  # every mode's score lies in [-1, 1]
+SCORE_BINS = np.linspace(-1.0, 1.0, 401)  # cosines (sea, vanilla) lie in [-1, 1]
+
+
+def score_bins(ls: LabelSet) -> np.ndarray:
+    """400 bins over the run's score range: [-1, 1] for cosines; for ``surgery`` (whose scores
+    are weighted cosines minus their mean, 2.1 seen on real runs) over the scores' own min and
+    max, found by a first pass over the scores column."""
+    if ls.meta.get("mode") in ("sea", "vanilla"):
+        return SCORE_BINS
+    lo, hi = np.inf, -np.inf
+    for _, ids, scores in ls.batches():
+        s = scores[ids != shards.SENTINEL]
+        if s.size:
+            lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
+    if not np.isfinite(lo):
+        return SCORE_BINS
+    pad = max(1e-6, 1e-3 * (hi - lo))
+    return np.linspace(min(lo, -1.0) - pad, max(hi, 1.0) + pad, 401)
 
 
 def statistics(ls: LabelSet, top_words: int = 30) -> dict:
     """Streamed over the row groups, memory independent of the run's size: score
-    histograms (all kept labels, top-1), kept labels per patch, word usage, errors."""
+    histograms (all kept labels, top-1) over the run's whole score range (what falls outside
+    is counted in ``clipped``), kept labels per patch, word usage, errors."""
     n = ls.top_n
+    bins = score_bins(ls)
+    clipped = {"below": 0, "above": 0}
     usage = np.zeros(len(ls.wordlist), dtype=np.int64)
     top1_usage = np.zeros(len(ls.wordlist), dtype=np.int64)
     kept_hist = np.zeros(n + 1, dtype=np.int64)
-    h_all = np.zeros(len(SCORE_BINS) - 1, dtype=np.int64)
+    h_all = np.zeros(len(bins) - 1, dtype=np.int64)
     h_top = np.zeros_like(h_all)
     images = patches = 0
     lo, hi, total = np.inf, -np.inf, 0.0
@@ -152,8 +172,10 @@ def statistics(ls: LabelSet, top_words: int = 30) -> dict:
         s = scores[kept]
         if s.size:
             lo, hi, total = min(lo, float(s.min())), max(hi, float(s.max())), total + float(s.sum(dtype=np.float64))
-        h_all += np.histogram(np.clip(s, -1, 1), SCORE_BINS)[0]
-        h_top += np.histogram(np.clip(scores[..., 0][first], -1, 1), SCORE_BINS)[0]
+        clipped["below"] += int((s < bins[0]).sum())
+        clipped["above"] += int((s > bins[-1]).sum())
+        h_all += np.histogram(np.clip(s, bins[0], bins[-1]), bins)[0]
+        h_top += np.histogram(np.clip(scores[..., 0][first], bins[0], bins[-1]), bins)[0]
     labels = int(usage.sum())
     order = np.argsort(-usage, kind="stable")[:top_words]
     errors = Counter()
@@ -178,7 +200,8 @@ def statistics(ls: LabelSet, top_words: int = 30) -> dict:
                        "share_of_labels": float(usage[i]) / max(1, labels)} for i in order if usage[i]],
         "score": {"min": lo if labels else None, "max": hi if labels else None,
                   "mean": total / labels if labels else None,
-                  "bins": SCORE_BINS.tolist(), "all_kept": h_all.tolist(), "top1": h_top.tolist()},
+                  "bins": bins.tolist(), "all_kept": h_all.tolist(), "top1": h_top.tolist(),
+                  "clipped": clipped},
         "errors_by_reason": dict(errors.most_common()),
     }
 
@@ -201,7 +224,10 @@ def plot_statistics(st: dict, out_dir: str | os.PathLike) -> list[Path]:
         for key, label in (("all_kept", "all kept labels"), ("top1", "top-1 label")):
             h = np.array(st["score"][key], dtype=float)
             ax.plot(centres[sl], h[sl] / max(1.0, h.sum()), label=label)
-    ax.set_xlabel(f"score ({st['mode']} mode)")
+    cl = st["score"].get("clipped", {})
+    note = (f"; {cl['below']} below / {cl['above']} above the range counted at its ends"
+            if cl.get("below") or cl.get("above") else "; nothing outside the range")
+    ax.set_xlabel(f"score ({st['mode']} mode), range [{bins[0]:.2f}, {bins[-1]:.2f}]{note}", fontsize=8)
     ax.set_ylabel("share of labels")
     ax.legend()
     ax.set_title("Distribution of kept scores")

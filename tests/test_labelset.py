@@ -113,3 +113,27 @@ def test_a_run_with_its_own_word_list_opens_from_its_folder(extract_cfg, tmp_pat
     assert ls.wordlist.words[:3] == ("red", "green", "blue")
     rc, out_text, err = _cli("stats", "--shards", str(out))
     assert rc == 0, err
+
+
+def test_score_histogram_covers_surgery_scores(tmp_path):
+    """Surgery scores pass 1 (2.1 on real runs): the histogram's range covers them instead of
+    piling them into a spike at 1.0, and says what (nothing) fell outside."""
+    from types import SimpleNamespace
+
+    from pipeline.labelset import statistics
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5, size=(4, 6, 3)).astype(np.uint16)
+    scores = rng.uniform(0.1, 2.1, size=(4, 6, 3)).astype(np.float32)
+    class Words(list):
+        words = tuple("abcde")
+
+    ls = SimpleNamespace(top_n=3, wordlist=Words("abcde"), dir=tmp_path, meta={"mode": "surgery"},
+                         batches=lambda: iter([(None, ids, scores)]))
+    st = statistics(ls)
+    bins = np.array(st["score"]["bins"])
+    assert bins[0] <= scores.min() and bins[-1] >= scores.max()
+    assert st["score"]["clipped"] == {"below": 0, "above": 0}
+    assert sum(st["score"]["all_kept"]) == scores.size
+    top = np.histogram(scores[..., 0], bins)[0]
+    assert st["score"]["top1"] == top.tolist()  # the same counts numpy gives on the raw scores
