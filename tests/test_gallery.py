@@ -154,6 +154,21 @@ def test_alignment_page_and_curves_in_a_real_browser(page_factory, pretrain_cfg,
     assert f'nearest word "{ref[5]}"' in page.locator("#tip").inner_text()
     assert errors == []
     page.close()
+    # at 1400 px with long run names: even image columns, and the rightmost patch's tooltip
+    # stays inside the window (screenshot kept beside the page)
+    alignment_page(runs * 2, label_run, tmp_path / "wide", images=2,
+                   names=["lambda0-a-long-run-name-that-would-widen-its-column", "lambda1", "b", "c"])
+    page = page_factory.new_page(viewport={"width": 1400, "height": 900})
+    page.goto((tmp_path / "wide" / "alignment.html").as_uri())
+    widths = page.eval_on_selector_all("tr:nth-child(2) td.run", "els => els.map(e => e.offsetWidth)")
+    assert len(widths) == 5 and max(widths) - min(widths) <= 1, widths
+    gw = data["images"][0]["grid"][1]
+    page.locator(f'.cell[data-i="0"][data-p="{gw - 1}"][data-r="3"]').hover()
+    box = page.eval_on_selector("#tip", "t => { const r = t.getBoundingClientRect(); "
+                                        "return [r.left, r.right, r.top, r.bottom, innerWidth, innerHeight]; }")
+    assert box[0] >= 0 and box[1] <= box[4] and box[2] >= 0 and box[3] <= box[5], box
+    page.screenshot(path=str(tmp_path / "wide" / "hover-1400.png"))
+    page.close()
     png = plot_runs(runs, tmp_path / "curves.png")
     assert png.stat().st_size > 10_000
     assert all("time" in json.loads(x) for x in (Path(runs[0]) / "metrics.jsonl").read_text().splitlines())

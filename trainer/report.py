@@ -23,7 +23,8 @@ from trainer.runlog import read_metrics
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
-table{border-collapse:collapse}td,th{padding:4px 8px;vertical-align:top}
+table{border-collapse:collapse;table-layout:fixed}td,th{padding:4px 8px;vertical-align:top}
+th.run,td.run{width:%(px)dpx;overflow-wrap:anywhere}td.path{font-size:12px;overflow-wrap:anywhere}
 .img{position:relative;width:%(px)dpx;height:%(px)dpx}
 .img img{width:100%%;height:100%%;image-rendering:pixelated;display:block}
 .cells{position:absolute;inset:0;display:grid}
@@ -42,8 +43,14 @@ document.querySelectorAll('.cell').forEach(c => {
     let t = im.path + '  patch ' + Math.floor(p / im.grid[1]) + ',' + (p % im.grid[1]) +
             '\\nlabels: ' + (im.labels[p].join(', ') || '(none kept)');
     if (r !== undefined) t += '\\n' + DATA.runs[+r] + ': nearest word "' + im.nearest[+r][p] + '"';
-    tip.textContent = t; tip.style.left = (e.clientX + 14) + 'px';
-    tip.style.top = (e.clientY + 14) + 'px'; tip.style.display = 'block';
+    tip.textContent = t; tip.style.display = 'block';
+    // beside the cursor, flipped to its other side where the window ends (the rightmost
+    // column's tip used to run off screen)
+    const w = tip.offsetWidth, h = tip.offsetHeight;
+    let x = e.clientX + 14, y = e.clientY + 14;
+    if (x + w > window.innerWidth - 4) x = Math.max(4, e.clientX - 14 - w);
+    if (y + h > window.innerHeight - 4) y = Math.max(4, e.clientY - 14 - h);
+    tip.style.left = x + 'px'; tip.style.top = y + 'px';
   });
   c.addEventListener('mouseleave', () => { tip.style.display = 'none'; });
 });
@@ -109,9 +116,10 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
             cls = ["top1" if labels[p] and words[int(nr[i][p])] == labels[p][0] else
                    "inl" if words[int(nr[i][p])] in labels[p] else "miss" for p in range(len(labels))]
             cols.append(_panel(uri, i, grid, r, cls, px))
-        trs.append("<tr>" + "".join(f"<td>{c}</td>" for c in cols) + f"<td>{html.escape(path)}</td></tr>")
-    head = "<tr><th>image (encoder's view)</th>" + "".join(
-        f"<th>{html.escape(n)}<br><small>top-1 match {summary[n]['top1_match']:.3f}, in labels "
+        trs.append("<tr>" + "".join(f"<td class='run'>{c}</td>" for c in cols)
+                   + f"<td class='path'>{html.escape(path)}</td></tr>")
+    head = "<tr><th class='run'>image (encoder's view)</th>" + "".join(
+        f"<th class='run'>{html.escape(n)}<br><small>top-1 match {summary[n]['top1_match']:.3f}, in labels "
         f"{summary[n]['in_labels']:.3f}</small></th>" for n in names) + "<th></th></tr>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>SEA alignment</title>"
             f"<style>{_CSS % {'px': px}}</style></head><body><h2>Visual tokens' nearest words</h2>"
