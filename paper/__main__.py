@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m paper", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("write", help="write configs/paper/ from paper/rows.py")
-    sub.add_parser("table", help="the README's row table with the paper's numbers")
+    sub.add_parser("table", help="the row table of docs/paper.md with the paper's numbers")
     sub.add_parser("list", help="the rows")
     r = sub.add_parser("run", help="extraction, stage 1, stage 2 and export of a row")
     r.add_argument("row", choices=sorted(R.ROWS))

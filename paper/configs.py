@@ -106,7 +106,7 @@ def write(root: Path = CONFIG_DIR) -> list[Path]:
 
 
 def table() -> str:
-    """The README's row table: config folder, arm, the paper's numbers."""
+    """docs/paper.md's row table: config folder, arm, the paper's numbers."""
     head = "| row (`configs/paper/`) | table | tower | LLM | arm | " + " | ".join(R.BENCHMARKS) + " |"
     lines = [head, "|" + "---|" * (5 + len(R.BENCHMARKS))]
     for row in R.ROWS.values():

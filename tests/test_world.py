@@ -148,6 +148,16 @@ def test_quick_evidence_writes_everything(quick_evidence):
         assert 0 <= r["alignment_truth"]["truth_match_world"] <= 1
         assert np.isfinite(r["caption_loss"])
     assert res["total_seconds"] > 0  # recorded; how long it takes is the bench's and report's business
+    for r in res["runs"]:  # both formats, a learning curve; blind controls on the baseline
+        assert {"answers", "answers_alone", "stage2_curve"} <= set(r)
+        assert [c["step"] for c in r["stage2_curve"]][0] == 0 and len(r["stage2_curve"]) >= 3
+        assert ("blind" in r) == (r["weight"] == 0)
+    summ = res["summary"]
+    assert set(summ) >= {"baseline_final", "blind_final", "majority", "seeds", "sea_effect",
+                         "total_seconds", "protocol_sha256"}
+    assert set(summ["baseline_final"]) == set(summ["majority"]) and "all" in summ["majority"]
+    assert all({"arm", "metric", "mean_diff", "ci_low", "ci_high"} <= set(e) for e in summ["sea_effect"])
+    assert "Can this comparison tell?" in md
 
 
 @pytest.mark.slow
@@ -206,6 +216,46 @@ def test_quick_evidence_metrics_recomputed_independently(quick_evidence):
             assert reported["no_label_share"]["value"] == pytest.approx(empty / patches, abs=1e-12)
             lo, hi = reported["top1_precision"]["ci95"]
             assert lo <= top1 / labelled <= hi
+
+
+def test_questions_come_in_an_order_of_their_own_per_scene(tmp_path):
+    from world.scenes import make_world
+
+    make_world(tmp_path, 40, 0, 64, (8, 8))
+    items = json.loads((tmp_path / "instruct.json").read_text())
+    types = {(q["image"], q["question"]): q["type"] for q in
+             map(json.loads, (tmp_path / "questions.jsonl").read_text().splitlines())}
+    first = {types[(it["image"], it["conversations"][0]["value"].replace("<image>\n", ""))] for it in items}
+    assert len(first) >= 3  # not always the background first
+    for it in items:  # the image always in the first turn, and only there
+        assert it["conversations"][0]["value"].startswith("<image>\n")
+        assert not any("<image>" in t["value"] for t in it["conversations"][1:])
+
+
+def test_conversation_prompts_are_the_training_prefix(tmp_path, tiny_llm):
+    """The training-format evaluation asks each question with exactly the ids stage 2 trained
+    on before that answer (built independently by the trainer's own sample builder)."""
+    from transformers import AutoTokenizer
+
+    from trainer.prompts import _render, _tokens, _with_bos, build_sample
+    from world.metrics import conversation_turns
+    from world.scenes import make_world
+
+    make_world(tmp_path, 6, 0, 64, (8, 8))
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
+    items = {it["image"]: it for it in json.loads((tmp_path / "instruct.json").read_text())}
+    turns = conversation_turns(tmp_path)
+    assert len(turns) == sum(len(it["conversations"]) // 2 for it in items.values())
+    for t in turns:
+        ids, labels = build_sample(items[t["image"]], tok, "chat", True)
+        text = _render(tok, t["messages"], add_generation_prompt=True)
+        prompt, _ = _tokens(tok, text)
+        _with_bos(tok, text, prompt)
+        assert ids[:len(prompt)].tolist() == prompt
+        # what follows the prompt in training is this turn's answer, supervised, then the end
+        nxt = labels[len(prompt):].tolist()
+        end = nxt.index(tok.eos_token_id)
+        assert -100 not in nxt[:end + 1] and tok.decode(nxt[:end]).strip() == t["answer"]
 
 
 @pytest.mark.slow

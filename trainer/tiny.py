@@ -61,5 +61,8 @@ def save_tiny_llm(out_dir: str | Path, words, seed: int = 0, vocab_size: int = 4
         model = Phi3ForCausalLM(Phi3Config(**common, tie_word_embeddings=False))
     else:
         raise ValueError(f"arch must be llama, gemma or phi3, got {arch}")
-    model.save_pretrained(out, safe_serialization=True)
+    from seacore.quiet import no_loading_bars
+
+    with no_loading_bars():  # transformers' "Writing model shards" bar
+        model.save_pretrained(out, safe_serialization=True)
     return str(out)

@@ -45,7 +45,7 @@ class ChanceWatch:
                 f"{self.window} steps (step {step}): the visual tokens are not aligning with their "
                 f"labels. The temperature started at tau = {math.exp(self.log_tau_init):.3g} "
                 f"(sea.log_tau_init={self.log_tau_init:g}){now}; in the ground-truth world "
-                f"sea.log_tau_init=-2.66 (tau 0.07, CLIP's start) made L_a fall (README, Evidence).")
+                f"sea.log_tau_init=-2.66 (tau 0.07, CLIP's start) made L_a fall (docs/evidence-notes.md).")
 
 
 class DropWatch:

@@ -23,6 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--out", default="evidence")
     rp.add_argument("--md", default="EVIDENCE.md")
     rp.add_argument("--command", default="make evidence", help="the command named in the report")
+    bl = sub.add_parser("baseline", help="lambda = 0 only: does the MLLM learn to see, how fast "
+                                         "(sizes the protocol; never trains a lambda = 1 arm)")
+    bl.add_argument("--out", default="evidence_baseline")
+    bl.add_argument("--preset", default="full", choices=["full", "quick"])
+    bl.add_argument("--stage1-epochs", type=int, default=1)
+    bl.add_argument("--stage2-epochs", type=int, default=5)
+    bl.add_argument("--stage2-lr", type=float, default=5e-4)
+    bl.add_argument("--global-batch", type=int, default=32)
+    bl.add_argument("--seed", type=int, default=0)
     demo = sub.add_parser("demo", help="the world's short version: labels and stage 1, lambda 0 and 1")
     demo.add_argument("--out", default="demo_out")
     sc = sub.add_parser("scenes", help="only write scenes with ground truth")
@@ -38,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
         g = args.image_size // args.patch_size
         print(make_world(args.out, args.n, args.seed, args.image_size, (g, g)))
+        return 0
+    if args.cmd == "baseline":
+        from world.baseline import run_baseline
+
+        res = run_baseline(args.out, args.stage1_epochs, args.stage2_epochs, args.stage2_lr,
+                           args.global_batch, args.seed, preset=args.preset)
+        print(json.dumps({k: res[k] for k in res if k != "curve"}, indent=1))
         return 0
     if args.cmd == "demo":
         from world.demo import run_demo

@@ -8,13 +8,15 @@
 4. SEA's effect: stage 1 with lambda = 0 and 1 (``sampled``, and ``multi``) on the training
    scenes, labels made by the best mode of step 3 (highest top-1 precision on the full list,
    the criterion fixed in advance) and by the paper's default ``sea``, several seeds; then
-   stage 2 on the world's instruction data from each stage-1 run. One exploratory arm
-   (``tau_arm``: the temperature starting at 0.07), added after the first full run, is
-   reported as such.
-5. ``EVIDENCE.md``, ``results.json`` and figures.
+   stage 2 on the world's instruction data from each stage-1 run, with a learning curve.
+   Arms: lambda = 0; lambda = 1 with each start temperature of ``tau_arms`` (1, the paper's
+   "tau = 0" read as log tau = 0, and CLIP's 0.07); the paper's ``sea`` labels; and, with
+   ``lm_small``, lambda = 0 and 1 on a smaller LM.
+5. ``EVIDENCE.md``, ``results.json`` (with a ``summary`` for machines) and figures.
 
-The protocol (sizes, seeds, steps, metrics) is ``PRESETS``; it was fixed before any
-lambda = 1 against lambda = 0 comparison was looked at and is not tuned toward a result.
+The full protocol is the committed file ``evidence/protocol-v2.json`` (its sha256 is printed
+in the report), fixed before any lambda = 1 against lambda = 0 comparison was looked at and
+not tuned toward a result; ``PRESETS`` holds the quick and demo sizes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -60,12 +62,15 @@ class Protocol:
     micro_batch: int = 32
     holdout: int = 96  # training-set images the trainer's periodic eval-align uses
     evals_per_run: int = 6
-    objectives_best: tuple[str, ...] = ("sampled", "multi")
+    objectives_best: tuple[str, ...] = ("sampled",)
     sea_default_arm: bool = True  # also train on the paper's default labels when they are not the best
-    # exploratory, added after the first full run (L_a stayed at ln N with tau = 1 throughout
-    # stage 1): one more lambda = 1 arm whose temperature starts at CLIP's 0.07; None: no such arm
-    tau_arm: float | None = 0.07
+    # lambda = 1 arms on the best labels, one per start temperature: 1 (the paper's "tau = 0"
+    # read as log tau = 0, the default) and CLIP's 0.07
+    tau_arms: tuple[float, ...] = (1.0, 0.07)
+    lm_small: LMSpec | None = None  # a second, smaller LM: lambda = 0 and 1 (tau_arms[0]) on it
     stage2: bool = True
+    curve_points: int = 5  # stage-2 learning curve: accuracy at this many evenly spaced steps
+    curve_scenes: int = 100  # held-out scenes each curve point asks (the end: all of them)
 
 
 PRESETS = {
@@ -73,9 +78,10 @@ PRESETS = {
     "demo": Protocol(train_scenes=600, mllm_scenes=600, test_scenes=100, clip=ClipSpec(steps=250),
                      lm=LMSpec(steps=150), seeds=(0,), runner="local", stage1_epochs=3,
                      objectives_best=("sampled",), sea_default_arm=False, stage2=False,
-                     holdout=48),
+                     holdout=48, tau_arms=(1.0,)),
     "quick": Protocol(train_scenes=320, mllm_scenes=320, test_scenes=48, clip=ClipSpec(steps=60, batch_size=64),
-                      lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1, tau_arm=None,
+                      lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1, tau_arms=(1.0,),
+                      curve_points=2, curve_scenes=16,
                       runner="local",  # the test suite's time: test_ray.py covers the Ray runner
                       stage2_epochs=1, objectives_best=("sampled",), holdout=32,
                       evals_per_run=2),
@@ -88,10 +94,32 @@ def _cache_root() -> Path:
     return cache_root() / "world"
 
 
+PROTOCOL_FILE = Path(__file__).resolve().parents[1] / "evidence" / "protocol-v2.json"
+
+
+def load_protocol(path: str | Path) -> tuple[Protocol, str]:
+    """A protocol file (JSON: the ``Protocol`` fields, plus free-text ``analysis`` and
+    ``sizing`` notes that the code does not read) and its sha256."""
+    raw = Path(path).read_bytes()
+    d = {k: v for k, v in json.loads(raw).items() if k in {f.name for f in fields(Protocol)}}
+    d["clip"] = ClipSpec(**d.get("clip", {}))
+    d["lm"] = LMSpec(**d.get("lm", {}))
+    if d.get("lm_small") is not None:
+        d["lm_small"] = LMSpec(**d["lm_small"])
+    for k in ("seeds", "objectives_best", "tau_arms"):
+        if k in d:
+            d[k] = tuple(d[k])
+    return Protocol(**d), hashlib.sha256(raw).hexdigest()
+
+
 class Evidence:
     def __init__(self, proto: Protocol, out: str | Path, work: str | Path | None = None,
-                 cache: str | Path | None = None, progress: bool = True):
+                 cache: str | Path | None = None, progress: bool = True,
+                 protocol_file: str | Path | None = None, protocol_sha256: str | None = None):
         self.p = proto
+        self.protocol_file = protocol_file
+        self.protocol_sha256 = protocol_sha256 or hashlib.sha256(
+            json.dumps(_jsonable(asdict(proto)), sort_keys=True).encode()).hexdigest()
         self.out = Path(out).resolve()
         self.work = Path(work).resolve() if work else self.out / "work"
         self.cache = Path(cache).resolve() if cache else _cache_root()
@@ -143,12 +171,19 @@ class Evidence:
 
         words = list(load_wordlist().words)
         texts = scenes.world_text(self.train_dir)
-        bar = self._bar("train LM", p.lm.steps)
-        self.llm, info = train_lm(texts, words, self.cache / f"lm-{spec_key(p.lm, key)}", p.lm,
-                                  self._tick(bar))
-        bar.close()
-        self.results["lm"] = {"spec": asdict(p.lm), "final_loss": info["log"][-1]["loss"],
-                              "train_seconds": info["seconds"], "sentences": len(texts)}
+        text_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+        self.llms = {}
+        for name, spec in (("main", p.lm), ("small", p.lm_small)):
+            if spec is None:
+                continue
+            bar = self._bar(f"train LM ({name})", spec.steps)
+            self.llms[name], info = train_lm(
+                texts, words, self.cache / f"lm-{spec_key(spec, key + text_key)}", spec, self._tick(bar))
+            bar.close()
+            self.results["lm" if name == "main" else "lm_small"] = {
+                "spec": asdict(spec), "final_loss": info["log"][-1]["loss"],
+                "train_seconds": info["seconds"], "sentences": len(texts)}
+        self.llm = self.llms["main"]
 
     def extract(self, world: Path, mode: tuple[str, str], wordlist: str | None, name: str,
                 json_name: str = "captions.json") -> Path:
@@ -190,20 +225,25 @@ class Evidence:
         self.results["best_mode"] = best
 
     def arms(self) -> list[dict]:
-        """The stage-1 settings compared: lambda 0, and lambda 1 per label mode / objective."""
-        modes = [self.best_mode]
-        if self.p.sea_default_arm and self.best_mode != ("sea", "token"):
-            modes.append(("sea", "token"))
-        arms = [{"name": "lambda=0", "weight": 0.0, "mode": self.best_mode, "objective": "sampled"}]
-        for m in modes:
-            objectives = self.p.objectives_best if m == self.best_mode else ("sampled",)
-            for obj in objectives:
-                arms.append({"name": f"lambda=1 {obj}, {_mode_name(m)} labels", "weight": 1.0,
-                             "mode": m, "objective": obj})
-        if self.p.tau_arm:
-            arms.append({"name": f"lambda=1 sampled, {_mode_name(self.best_mode)} labels, "
-                                 f"tau0={self.p.tau_arm:g}", "weight": 1.0, "mode": self.best_mode,
-                         "objective": "sampled", "log_tau_init": math.log(self.p.tau_arm)})
+        """The stage-1 settings compared, each against the lambda = 0 arm of its LM."""
+        p, best = self.p, self.best_mode
+        arms = [{"name": "lambda=0", "weight": 0.0, "mode": best, "objective": "sampled", "lm": "main"}]
+        for tau in p.tau_arms:
+            for obj in p.objectives_best:
+                arms.append({"name": f"lambda=1 {obj}, {_mode_name(best)} labels, tau0={tau:g}",
+                             "weight": 1.0, "mode": best, "objective": obj,
+                             "log_tau_init": math.log(tau), "lm": "main"})
+        if p.sea_default_arm and best != ("sea", "token"):
+            arms.append({"name": f"lambda=1 sampled, sea labels, tau0={p.tau_arms[0]:g}",
+                         "weight": 1.0, "mode": ("sea", "token"), "objective": "sampled",
+                         "log_tau_init": math.log(p.tau_arms[0]), "lm": "main"})
+        if p.lm_small is not None:
+            arms.append({"name": "lambda=0, small LM", "weight": 0.0, "mode": best,
+                         "objective": "sampled", "lm": "small"})
+            arms.append({"name": f"lambda=1 sampled, {_mode_name(best)} labels, "
+                                 f"tau0={p.tau_arms[0]:g}, small LM", "weight": 1.0, "mode": best,
+                         "objective": "sampled", "log_tau_init": math.log(p.tau_arms[0]),
+                         "lm": "small"})
         return arms
 
     def labels(self) -> None:
@@ -245,6 +285,13 @@ class Evidence:
             mllm = {it["image"] for it in json.loads((self.train_dir / "instruct-mllm.json").read_text())}
             self.results["answer_chance"] = metrics.majority_baseline(  # what stage 2 saw
                 [q for q in _questions(self.train_dir) if q["image"] in mllm], _questions(self.test_dir))
+            self.results["evaluation"] = {
+                "answers": "held-out questions inside their conversation, as stage 2 trained: "
+                           "the image in the first turn, earlier questions with their true "
+                           "answers, free greedy generation, exact match",
+                "answers_alone": "each held-out question alone as the first turn",
+                "blind": "lambda = 0 arm, training format, the image zeroed (zero) or another "
+                         "scene's image (swap)"}
 
     def _run_key(self, arm: dict, seed: int) -> str:
         """What a run's outcome depends on: the arm, the seed, the run settings, the data
@@ -253,7 +300,7 @@ class Evidence:
         fields = {k: p[k] for k in ("mllm_scenes", "world_seed", "clip", "lm", "stage1_epochs",
                                     "stage1_lr", "stage2_epochs", "stage2_lr", "global_batch",
                                     "micro_batch", "holdout", "evals_per_run", "stage2", "top_n",
-                                    "surgery_depth")}
+                                    "surgery_depth", "curve_points", "curve_scenes", "lm_small")}
         weights = Path(self.clip[len("local-dir:"):]) / "open_clip_model.safetensors"
         blob = json.dumps([arm, seed, fields, sha256_file(weights),
                            sha256_file(self.train_dir / "ground_truth.jsonl")], sort_keys=True, default=list)
@@ -272,7 +319,8 @@ class Evidence:
         tag = f"{arm['name'].replace(' ', '_').replace(',', '').replace('=', '')}-seed{seed}"
         labels = self.train_labels[arm["mode"]]
         per_epoch = (p.mllm_scenes - p.holdout) // p.global_batch
-        common = [f"vision.model={self.clip}", "vision.pretrained=null", f"llm.path={self.llm}",
+        common = [f"vision.model={self.clip}", "vision.pretrained=null",
+                  f"llm.path={self.llms[arm.get('lm', 'main')]}",
                   f"data.image_root={self.train_dir / 'images'}", "data.num_workers=0",
                   f"optim.global_batch_size={p.global_batch}", f"optim.micro_batch_size={p.micro_batch}",
                   f"optim.seed={seed}", "log.overwrite=true", f"log.progress={str(self.progress).lower()}",
@@ -287,7 +335,8 @@ class Evidence:
         t = time.time()
         parts = build(s1, "pretrain")
         r1 = train(s1, "pretrain", parts=parts)
-        run = {"arm": arm["name"], "mode": _mode_name(arm["mode"]), "weight": arm["weight"],
+        run = {"arm": arm["name"], "lm": arm.get("lm", "main"), "mode": _mode_name(arm["mode"]),
+               "weight": arm["weight"],
                "objective": arm["objective"], "seed": seed, "stage1_steps": r1["step"],
                "stage1_seconds": round(time.time() - t, 1), "stage1_dir": s1.log.output,
                "holdout_align": r1["align"]}
@@ -301,18 +350,54 @@ class Evidence:
             "log.save_every=100000", f"log.output={self.work / 'runs' / ('s2-' + tag)}"])
         t = time.time()
         parts = build(s2, "finetune")
-        r2 = train(s2, "finetune", parts=parts)
+        curve_at = _curve_steps(parts.total_steps, p.curve_points)
+        curve = []
+        if 0 in curve_at:  # the stage-1 model, before stage 2 trains anything
+            curve.append({"step": 0, **self._curve_point(parts)})
+
+        def on_step(step: int) -> None:
+            if step in curve_at and step < parts.total_steps:
+                curve.append({"step": step, **self._curve_point(parts)})
+
+        r2 = train(s2, "finetune", parts=parts, on_step=on_step)
         run["stage2_steps"] = r2["step"]
         run["stage2_dir"] = s2.log.output
         run["stage2_seconds"] = round(time.time() - t, 1)
         parts.task.eval()
-        rows = _questions(self.test_dir)
-        answers = metrics.greedy_answers(parts.task.mllm, parts.tokenizer, parts.encoder.preprocess,
-                                         self.test_dir, rows)
-        run["answers"] = metrics.answer_accuracy(answers, rows)
-        run["answer_examples"] = [{"question": r["question"], "answer": r["answer"], "given": a}
-                                  for r, a in zip(rows[:12], answers[:12], strict=True)]
+        run.update(self._answers(parts, blind=arm["weight"] == 0))
+        curve.append({"step": r2["step"], **{t: a["accuracy"] for t, a in run["answers"].items()}})
+        run["stage2_curve"] = curve
         return run
+
+    def _answers(self, parts, blind: bool) -> dict:
+        """Held-out questions in the training format (inside the conversation, earlier turns
+        with their true answers) and asked alone; with ``blind``, the training format again
+        with the image zeroed and with another scene's image."""
+        mllm, tok, pre = parts.task.mllm, parts.tokenizer, parts.encoder.preprocess
+        turns = metrics.conversation_turns(self.test_dir)
+        rows = _questions(self.test_dir)
+        given = metrics.conversation_answers(mllm, tok, pre, self.test_dir, turns)
+        alone = metrics.greedy_answers(mllm, tok, pre, self.test_dir, rows)
+        out = {"answers": metrics.answer_accuracy(given, turns),
+               "answers_alone": metrics.answer_accuracy(alone, rows),
+               "answer_examples": [{"question": r["messages"][-1]["content"], "turn": r["turn"],
+                                    "answer": r["answer"], "given": a}
+                                   for r, a in zip(turns[:12], given[:12], strict=True)]}
+        if blind:
+            out["blind"] = {m: metrics.answer_accuracy(metrics.conversation_answers(
+                mllm, tok, pre, self.test_dir, turns, image=m), turns) for m in ("zero", "swap")}
+        return out
+
+    def _curve_point(self, parts) -> dict:
+        """Accuracy per question type, training format, on the first ``curve_scenes`` held-out
+        scenes (the learning curve's cost stays a fraction of the final evaluation's)."""
+        parts.task.eval()
+        turns = metrics.conversation_turns(self.test_dir)
+        keep = sorted({t["image"] for t in turns})[: self.p.curve_scenes]
+        turns = [t for t in turns if t["image"] in set(keep)]
+        given = metrics.conversation_answers(parts.task.mllm, parts.tokenizer,
+                                             parts.encoder.preprocess, self.test_dir, turns)
+        return {t: a["accuracy"] for t, a in metrics.answer_accuracy(given, turns).items()}
 
     def _stage1_measures(self, parts) -> dict:
         """Alignment against the truth, eval-align against each label set, caption loss: all
@@ -349,6 +434,11 @@ class Evidence:
         self.results["timings_s"] = self.timings
         self.results["total_seconds"] = round(time.time() - t0, 1)
         self.results["machine"] = machine()
+        if self.protocol_file:
+            self.results["protocol_file"] = str(self.protocol_file)
+        from world.summary import machine_summary
+
+        self.results["summary"] = machine_summary(self.results, self.protocol_sha256)
         from world import report
 
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
@@ -387,6 +477,12 @@ class Evidence:
         return f
 
 
+def _curve_steps(total: int, points: int) -> set[int]:
+    """Stage-2 steps where the learning curve is read: 0 (the stage-1 model), ``points``
+    evenly spaced steps, the last one the end of the stage (evaluated in full there)."""
+    return {0} | {round(total * k / points) for k in range(1, points + 1)}
+
+
 def _mode_name(mode: tuple[str, str]) -> str:
     return mode[0] if mode[0] != "surgery" else f"surgery-{mode[1]}"
 
@@ -410,5 +506,10 @@ def machine() -> dict:
 
 def run_evidence(preset: str, out: str, work: str | None = None, cache: str | None = None,
                  progress: bool = True, **overrides) -> dict:
-    proto = replace(PRESETS[preset], **overrides)
-    return Evidence(proto, out, work, cache, progress).run()
+    """``full`` reads the committed protocol file; the other presets are ``PRESETS``."""
+    if preset == "full" and PROTOCOL_FILE.is_file():
+        proto, sha = load_protocol(PROTOCOL_FILE)
+        proto = replace(proto, **overrides)
+        return Evidence(proto, out, work, cache, progress, PROTOCOL_FILE.relative_to(
+            PROTOCOL_FILE.parents[1]), None if overrides else sha).run()
+    return Evidence(replace(PRESETS[preset], **overrides), out, work, cache, progress).run()

@@ -173,20 +173,79 @@ def caption_loss(mllm, tok, preprocess, world_dir: str | Path, batch: int = 32) 
 
 @torch.inference_mode()
 def greedy_answers(mllm, tok, preprocess, world_dir: str | Path, rows: list[dict],
-                   max_new_tokens: int = 4, batch: int = 64) -> list[str]:
-    """Greedy answers to ``rows`` (questions.jsonl records), batched: each prompt is built as
-    ``trainer.generate.answer`` builds it, left-padded, decoded token by token."""
-    from trainer.model import IGNORE_INDEX, splice
+                   max_new_tokens: int = 4, batch: int = 64, image: str = "real") -> list[str]:
+    """Greedy answers to ``rows`` (questions.jsonl records) asked alone, as the first turn:
+    each prompt is built as ``trainer.generate.answer`` builds it. ``image``: ``real``, or a
+    blind control (``zero``: the pixels zeroed; ``swap``: another scene's image)."""
     from trainer.prompts import generation_prompt
 
+    ids = [generation_prompt(tok, r["question"], "chat", True) for r in rows]
+    return _decode(mllm, tok, preprocess, Path(world_dir), ids, [r["image"] for r in rows],
+                   max_new_tokens, batch, image)
+
+
+def conversation_turns(world_dir: str | Path) -> list[dict]:
+    """Every question of a world's conversations (``instruct.json``) in the format stage 2
+    trained on: the turns before it, with their true answers, then the question. One record
+    per question: ``image``, ``type``, ``answer``, ``messages`` (the prompt's turns), ``turn``."""
     root = Path(world_dir)
+    types = {}
+    for line in (root / "questions.jsonl").read_text().splitlines():
+        if line:
+            q = json.loads(line)
+            types[(q["image"], q["question"])] = q["type"]
+    out = []
+    for it in json.loads((root / "instruct.json").read_text()):
+        conv = it["conversations"]
+        msgs = []
+        for j in range(0, len(conv), 2):
+            q, a = conv[j]["value"], conv[j + 1]["value"]
+            msgs.append({"role": "user", "content": q})
+            out.append({"image": it["image"], "answer": a, "turn": j // 2, "messages": list(msgs),
+                        "type": types[(it["image"], q.replace("<image>\n", ""))]})
+            msgs.append({"role": "assistant", "content": a})
+    return out
+
+
+@torch.inference_mode()
+def conversation_answers(mllm, tok, preprocess, world_dir: str | Path, turns: list[dict],
+                         max_new_tokens: int = 4, batch: int = 64, image: str = "real") -> list[str]:
+    """Greedy answers to ``conversation_turns`` records: the prompt is the conversation so far
+    rendered with the chat template exactly as training renders it, image in the first turn."""
+    from trainer.prompts import _render, _tokens, _with_bos
+
+    ids = []
+    for t in turns:
+        text = _render(tok, t["messages"], add_generation_prompt=True)
+        x, _ = _tokens(tok, text)
+        _with_bos(tok, text, x)
+        ids.append(torch.tensor(x, dtype=torch.long))
+    return _decode(mllm, tok, preprocess, Path(world_dir), ids, [t["image"] for t in turns],
+                   max_new_tokens, batch, image)
+
+
+def _decode(mllm, tok, preprocess, root: Path, ids: list[torch.Tensor], images: list[str],
+            max_new_tokens: int, batch: int, image: str) -> list[str]:
+    """Batched greedy decoding (left-padded), stopping where ``trainer generate`` stops."""
+    from trainer.model import IGNORE_INDEX, splice
+    from trainer.prompts import stop_token_ids
+
+    if image not in ("real", "zero", "swap"):
+        raise ValueError(f"image must be real, zero or swap, got {image!r}")
+    if image == "swap":  # each question gets the image of the next distinct scene
+        distinct = sorted(set(images))
+        nxt = {a: distinct[(i + 1) % len(distinct)] for i, a in enumerate(distinct)}
+        images = [nxt[a] for a in images]
+    stops = set(stop_token_ids(tok, "chat"))
     embed = mllm.llm.get_input_embeddings()
     out = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        ids = [generation_prompt(tok, r["question"], "chat", True) for r in chunk]
-        feats = mllm.visual_tokens(pixels_of(root, [r["image"] for r in chunk], preprocess))
-        sp = splice(embed, ids, [torch.full_like(x, IGNORE_INDEX) for x in ids], feats,
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]
+        px = pixels_of(root, images[i:i + batch], preprocess)
+        if image == "zero":
+            px = torch.zeros_like(px)
+        feats = mllm.visual_tokens(px)
+        sp = splice(embed, chunk, [torch.full_like(x, IGNORE_INDEX) for x in chunk], feats,
                     [True] * len(chunk), max_length=4096)
         lens = sp.attention_mask.sum(1)
         T = sp.inputs_embeds.shape[1]
@@ -200,11 +259,12 @@ def greedy_answers(mllm, tok, preprocess, world_dir: str | Path, rows: list[dict
         done = torch.zeros(len(chunk), dtype=torch.bool)
         for _ in range(max_new_tokens):
             pos = (mask.cumsum(1) - 1).clamp(min=0)
-            logits = mllm.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos).logits[:, -1]
+            logits = mllm.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos,
+                              logits_to_keep=1).logits[:, -1]
             nxt = logits.argmax(-1)
             for b in range(len(chunk)):
                 if not done[b]:
-                    if int(nxt[b]) == tok.eos_token_id:
+                    if int(nxt[b]) in stops:
                         done[b] = True
                     else:
                         gen[b].append(int(nxt[b]))

@@ -94,7 +94,10 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     torch.manual_seed(spec.seed)
     open_clip.factory._MODEL_CONFIGS[name] = cfg  # only to build it; loading uses the folder
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        from seacore.quiet import building_random_model
+
+        with building_random_model():
+            model, _, preprocess = open_clip.create_model_and_transforms(name)
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=spec.context_length)
@@ -176,8 +179,11 @@ def train_lm(texts: list[str], words: list[str], out_dir: str | Path, spec: LMSp
         return str(out), json.loads((out / "train_log.json").read_text())
     save_tiny_llm(out, words, seed=spec.seed, vocab_size=spec.vocab_size, hidden=spec.hidden,
                   layers=spec.layers, heads=spec.heads, extra_text=texts)
-    tok = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out)
+    from seacore.quiet import no_loading_bars
+
+    with no_loading_bars():
+        tok = AutoTokenizer.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out)
     rows = [tok(t + tok.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     rng = random.Random(spec.seed)

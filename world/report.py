@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.runlog import read_metrics
+from world.summary import baseline_check
 
 WORDLIST_SIZE = 41241  # 2of12 after the word-list rule; eval-align's chance is 1 / this
 
@@ -21,10 +22,43 @@ def _plt():
 
 
 def figures(res: dict, out: Path, test_dir: Path, work: Path) -> list[Path]:
-    return [precision_figure(res, out / "precision.png"),
+    out_ = [precision_figure(res, out / "precision.png"),
             alignment_curve_figure(res, out / "alignment_curve.png"),
             answers_figure(res, out / "answers.png"),
             scene_figure(res, out / "scene.png", test_dir, work)]
+    if any(r.get("stage2_curve") for r in res["runs"]):
+        out_.append(learning_curve_figure(res, out / "learning_curve.png"))
+    return out_
+
+
+def learning_curve_figure(res: dict, path: Path) -> Path:
+    """Stage-2 accuracy (training format) against the stage's progress, per arm: mean over
+    seeds, one colour per arm in every panel, the majority answer dashed."""
+    plt = _plt()
+    types = ["color", "background", "count", "exists", "all"]
+    fig, axes = plt.subplots(1, len(types), figsize=(17, 3.6), sharey=True)
+    arms: dict[str, list[dict]] = {}
+    for r in res["runs"]:
+        if r.get("stage2_curve"):
+            arms.setdefault(r["arm"], []).append(r)
+    for j, (arm, runs) in enumerate(arms.items()):
+        for ax, t in zip(axes, types, strict=True):
+            xs = [c["step"] / max(1, runs[0]["stage2_steps"]) for c in runs[0]["stage2_curve"]]
+            ys = np.nanmean([[c.get(t, np.nan) for c in r["stage2_curve"]] for r in runs], axis=0)
+            ax.plot(xs, ys, color=f"C{j}", marker="o", ms=3, label=arm)
+    for ax, t in zip(axes, types, strict=True):
+        if t in res.get("answer_chance", {}):
+            ax.axhline(res["answer_chance"][t], color="k", ls="--", lw=1)
+        ax.set_title(t)
+        ax.set_xlabel("stage-2 progress")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel(f"exact match (mean of {len(res['protocol']['seeds'])} seeds)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Stage 2: held-out accuracy in the training format (dashed: majority answer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def precision_figure(res: dict, path: Path) -> Path:
@@ -252,15 +286,70 @@ def _align_loss_summary(res: dict) -> dict:
     return out
 
 
-def answers_table(res: dict) -> list[str]:
-    summ = summarise(res)
-    types = [t for t in res["answer_chance"] if t != "all"]
-    rows = ["| arm | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
-    for arm in summ:
-        rows.append(f"| {arm} | " + " | ".join(
-            f"{_f(summ[arm][f'answers.{t}']['mean'])} ± {_f(summ[arm][f'answers.{t}']['std'])}"
-            if f"answers.{t}" in summ[arm] else "-" for t in types) + " |")
+def answers_table(res: dict, key: str = "answers", title: str | None = None) -> list[str]:
+    types = [t for t in res["answer_chance"] if t != "all"] + ["all"]
+    arms: dict[str, list[dict]] = {}
+    for r in res["runs"]:
+        if key in r:
+            arms.setdefault(r["arm"], []).append(r)
+    if not arms:
+        return []
+    rows = ([title, ""] if title else []) + ["| arm | " + " | ".join(types) + " |",
+                                             "|---|" + "---|" * len(types)]
+    for arm, runs in arms.items():
+        cells = []
+        for t in types:
+            v = [r[key][t]["accuracy"] for r in runs if t in r[key]]
+            cells.append(f"{_f(np.mean(v))} ± {_f(np.std(v, ddof=1) if len(v) > 1 else 0.0)}"
+                         if v else "-")
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
     rows.append("| majority answer (chance) | " + " | ".join(_f(res["answer_chance"][t]) for t in types) + " |")
+    return rows + [""]
+
+
+def baseline_lines(res: dict) -> list[str]:
+    """Whether the comparison can tell: the lambda = 0 model against the majority answer and
+    against itself without the image (protocol v2's precondition)."""
+    summ = res.get("summary")
+    if not summ or not summ.get("baseline_final"):
+        return []
+    chk = baseline_check(summ)
+    b, maj = summ["baseline_final"], summ["majority"]
+    lines = ["Can this comparison tell? The lambda = 0 arm (main LM, mean over seeds, training "
+             "format) against the majority answer and its blind controls:", "",
+             "| | " + " | ".join(maj) + " |", "|---|" + "---|" * len(maj),
+             "| lambda = 0 | " + " | ".join(_f(b.get(t, np.nan)) for t in maj) + " |"]
+    for name, label in (("blind_final", "same model, image zeroed"),
+                        ("blind_swap_final", "same model, another scene's image")):
+        if summ.get(name):
+            lines.append(f"| {label} | " + " | ".join(_f(summ[name].get(t, np.nan)) for t in maj) + " |")
+    lines.append("| majority answer | " + " | ".join(_f(maj[t]) for t in maj) + " |")
+    sees = "yes" if chk["sees"] else "no"
+    blind = all(chk[n]["at_chance"] for n in ("blind_final", "blind_swap_final") if summ.get(n))
+    lines += ["", f"Baseline sees (colour >= 0.8 and background >= 0.9): **{sees}** (colour "
+              f"{_f(chk['colour'])}, background {_f(chk['background'])}); blind controls at most "
+              f"0.05 above the majority answer: **{'yes' if blind else 'no'}**."]
+    return lines
+
+
+def effect_lines(res: dict) -> list[str]:
+    """SEA's effect, paired by seed against lambda = 0 of the same LM, 95 % t intervals."""
+    eff = (res.get("summary") or {}).get("sea_effect") or []
+    if not eff:
+        return []
+    keep = ("truth_match_world", "truth_match_full", "caption_loss", "answers.all", "answers.color",
+            "curve_area.all", "curve_area.color")
+    rows = ["SEA's effect, each lambda = 1 arm minus lambda = 0 of the same LM, paired by seed "
+            "(mean difference and 95 % t interval over seeds; `curve_area`: mean accuracy over "
+            "stage 2, the area under its learning curve):", "",
+            "| arm | " + " | ".join(keep) + " |", "|---|" + "---|" * len(keep)]
+    by_arm: dict[str, dict] = {}
+    for e in eff:
+        by_arm.setdefault(e["arm"], {})[e["metric"]] = e
+    for arm, m in by_arm.items():
+        rows.append(f"| {arm} | " + " | ".join(
+            f"{m[k]['mean_diff']:+.3f} [{m[k]['ci_low']:+.3f}, {m[k]['ci_high']:+.3f}]" if k in m else "-"
+            for k in keep) + " |")
     return rows
 
 
@@ -271,7 +360,9 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "# Evidence: label precision and SEA's effect in a world with known truth", "",
         f"Produced by `{command}` in {res['total_seconds'] / 60:.1f} min on {m['cpus']} CPU cores "
         f"(GPU: {m['gpu'] or 'none'}; {m['platform']}, torch {m['torch']}). Every figure here is in "
-        f"`results.json`; the protocol (below) was fixed before lambda = 1 was compared with lambda = 0. "
+        f"`results.json`; the protocol was fixed before lambda = 1 was compared with lambda = 0"
+        + (f" (`{res['protocol_file']}`, sha256 `{res['summary']['protocol_sha256']}`). "
+           if res.get("protocol_file") else ". ")
         + (f"It reused {res['reused_runs']} of the {len(res['runs'])} training runs from an earlier "
            f"invocation with the same settings (the resumable protocol); the stage-1 and stage-2 "
            f"training of all runs took {sum(r['stage1_seconds'] + r.get('stage2_seconds', 0) for r in res['runs']) / 60:.0f} min in all. "
@@ -309,13 +400,16 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "is true at the patch, searching the 2of12 list or the world's words. eval-align: the "
         "trainer's own figure (nearest word over 2of12 equals the patch's top-1 label).", "",
         *effect_table(res), "",
-        *(["The `tau0` arm is exploratory: added after the first full run, whose lambda = 1 "
-           "arms kept L_a at about ln(pairs) through stage 1 with the temperature at 1; it "
-           "was not part of the protocol fixed in advance.", ""]
-          if any("tau0" in r["arm"] for r in res["runs"]) else []),
         *comparisons(res), "",
-        "Answer accuracy per question type (exact match):", "",
+        *baseline_lines(res), "",
+        "Answer accuracy per question type after stage 2, training format (each held-out "
+        "question inside its conversation, earlier turns with their true answers; exact match):", "",
         *answers_table(res), "",
+        *answers_table(res, "answers_alone", "Asked alone, as the first turn (a format stage 2 "
+                                             "never trained; reported for comparison):"),
+        *effect_lines(res), "",
+        *(["![learning curve](evidence/learning_curve.png)", ""]
+          if any(r.get("stage2_curve") for r in res["runs"]) else []),
         "![alignment](evidence/alignment_curve.png)", "", "![answers](evidence/answers.png)", "",
         "![scene](evidence/scene.png)", "",
     ]

@@ -275,8 +275,8 @@ def make_world(out_dir: str | Path, n: int, seed: int, image_size: int, grid: tu
                start: int = 0, width: int = 128, height: int = 96) -> dict:
     """Scenes ``start .. start+n-1`` of the world ``seed`` under ``out_dir``: ``images/``,
     ``captions.json`` (LLaVA-Pretrain format), ``instruct.json`` (LLaVA-665k format, one
-    multi-turn conversation per scene, plus one single-question row per question in
-    ``questions.jsonl`` for evaluation) and ``ground_truth.jsonl`` (format in the README)."""
+    multi-turn conversation per scene, its questions in a random order, plus one
+    single-question row per question in ``questions.jsonl`` for evaluation) and ``ground_truth.jsonl`` (format in the README)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     geom = crop_geometry(width, height, image_size)
@@ -301,7 +301,12 @@ def make_world(out_dir: str | Path, n: int, seed: int, image_size: int, grid: tu
             {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
             {"from": "gpt", "value": caption(scene, rng)}]})
         conv = []
-        for j, (qt, q, a) in enumerate(questions(scene, rng)):
+        qa = questions(scene, rng)
+        # asked in an order of their own per scene (its own RNG: the scenes, captions and
+        # questions stay those of earlier worlds), the image always in the first turn; one
+        # fixed order taught "the first answer is a background word"
+        random.Random(f"{seed}-{i}-order").shuffle(qa)
+        for j, (qt, q, a) in enumerate(qa):
             human = q  # every answer is one word: no LLaVA short-answer suffix needed
             conv += [{"from": "human", "value": ("<image>\n" + human) if j == 0 else human},
                      {"from": "gpt", "value": a}]

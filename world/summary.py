@@ -1,0 +1,119 @@
+"""The evidence's numbers for machines and for the report: SEA's effect paired by seed with
+95 % intervals, the stage-2 learning curves and their areas, the baseline and blind checks.
+
+Pairing: each lambda = 1 arm against the lambda = 0 arm of the same LM, seed by seed (the
+same data order and initialisation); the interval is Student's t over the per-seed
+differences (a null result with its interval is a result)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# two-sided 95 % quantiles of Student's t by degrees of freedom (beyond: the normal's)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    if df <= 0:
+        return math.nan
+    return _T95.get(df) or next((v for k, v in sorted(_T95.items()) if k >= df), 1.96)
+
+
+def mean_ci(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    half = t95(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": len(v)}
+
+
+def curve_area(curve: list[dict], key: str = "all") -> float:
+    """Area under accuracy against the stage's progress (0 .. 1), trapezoids: the mean
+    accuracy over stage 2, higher when the model learns to see sooner."""
+    pts = sorted((c["step"], c[key]) for c in curve if key in c)
+    if len(pts) < 2:
+        return math.nan
+    x = np.array([p[0] for p in pts], dtype=float)
+    y = np.array([p[1] for p in pts], dtype=float)
+    x = x / x[-1]
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
+def _metrics(run: dict, types: list[str]) -> dict[str, float]:
+    out = {"truth_match_world": run["alignment_truth"]["truth_match_world"],
+           "truth_match_full": run["alignment_truth"]["truth_match_full"],
+           "caption_loss": run["caption_loss"]}
+    if "answers" in run:
+        for t in types + ["all"]:
+            if t in run["answers"]:
+                out[f"answers.{t}"] = run["answers"][t]["accuracy"]
+    for t in types + ["all"]:
+        if run.get("stage2_curve"):
+            out[f"curve_area.{t}"] = curve_area(run["stage2_curve"], t)
+    return out
+
+
+def sea_effect(res: dict) -> list[dict]:
+    """Every lambda = 1 arm minus the lambda = 0 arm of its LM, paired by seed."""
+    types = [t for t in res.get("answer_chance", {}) if t != "all"]
+    base = {(r.get("lm", "main"), r["seed"]): r for r in res["runs"] if r["weight"] == 0}
+    arms: dict[str, list[dict]] = {}
+    for r in res["runs"]:
+        if r["weight"] > 0 and (r.get("lm", "main"), r["seed"]) in base:
+            arms.setdefault(r["arm"], []).append(r)
+    out = []
+    for arm, runs in arms.items():
+        per = [(_metrics(r, types), _metrics(base[(r.get("lm", "main"), r["seed"])], types))
+               for r in runs]
+        for k in per[0][0]:
+            d = [a[k] - b[k] for a, b in per if k in a and k in b and not
+                 (math.isnan(a[k]) or math.isnan(b[k]))]
+            if d:
+                ci = mean_ci(d)
+                out.append({"arm": arm, "metric": k, "mean_diff": ci["mean"], "ci_low": ci["ci_low"],
+                            "ci_high": ci["ci_high"], "seeds": ci["n"]})
+    return out
+
+
+def _mean_answers(runs: list[dict], key) -> dict:
+    acc: dict[str, list[float]] = {}
+    for r in runs:
+        for t, a in key(r).items():
+            acc.setdefault(t, []).append(a["accuracy"])
+    return {t: float(np.mean(v)) for t, v in acc.items()}
+
+
+def machine_summary(res: dict, protocol_sha256: str | None) -> dict:
+    """``results.json``'s ``summary``: what a script needs to tell whether the evidence can
+    tell (baseline and blind against the majority answer) and what it found."""
+    base = [r for r in res["runs"] if r["weight"] == 0 and r.get("lm", "main") == "main"
+            and "answers" in r]
+    out = {"seeds": len(res["protocol"]["seeds"]), "majority": res.get("answer_chance"),
+           "baseline_final": _mean_answers(base, lambda r: r["answers"]) if base else None,
+           "baseline_final_alone": _mean_answers(base, lambda r: r["answers_alone"])
+           if base and all("answers_alone" in r for r in base) else None,
+           "blind_final": None, "blind_swap_final": None,
+           "sea_effect": sea_effect(res), "total_seconds": res.get("total_seconds"),
+           "protocol_sha256": protocol_sha256}
+    blind = [r for r in base if "blind" in r]
+    if blind:
+        out["blind_final"] = _mean_answers(blind, lambda r: r["blind"]["zero"])
+        out["blind_swap_final"] = _mean_answers(blind, lambda r: r["blind"]["swap"])
+    return out
+
+
+def baseline_check(summary: dict, colour: float = 0.8, background: float = 0.9,
+                   blind_margin: float = 0.05) -> dict:
+    """Protocol v2's precondition: the lambda = 0 model sees (colour >= 0.8, background >=
+    0.9 in the training format) and the blind controls stay within 0.05 of the majority."""
+    b, maj = summary.get("baseline_final") or {}, summary.get("majority") or {}
+    out = {"colour": b.get("color"), "background": b.get("background"),
+           "sees": bool(b) and b.get("color", 0) >= colour and b.get("background", 0) >= background}
+    for name in ("blind_final", "blind_swap_final"):
+        bl = summary.get(name) or {}
+        gaps = {t: bl[t] - maj[t] for t in bl if t in maj}
+        out[name] = {"max_gap_over_majority": max(gaps.values()) if gaps else None,
+                     "at_chance": bool(gaps) and max(gaps.values()) <= blind_margin}
+    return out
