@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.print_config(cfg)
         return 0
     from pipeline.lock import FolderLocked
-    from trainer.train import Preempted, build, eval_alignment, train
+    from trainer.faults import Preempted
+    from trainer.train import build, eval_alignment, train
 
     errors = (*errors, FolderLocked)
     try:

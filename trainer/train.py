@@ -29,6 +29,7 @@ from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
 from trainer.data import SampleSource, StreamDataset, data_problem, format_report, holdout_rows
+from trainer.faults import Preempted, Signals, all_counts, stop_requested
 from trainer.final import init_adapter, write_final
 from trainer.llm import load_llm
 from trainer.model import MLLM
@@ -392,61 +393,6 @@ def check_output(cfg, main: bool) -> None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-class Preempted(RuntimeError):
-    """SIGTERM / SIGUSR1 arrived: the step finished, a complete checkpoint was saved."""
-
-    def __init__(self, signum: int, step: int, path):
-        import signal
-
-        self.signum, self.step, self.path = signum, step, path
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: saved "
-                         f"{path}; continue with resume=latest")
-
-
-class _Signals:
-    """SIGTERM (a scheduler's preemption, torchrun's stop) and SIGUSR1 (what Slurm sends ahead
-    of a preemption with ``--signal``) set a flag; the loop ends the step, saves and stops.
-    Installed only in the main thread (Python's rule), restored on exit."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.got: int | None = None
-        self.old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self.old[sig] = signal.signal(sig, self._set)
-
-    def _set(self, signum, _frame):
-        self.got = signum
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-
-
-def _all_counts(p: Parts, *counts: int) -> list[int]:
-    """Counts summed over the ranks (one tiny all-reduce; the counts themselves on one)."""
-    if not p.dist.enabled:
-        return list(counts)
-    t = torch.tensor(counts, dtype=torch.long, device=p.device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def _stop_requested(flag: int | None, p: Parts) -> int | None:
-    """The signal any rank got, agreed by all ranks (one tiny all-reduce per step), so every
-    rank saves at the same step."""
-    if not p.dist.enabled:
-        return flag
-    t = torch.tensor([flag or 0], device=p.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t) or None
-
-
 def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
           stop_after: int | None = None, on_step=None) -> dict:
     """Run (or resume) a stage. ``stop_after`` returns right after that step without saving:
@@ -458,7 +404,7 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
 
     main = D.from_env().is_main()
     lock = OutputLock(cfg.log.output, key="log.output").acquire() if main else None
-    signals = _Signals()
+    signals = Signals()
     try:
         return _train(cfg, stage, parts, stop_after, signals, on_step)
     finally:
@@ -467,7 +413,7 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
             lock.release()
 
 
-def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals: _Signals,
+def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals: Signals,
            on_step=None) -> dict:
     from tqdm.auto import tqdm
 
@@ -509,7 +455,7 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
             if len(micro) < p.accum:
                 continue
             drops.add(micro)  # judged before the step: a batch of unreadable images trains nothing
-            problem = drops.problem(*_all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json)
+            problem = drops.problem(*all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json)
             if problem:
                 bar.close()
                 logger.close()
@@ -548,7 +494,7 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
             if on_step is not None:
                 on_step(st.step)
                 set_train_mode(p)
-            got = _stop_requested(signals.got, p) if st.step < p.total_steps else None
+            got = stop_requested(signals.got, p) if st.step < p.total_steps else None
             if got is not None:
                 bar.close()
                 path = save_checkpoint(p, st)
@@ -568,7 +514,7 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
     if st.samples == 0:  # every image failed to decode: never "succeed" having learnt nothing
         raise ValueError(f"trained on 0 samples in {st.step} steps: every sample was dropped "
                          f"(unreadable images; see the bad_images metric in {cfg.log.output}/metrics.jsonl)")
-    problem = drops.problem(*_all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json, final=True)
+    problem = drops.problem(*all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json, final=True)
     if problem:
         logger.close()
         raise ValueError(problem)
