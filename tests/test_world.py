@@ -273,3 +273,16 @@ def test_batched_answers_equal_generate(quick_evidence):
     one = [answer(mllm, tok, pre, meta, str(work / "world-test" / "images" / r["image"]), r["question"],
                   max_new_tokens=4) for r in rows]
     assert batched == one
+
+
+def test_paired_intervals_against_a_hand_computation():
+    """The 95 % t interval of paired differences, against numbers worked by hand; one seed gives
+    a mean and no interval (never NaN in results.json)."""
+    from world.summary import curve_area, mean_ci
+
+    ci = mean_ci([0.1, 0.3, 0.2, 0.4, 0.0])  # mean 0.2, sd 0.1581, t(4) 2.776 -> +-0.1963
+    assert ci["mean"] == pytest.approx(0.2) and ci["ci_low"] == pytest.approx(0.2 - 0.19630, abs=1e-4)
+    assert mean_ci([0.5]) == {"mean": 0.5, "ci_low": None, "ci_high": None, "n": 1}
+    # area under accuracy over the stage's progress: trapezoids on 0 .. 1
+    curve = [{"step": 0, "all": 0.0}, {"step": 50, "all": 0.5}, {"step": 100, "all": 0.5}]
+    assert curve_area(curve) == pytest.approx(0.125 + 0.25)

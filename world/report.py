@@ -332,6 +332,14 @@ def baseline_lines(res: dict) -> list[str]:
     return lines
 
 
+def _diff(e: dict | None) -> str:
+    if e is None:
+        return "-"
+    if e["ci_low"] is None:
+        return f"{e['mean_diff']:+.3f} (1 seed: no interval)"
+    return f"{e['mean_diff']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
+
+
 def effect_lines(res: dict) -> list[str]:
     """SEA's effect, paired by seed against lambda = 0 of the same LM, 95 % t intervals."""
     eff = (res.get("summary") or {}).get("sea_effect") or []
@@ -347,9 +355,7 @@ def effect_lines(res: dict) -> list[str]:
     for e in eff:
         by_arm.setdefault(e["arm"], {})[e["metric"]] = e
     for arm, m in by_arm.items():
-        rows.append(f"| {arm} | " + " | ".join(
-            f"{m[k]['mean_diff']:+.3f} [{m[k]['ci_low']:+.3f}, {m[k]['ci_high']:+.3f}]" if k in m else "-"
-            for k in keep) + " |")
+        rows.append(f"| {arm} | " + " | ".join(_diff(m.get(k)) for k in keep) + " |")
     return rows
 
 

@@ -23,9 +23,12 @@ def t95(df: int) -> float:
 
 
 def mean_ci(values: list[float]) -> dict:
+    """Mean and its 95 % t interval; no interval (None) from a single value."""
     v = np.asarray(values, dtype=float)
     m = float(v.mean())
-    half = t95(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    if len(v) < 2:
+        return {"mean": m, "ci_low": None, "ci_high": None, "n": len(v)}
+    half = t95(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
     return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": len(v)}
 
 
