@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
-            full = cli.disk_full(e, cfg.run.output, "run.output")
-            if full is None:
-                raise
-            print(f"error: {full}", file=sys.stderr)
-            return 2
+            return cli.exit_if_disk_full(e, cfg.run.output, "run.output")
         print(json.dumps(summary, indent=2))
         problem = run_problem(summary, cfg.run.max_error_rate)
         if problem:

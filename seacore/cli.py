@@ -76,6 +76,15 @@ def print_config(cfg, out=None) -> None:
     (out or sys.stdout).write(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
 
 
+def exit_if_disk_full(e: OSError, folder, key: str) -> int:
+    """rc 2 with ``disk_full``'s line on stderr; any other OSError is raised again."""
+    full = disk_full(e, folder, key)
+    if full is None:
+        raise e
+    print(f"error: {full}", file=sys.stderr)
+    return 2
+
+
 def disk_full(e: BaseException, folder, key: str) -> str | None:
     """One line for a write that ran out of space (also when Ray wraps the actor's OSError);
     None for any other error."""

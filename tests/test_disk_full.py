@@ -4,23 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from seacore.config import to_dict
-
-
-def _args(cfg) -> list[str]:
-    out = []
-
-    def walk(prefix, d):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            elif isinstance(v, list):
-                out.append(f"{prefix}{k}=[{','.join(map(str, v))}]")
-            else:
-                out.append(f"{prefix}{k}={'null' if v is None else v}")
-
-    walk("", to_dict(cfg))
-    return out
+from test_finetune import _as_args as _args
 
 
 def _enospc(*_a, **_k):

@@ -194,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        full = cli.disk_full(e, cfg.log.output, "log.output")
-        if full is None:
-            raise
-        print(f"error: {full}", file=sys.stderr)
-        return 2
+        return cli.exit_if_disk_full(e, cfg.log.output, "log.output")
     except RuntimeError as e:
         if not distributed.from_env().enabled:
             raise
