@@ -185,9 +185,23 @@ def prefetch_batches(decoder: Decoder, records: list[Record], batch_size: int, w
             yield [f.result() for f in futures]
 
 
+def timeline(startup: float, done: list[tuple[int, float]]) -> dict:
+    """Start-up against steady state. ``done``: (images, seconds since the runner was called)
+    per chunk, in the order they finished. Steady state is everything after the first shard:
+    the images of the later chunks over the time between the first and the last shard."""
+    out = {"startup_seconds": round(startup, 2),
+           "first_shard_seconds": round(done[0][1], 2) if done else None,
+           "steady_images_per_second": None}
+    if len(done) > 1 and done[-1][1] > done[0][1]:
+        out["steady_images_per_second"] = round(
+            sum(n for n, _ in done[1:]) / (done[-1][1] - done[0][1]), 3)
+    return out
+
+
 def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
-              reports: list[dict]) -> dict:
-    """The run summary; ``reports`` are the labelers' ``report()`` (one per process/actor)."""
+              reports: list[dict], times: dict | None = None) -> dict:
+    """The run summary; ``reports`` are the labelers' ``report()`` (one per process/actor);
+    ``times`` what ``timeline`` gives."""
     rows = manifest["rows"]
     errors = sum(s["errors"] for s in manifest["shards"])
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
@@ -216,7 +230,10 @@ def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
                     "search_seconds": round(sum(r["search_seconds"] for r in reports), 2),
                     "text_seconds": round(max(r["text_seconds"] for r in reports), 2),
                     "text_cache_hit": all(r["text_cache_hit"] for r in reports),
+                    "decode_wait_seconds": round(sum(r["decode_wait_seconds"] for r in reports), 2),
+                    "write_seconds": round(sum(r["write_seconds"] for r in reports), 2),
                     "device": reports[0]["device"], "search_backend": reports[0]["search_backend"]})
+    out.update(times or {})
     return out
 
 
@@ -228,6 +245,7 @@ def run_local(cfg: ExtractConfig, labeler: Labeler | None = None) -> dict:
 
 
 def _run_local(cfg: ExtractConfig, labeler: Labeler | None, records: list[Record]) -> dict:
+    entry = time.perf_counter()
     labeler = labeler or Labeler(cfg, progress=cfg.run.progress)  # fails fast without weights
     metadata = labeler.metadata()
     plan = plan_run(cfg, metadata, records)
@@ -237,6 +255,7 @@ def _run_local(cfg: ExtractConfig, labeler: Labeler | None, records: list[Record
     todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)
     bar = tqdm(total=todo_images, desc="labelling", unit="img", disable=not cfg.run.progress)
     t0 = time.perf_counter()
+    done: list[tuple[int, float]] = []
     for index in plan.todo:
         recs = plan.chunk_records(index)
         errors: list[dict] = []
@@ -249,8 +268,10 @@ def _run_local(cfg: ExtractConfig, labeler: Labeler | None, records: list[Record
         decoded = counted(prefetch_batches(decoder, recs, cfg.run.batch_size,
                                            cfg.run.decode_workers))
         write_chunk(plan.out_dir, index, metadata, label_batches(decoded, labeler, errors),
-                    errors=errors, row_group_size=cfg.run.row_group_size)
+                    errors=errors, row_group_size=cfg.run.row_group_size, timings=labeler.timings)
+        done.append((len(recs), time.perf_counter() - entry))
     bar.close()
     seconds = time.perf_counter() - t0
     manifest = finish_run(plan, metadata)
-    return summarize(plan, manifest, seconds, todo_images, [labeler.report()])
+    return summarize(plan, manifest, seconds, todo_images, [labeler.report()],
+                     timeline(t0 - entry, done))

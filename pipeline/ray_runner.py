@@ -19,7 +19,7 @@ import time
 from collections import deque
 
 from pipeline.config import ExtractConfig
-from pipeline.extract import finish_run, load_records, plan_run, summarize
+from pipeline.extract import finish_run, load_records, plan_run, summarize, timeline
 from pipeline.lock import OutputLock
 from seacore.config import from_dict, to_dict
 
@@ -105,6 +105,12 @@ class LabelActor:
         from pipeline.stages import Decoder, Labeler
 
         self.cfg = from_dict(ExtractConfig, cfg_dict)
+        ray = _ray()
+        self.decode = ray.remote(num_cpus=self.cfg.ray.decode_cpus,
+                                 max_retries=self.cfg.ray.max_task_retries)(decode_batch)
+        # Start the decode workers first (each imports torch and the transform: seconds): they
+        # start while this actor loads its model, and the first chunk does not wait for them.
+        warm = [self.decode.remote(None, []) for _ in range(max(1, self.cfg.ray.max_tasks_in_flight))]
         # Ray pins OMP threads to num_cpus. On a CPU node the model gets the node's cores, as in
         # the local runner (decode tasks are light next to the vision tower); next to a GPU
         # it needs few, and several actors share the node.
@@ -112,18 +118,12 @@ class LabelActor:
                    else (os.cpu_count() or 1))
         torch.set_num_threads(self.cfg.ray.torch_threads or default)
         self.labeler = Labeler(self.cfg, progress=False)
-        ray = _ray()
         self.decoder_ref = ray.put(Decoder(self.cfg.input.image_root, self.labeler.preprocess,
                                            self.cfg.input.max_pixels))
-        self.decode = ray.remote(num_cpus=self.cfg.ray.decode_cpus,
-                                 max_retries=self.cfg.ray.max_task_retries)(decode_batch)
         # the progress counter by name, not by handle: a handle among the constructor's
         # arguments goes through the object store, which Ray warns breaks restarts
         self.progress = ray.get_actor(progress) if progress else None
-        # Start the decode workers now (each imports torch and the transform: seconds), so
-        # the first chunk does not pay for it.
-        ray.get([self.decode.remote(self.decoder_ref, [])
-                 for _ in range(max(1, self.cfg.ray.max_tasks_in_flight))])
+        ray.get(warm)
 
     def metadata(self) -> dict:
         return self.labeler.metadata()
@@ -154,7 +154,7 @@ class LabelActor:
         errors: list[dict] = []
         return write_chunk(Path(out_dir), index, metadata,
                            label_batches(decoded(), self.labeler, errors), errors,
-                           self.cfg.run.row_group_size)
+                           self.cfg.run.row_group_size, timings=self.labeler.timings)
 
     def _count(self, batch):
         if self.progress is not None:
@@ -189,6 +189,7 @@ def run_ray(cfg: ExtractConfig) -> dict:
 
 def _run_ray(cfg: ExtractConfig, records: list) -> dict:
     from tqdm.auto import tqdm
+    entry = time.perf_counter()
 
     from pipeline.encoders import resolve_checkpoint
 
@@ -198,6 +199,7 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
                        cfg.encoder.cache_dir)
     ray = _ray()
     started = init_ray(cfg)
+    ray_up = time.perf_counter()
     try:
         n_actors, gpus = default_actors(cfg)
         retries = cfg.ray.max_task_retries
@@ -209,13 +211,15 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
         cfg_dict = to_dict(cfg)
         actors = [actor_cls.remote(cfg_dict, progress_name) for _ in range(n_actors)]
         metadata = ray.get(actors[0].metadata.remote())  # also: fails fast without weights
+        actors_up = time.perf_counter()
         plan = plan_run(cfg, metadata, records)
         todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)
         bar = tqdm(total=todo_images, desc=f"labelling ({n_actors} actor(s))", unit="img",
                    disable=not cfg.run.progress)
         queue = deque(plan.todo)
-        inflight: dict = {}  # ref -> actor index
+        inflight: dict = {}  # ref -> (actor index, images)
         load = [0] * n_actors
+        finished: list[tuple[int, float]] = []
         t0 = time.perf_counter()
         while queue or inflight:
             for a in range(n_actors):  # at most two chunks per actor: one running, one queued
@@ -223,20 +227,25 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
                     index = queue.popleft()
                     ref = actors[a].label_chunk.remote(index, plan.chunk_records(index),
                                                        str(plan.out_dir), metadata)
-                    inflight[ref] = a
+                    inflight[ref] = (a, len(plan.chunk_records(index)))
                     load[a] += 1
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             for ref in done:
-                load[inflight.pop(ref)] -= 1
+                a, n = inflight.pop(ref)
+                load[a] -= 1
                 ray.get(ref)  # re-raises a chunk that failed after Ray's retries
+                finished.append((n, time.perf_counter() - entry))
             bar.n = min(ray.get(progress.get.remote()), todo_images)
             bar.refresh()
         bar.close()
         seconds = time.perf_counter() - t0
         manifest = finish_run(plan, metadata)
         reports = ray.get([a.report.remote() for a in actors])
-        summary = summarize(plan, manifest, seconds, todo_images, reports)
-        summary.update({"runner": "ray", "actors": n_actors})
+        summary = summarize(plan, manifest, seconds, todo_images, reports,
+                            timeline(t0 - entry, finished))
+        summary.update({"runner": "ray", "actors": n_actors,
+                        "ray_init_seconds": round(ray_up - entry, 2),
+                        "actor_start_seconds": round(actors_up - ray_up, 2)})
         return summary
     finally:
         if started:

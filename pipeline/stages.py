@@ -65,6 +65,8 @@ class Timings:
 
     encode: float = 0.0
     search: float = 0.0
+    wait: float = 0.0  # the model idle, waiting for the next decoded batch
+    write: float = 0.0  # shard writing, its sha256 and the done marker
     images: int = 0
 
 
@@ -165,22 +167,27 @@ class Labeler:
         """Stage timings and set-up facts for the run summary (and the benchmarks)."""
         t = self.timings
         return {"encode_seconds": t.encode, "search_seconds": t.search, "images": t.images,
+                "decode_wait_seconds": t.wait, "write_seconds": t.write,
                 "text_seconds": self.text_seconds, "text_cache_hit": self.text_cache_hit,
                 "device": str(self.device),
                 "search_backend": self.index.backend if self.index else "torch"}
 
 
 def write_chunk(out_dir: Path, index: int, metadata: dict, batches, errors: list[dict],
-                row_group_size: int) -> dict:
+                row_group_size: int, timings: Timings | None = None) -> dict:
     """Stage ``write``: stream LabelBatches into shard ``index``; done marker last."""
     path = Path(out_dir) / shards.shard_name(index)
     writer = shards.ShardWriter(path, metadata, row_group_size)
     kept = patches = 0
+    spent = 0.0
     try:
         for b in batches:
+            t0 = time.perf_counter()
             writer.write(b)
             kept += int((b.ids != shards.SENTINEL).sum())
             patches += b.ids.shape[0] * b.ids.shape[1]
+            spent += time.perf_counter() - t0
+        t0 = time.perf_counter()
         rows = writer.close()
     except BaseException:
         writer.abort()
@@ -189,13 +196,21 @@ def write_chunk(out_dir: Path, index: int, metadata: dict, batches, errors: list
             "sha256": shards.file_sha256(path),
             "errors": len(errors), "error_list": errors, "kept_labels": kept, "patches": patches}
     shards.write_json_atomic(Path(out_dir) / shards.done_name(index), done)
+    if timings is not None:
+        timings.write += spent + time.perf_counter() - t0
     return done
 
 
 def label_batches(decoded_batches, labeler: Labeler, errors: list[dict]):
     """Encode + search each decoded batch; yields LabelBatches, collects bad images."""
     grid = tuple(labeler.encoder.grid)
-    for batch in decoded_batches:
+    it = iter(decoded_batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        labeler.timings.wait += time.perf_counter() - t0
+        if batch is None:
+            return
         good = [d for d in batch if d.image is not None]
         errors.extend({"image_id": d.record.image_id, "path": d.record.path, "reason": d.error}
                       for d in batch if d.image is None)

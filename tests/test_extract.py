@@ -175,3 +175,17 @@ def test_cli_extract_and_missing_weights(extract_cfg, tmp_path, capsys):
                f"encoder.cache_dir={tmp_path / 'nohf'}", f"input.json={cfg.input.json}",
                f"input.image_root={cfg.input.image_root}"])
     assert rc == 2 and "vit_large_patch14_clip_336" in capsys.readouterr().err
+
+
+def test_timeline_separates_start_up_from_steady_state(extract_cfg, tmp_path):
+    from pipeline.extract import timeline
+
+    t = timeline(1.5, [(10, 2.0), (10, 4.0), (4, 5.0)])
+    # after the first shard: 14 images between its end (2 s) and the last one's (5 s)
+    assert t == {"startup_seconds": 1.5, "first_shard_seconds": 2.0,
+                 "steady_images_per_second": round(14 / 3, 3)}
+    assert timeline(0.5, [(10, 2.0)])["steady_images_per_second"] is None  # one chunk: no steady state
+    assert timeline(0.5, [])["first_shard_seconds"] is None  # nothing to do (all chunks done)
+    s = run_local(extract_cfg(out=tmp_path / "s"))  # 3 chunks
+    assert s["steady_images_per_second"] > 0 and s["first_shard_seconds"] >= s["startup_seconds"]
+    assert {"decode_wait_seconds", "write_seconds"} <= set(s)

@@ -140,6 +140,7 @@ def test_ray_run_equals_in_process_run(extract_cfg, local_ray, tmp_path):
     local = run_local(extract_cfg(out=tmp_path / "local"))
     ray_s = run_ray(extract_cfg("run.runner=ray", out=tmp_path / "ray"))
     assert ray_s["runner"] == "ray" and ray_s["images_labelled"] == local["images_labelled"] == 24
+    assert ray_s["steady_images_per_second"] > 0 and ray_s["first_shard_seconds"] >= ray_s["startup_seconds"]
     _same_content(tmp_path / "local", tmp_path / "ray")
 
 
