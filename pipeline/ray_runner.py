@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections import deque
 
@@ -73,8 +74,31 @@ def init_ray(cfg: ExtractConfig) -> bool:
     # it chose so is dropped (RAY_AUTH_MODE, when set, is Ray's to honour as usual).
     _quiet_token_notice()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TMPDIR": _worker_tmp()}})
     return True
+
+
+_WORKER_TMP: list[str] = []
+
+
+def _worker_tmp() -> str:
+    """A temp folder for the workers of a local Ray, removed at ``shutdown_ray`` (or exit).
+    Ray kills its workers at shutdown, so what their imports leave in the machine's temp folder
+    would stay there (open_clip imports timm, which imports wandb, which makes two folders)."""
+    import atexit
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="sea-ray-workers-")
+    _WORKER_TMP.append(path)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, then the local workers' temp folders go."""
+    _ray().shutdown()
+    while _WORKER_TMP:
+        shutil.rmtree(_WORKER_TMP.pop(), ignore_errors=True)
 
 
 class _DropTokenNotice:
@@ -123,7 +147,9 @@ class LabelActor:
         # the progress counter by name, not by handle: a handle among the constructor's
         # arguments goes through the object store, which Ray warns breaks restarts
         self.progress = ray.get_actor(progress) if progress else None
-        ray.get(warm)
+        # then once more with the decoder, whose transform imports more (torchvision, PIL's
+        # plugins): else the first chunk's first batch pays for it (seconds on 2 cores)
+        ray.get(warm + [self.decode.remote(self.decoder_ref, []) for _ in warm])
 
     def metadata(self) -> dict:
         return self.labeler.metadata()
@@ -249,4 +275,4 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
         return summary
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 STATE = "sea-head.json"
+WORKER_TMP = "tmp"  # TMPDIR of the head's processes
 
 
 def _ray_cli() -> str:
@@ -44,6 +46,10 @@ def start_head(temp_dir: str | Path, port: int = 6379, dashboard_port: int = 826
     env = dict(env if env is not None else os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # the head's processes and workers keep their temp files in its folder (ray-down kills
+    # them, so what their imports leave in the machine's temp folder would stay); removed there
+    (tdir / WORKER_TMP).mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tdir / WORKER_TMP)
     cmd = [_ray_cli(), "start", "--head", f"--temp-dir={tdir}", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--port={port}",
            "--disable-usage-stats"]
@@ -111,4 +117,5 @@ def stop_head(temp_dir: str | Path, grace_s: float = 10.0) -> int:
         if not _group_members(pgid):
             break
     state.unlink(missing_ok=True)
+    shutil.rmtree(tdir / WORKER_TMP, ignore_errors=True)
     return len(members)

@@ -34,6 +34,10 @@ def _same_content(a: Path, b: Path):
     assert (a / "errors.jsonl").read_text() == (b / "errors.jsonl").read_text()
 
 
+def _temp_entries() -> set[str]:
+    return set(os.listdir(tempfile.gettempdir()))
+
+
 def _cli_args(cfg, out):
     return [f"encoder.model={cfg.encoder.model}", "encoder.pretrained=null",
             f"input.json={cfg.input.json}", f"input.image_root={cfg.input.image_root}",
@@ -46,9 +50,14 @@ def test_killed_driver_rerun_gives_the_uninterrupted_content(extract_cfg, tmp_pa
     run_local(extract_cfg("run.chunk_size=2", "run.batch_size=1", out=ref))
     out = tmp_path / "killed"
     cfg = extract_cfg(out=out)
+    # killed, it cleans nothing up: its temp files go to the test's folder (Ray's own session
+    # folder stays where Ray puts it: its socket paths must stay short)
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"),
+               RAY_TMPDIR=os.environ.get("RAY_TMPDIR", tempfile.gettempdir()))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *_cli_args(cfg, out)],
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("shard-*.done")):
         time.sleep(0.02)
@@ -57,10 +66,14 @@ def test_killed_driver_rerun_gives_the_uninterrupted_content(extract_cfg, tmp_pa
     done_at_kill = len(list(out.glob("shard-*.done")))
     assert 0 < done_at_kill < 12, done_at_kill
     assert not (out / "manifest.json").exists()
+    before = _temp_entries()
     r = subprocess.run([sys.executable, "-m", "pipeline", "extract", *_cli_args(cfg, out)],
                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     _same_content(ref, out)
+    # nothing left in the machine's temp folder: Ray's workers are killed at shutdown, so what
+    # their imports create there (wandb's temp folders, via open_clip -> timm) must go elsewhere
+    assert [e for e in _temp_entries() - before if "wandb" in e] == []
     # quiet: no Ray notices (token auth, actor arguments in the object store), no warnings
     for noise in ("Token authentication", "core_worker", "WARNING", "Warning", "Started a local"):
         assert noise not in r.stderr, r.stderr[-3000:]
@@ -124,16 +137,15 @@ def test_ray_head_submit_and_stop_only_its_own(extract_cfg, tmp_path):
 def local_ray(tiny_clip):
     """One local Ray, started exactly as the runner starts it, for the in-process Ray tests
     (the runner joins an initialised Ray and leaves it up): half a minute saved per test."""
-    import ray
 
     from pipeline.config import ExtractConfig
-    from pipeline.ray_runner import init_ray
+    from pipeline.ray_runner import init_ray, shutdown_ray
     from seacore.config import load_config
 
     started = init_ray(load_config(ExtractConfig, None, ["run.runner=ray"]))
     yield
     if started:
-        ray.shutdown()
+        shutdown_ray()
 
 
 def test_ray_run_equals_in_process_run(extract_cfg, local_ray, tmp_path):
