@@ -147,9 +147,9 @@ class LabelActor:
         # the progress counter by name, not by handle: a handle among the constructor's
         # arguments goes through the object store, which Ray warns breaks restarts
         self.progress = ray.get_actor(progress) if progress else None
-        # then once more with the decoder, whose transform imports more (torchvision, PIL's
-        # plugins): else the first chunk's first batch pays for it (seconds on 2 cores)
-        ray.get(warm + [self.decode.remote(self.decoder_ref, []) for _ in warm])
+        # (warming them once more with the decoder itself only moved its imports, about 4 s on
+        # 2 cores, from the first chunk into this start: bench/notes.md)
+        ray.get(warm)
 
     def metadata(self) -> dict:
         return self.labeler.metadata()
@@ -215,9 +215,10 @@ def run_ray(cfg: ExtractConfig) -> dict:
 
 def _run_ray(cfg: ExtractConfig, records: list) -> dict:
     from tqdm.auto import tqdm
-    entry = time.perf_counter()
 
     from pipeline.encoders import resolve_checkpoint
+
+    entry = time.perf_counter()
 
     # Fail fast, before any actor starts, when the weights are missing (the driver must see
     # the same weights path or HF cache as the nodes: a shared filesystem on a cluster).
