@@ -147,6 +147,8 @@ def test_quick_evidence_writes_everything(quick_evidence):
         assert 0 <= r["answers"]["all"]["accuracy"] <= 1 and r["stage2_steps"] > 0
         assert 0 <= r["alignment_truth"]["truth_match_world"] <= 1
         assert np.isfinite(r["caption_loss"])
+        # the trainer's verdict on L_a reaches the results (the demo says it in words)
+        assert isinstance(r["align_at_chance"], bool) and (r["weight"] > 0 or not r["align_at_chance"])
     assert res["total_seconds"] > 0  # recorded; how long it takes is the bench's and report's business
     for r in res["runs"]:  # both formats, a learning curve; blind controls on the baseline
         assert {"answers", "answers_alone", "stage2_curve"} <= set(r)

@@ -63,6 +63,10 @@ def print_summary(res: dict, out: Path) -> None:
         print(f"In words: lambda = 1 moved the share of visual tokens nearest a true word by "
               f"{d:+.3f} against lambda = 0 ({len(res['protocol']['seeds'])} seed: a demo, not "
               f"evidence; make evidence runs the seeds and intervals).")
+        if sea_runs[0].get("align_at_chance"):
+            print("Its alignment loss L_a stayed at its chance level, ln(pairs) (the warning above): "
+                  "with the temperature starting at 1, as we read the paper, SEA's loss barely moves "
+                  "the tokens here; docs/evidence-notes.md has what a start at 0.07 did.")
     work = Path(res["world"]["ground_truth"]).parents[1]
     print(f"\noutput: {out / 'demo_results.json'}; label runs {work / 'shards'} (open them with "
           f"python -m pipeline show / stats / gallery --shards {work / 'shards'}/<run>); "

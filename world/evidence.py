@@ -96,6 +96,14 @@ def _cache_root() -> Path:
     return cache_root() / "world"
 
 
+def _last(metrics: Path, key: str):
+    """The last value of ``key`` in a run's metrics.jsonl (None when never logged)."""
+    from trainer.runlog import read_metrics
+
+    vals = [r[key] for r in read_metrics(metrics) if key in r] if metrics.is_file() else []
+    return vals[-1] if vals else None
+
+
 PROTOCOL_FILE = Path(__file__).resolve().parents[1] / "evidence" / "protocol-v2.json"
 
 
@@ -341,7 +349,9 @@ class Evidence:
                "weight": arm["weight"],
                "objective": arm["objective"], "seed": seed, "stage1_steps": r1["step"],
                "stage1_seconds": round(time.time() - t, 1), "stage1_dir": s1.log.output,
-               "holdout_align": r1["align"]}
+               "holdout_align": r1["align"],
+               # the trainer's own verdict on L_a (trainer/watch.py), at the end of stage 1
+               "align_at_chance": bool(_last(Path(s1.log.output) / "metrics.jsonl", "align_at_chance"))}
         run.update(self._stage1_measures(parts))
         del parts
         if not p.stage2:
@@ -455,7 +465,7 @@ class Evidence:
             yield
             return
         from pipeline.config import ExtractConfig
-        from pipeline.ray_runner import init_ray
+        from pipeline.ray_runner import init_ray, shutdown_ray
         from seacore.config import load_config
 
         started = init_ray(load_config(ExtractConfig, None, []))
@@ -463,9 +473,7 @@ class Evidence:
             yield
         finally:
             if started:
-                import ray
-
-                ray.shutdown()
+                shutdown_ray()
 
     def _bar(self, desc: str, total: int):
         return tqdm(total=total, desc=desc, unit="step", disable=not self.progress)
