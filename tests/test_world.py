@@ -288,3 +288,19 @@ def test_paired_intervals_against_a_hand_computation():
     # area under accuracy over the stage's progress: trapezoids on 0 .. 1
     curve = [{"step": 0, "all": 0.0}, {"step": 50, "all": 0.5}, {"step": 100, "all": 0.5}]
     assert curve_area(curve) == pytest.approx(0.125 + 0.25)
+
+
+def test_demo_summary_says_what_it_found(quick_evidence, capsys, tmp_path):
+    """The demo's printout, on a real (quick) evidence run's results: one sentence per section,
+    the chance warning explained exactly when the lambda = 1 arm's L_a sat at chance."""
+    from world.demo import print_summary
+
+    res = json.loads((quick_evidence / "ev" / "results.json").read_text())
+    for at_chance in (True, False):
+        for r in res["runs"]:
+            if r["weight"] > 0:
+                r["align_at_chance"] = at_chance
+        print_summary(res, tmp_path)
+        out = capsys.readouterr().out
+        assert out.count("In words:") == 3 and "label runs" in out.splitlines()[-1]
+        assert ("stayed at its chance level" in out) == at_chance
