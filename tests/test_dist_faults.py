@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(nproc, mode, out, args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # a rank that hangs is killed, and cleans nothing up: temp files go to the test's folder
+    tmp = Path(out).parent / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(REPO / "tests" / "_empty_worker.py"), mode, str(out), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
