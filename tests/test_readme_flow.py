@@ -1,5 +1,6 @@
 """The README's flow as a user runs it, on tiny models, each command through its command line:
-show, stats, gallery, pretrain (lambda 0 and 1), finetune, generate, export, report, plot.
+show, stats, gallery, pretrain (lambda 0 and 1), eval-align, finetune, generate, export, report,
+plot.
 Every command exits 0 and prints no warning line (the demo itself is `make demo`; its own
 output is checked by hand and in the notes)."""
 
@@ -43,6 +44,7 @@ def test_the_readme_flow_is_quiet(tiny_clip, tiny_llm, sample, label_run, instru
         _run("trainer", "pretrain", *common, f"data.json={js}", f"data.shards={label_run}",
              "data.holdout_images=4", "optim.max_steps=2", f"sea.weight={w}",
              f"log.output={runs[w]}")
+    _run("trainer", "eval-align", "--checkpoint", str(runs["1"]))  # the run's own config
     s2 = tmp_path / "s2"
     _run("trainer", "finetune", *common, f"data.json={instruct_json}", "optim.max_steps=2",
          f"init_from={runs['1']}", f"log.output={s2}")
