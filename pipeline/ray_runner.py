@@ -252,9 +252,9 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
             for a in range(n_actors):  # at most two chunks per actor: one running, one queued
                 while queue and load[a] < 2:
                     index = queue.popleft()
-                    ref = actors[a].label_chunk.remote(index, plan.chunk_records(index),
-                                                       str(plan.out_dir), metadata)
-                    inflight[ref] = (a, len(plan.chunk_records(index)))
+                    recs = plan.chunk_records(index)
+                    ref = actors[a].label_chunk.remote(index, recs, str(plan.out_dir), metadata)
+                    inflight[ref] = (a, len(recs))
                     load[a] += 1
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             for ref in done:

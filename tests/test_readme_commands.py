@@ -1,6 +1,6 @@
 """Every command the README shows is one our parsers accept, and one a test runs.
 
-The README's commands (fenced ``bash`` blocks of README.md and docs/*.md it links) are parsed
+The README's commands (its fenced code blocks' ``python -m`` and ``make`` lines) are parsed
 with the real argument parsers (``python -m pipeline`` / ``trainer`` / ``world``), so a renamed
 flag or subcommand fails here; ``make`` lines are expanded with ``make -n``; and each
 (module, subcommand) the README shows must be called by some test through its command line
@@ -23,19 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"```(?:bash|sh|console)?\n(.*?)```", re.S)
 
 
-def _commands(path: Path) -> list[str]:
+def readme_commands() -> list[str]:
     out = []
-    for block in FENCE.findall(path.read_text()):
+    for block in FENCE.findall((REPO / "README.md").read_text()):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
-            line = line.split(" # ")[0].strip() if " # " in line else line.strip()
+            line = line.split(" # ")[0].strip()
             if line.startswith(("python -m ", "make ")):
                 out.append(line)
     return out
-
-
-def readme_commands() -> list[str]:
-    return _commands(REPO / "README.md")
 
 
 def test_the_readme_shows_commands():

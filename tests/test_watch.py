@@ -49,10 +49,11 @@ def test_a_stage1_run_at_chance_says_so(pretrain_cfg, tmp_path, capfd):
     train_rows = [r for r in rows if r.get("kind", "train") == "train" and "align_at_chance" in r]
     assert train_rows and train_rows[-1]["align_at_chance"] == 1 and train_rows[0]["align_at_chance"] == 0
     assert all(r["align_chance"] > 0 for r in train_rows)
+    assert res["align_at_chance"] is True  # and the run's result says so
 
 
 def test_a_run_whose_alignment_moves_says_nothing(pretrain_cfg, capfd):
     from trainer.train import train
 
-    train(pretrain_cfg("sea.weight=1", "sea.log_tau_init=-2.66", "optim.lr=0.05", "optim.epochs=3"))
-    assert "chance level" not in capfd.readouterr().err
+    res = train(pretrain_cfg("sea.weight=1", "sea.log_tau_init=-2.66", "optim.lr=0.05", "optim.epochs=3"))
+    assert "chance level" not in capfd.readouterr().err and res["align_at_chance"] is False

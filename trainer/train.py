@@ -526,5 +526,6 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
     write_final(p, Path(cfg.log.output) / "final")
     logger.close()
     return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval,
+            "align_at_chance": bool(watch is not None and watch.fired),
             "dropped": {"unreadable": drops.bad, "truncated": drops.truncated},
             "losses": history, "final": str(Path(cfg.log.output) / "final")}

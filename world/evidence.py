@@ -96,14 +96,6 @@ def _cache_root() -> Path:
     return cache_root() / "world"
 
 
-def _last(metrics: Path, key: str):
-    """The last value of ``key`` in a run's metrics.jsonl (None when never logged)."""
-    from trainer.runlog import read_metrics
-
-    vals = [r[key] for r in read_metrics(metrics) if key in r] if metrics.is_file() else []
-    return vals[-1] if vals else None
-
-
 PROTOCOL_FILE = Path(__file__).resolve().parents[1] / "evidence" / "protocol-v2.json"
 
 
@@ -350,8 +342,7 @@ class Evidence:
                "objective": arm["objective"], "seed": seed, "stage1_steps": r1["step"],
                "stage1_seconds": round(time.time() - t, 1), "stage1_dir": s1.log.output,
                "holdout_align": r1["align"],
-               # the trainer's own verdict on L_a (trainer/watch.py), at the end of stage 1
-               "align_at_chance": bool(_last(Path(s1.log.output) / "metrics.jsonl", "align_at_chance"))}
+               "align_at_chance": r1["align_at_chance"]}  # the trainer's verdict (trainer/watch.py)
         run.update(self._stage1_measures(parts))
         del parts
         if not p.stage2:
