@@ -1,0 +1,74 @@
+"""Linear probe on the frozen VisionTower features (layer -2): per patch, predict the shape
+(and colour) of the object covering most of the patch; train on world-train patches, test on
+world-test. Also the same probe on raw pixel patches (8x8x3) as a reference."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.encoders import load_encoder
+from trainer.model import VisionTower
+from world import scenes
+from world.metrics import pixels_of
+
+enc = load_encoder(f"local-dir:{sys.argv[1]}")
+WORK = sys.argv[2]
+tower = VisionTower(enc.model.visual, -2).eval()
+
+
+def data(root, n):
+    root = Path(root)
+    recs = list(scenes.read_truth(root / "ground_truth.jsonl").values())[:n]
+    with torch.inference_mode():
+        px = pixels_of(root, [r["image"] for r in recs], enc.preprocess)
+        feats = torch.cat([tower(px[i : i + 64]) for i in range(0, len(px), 64)])
+    X, Xp, ys, yc = [], [], [], []
+    for k, r in enumerate(recs):
+        for p in range(len(r["areas"])):
+            a = r["areas"][p]
+            j = int(np.argmax(a))
+            if j == 0 or a[j] < 0.5:
+                continue  # background-dominated patch
+            o = r["objects"][j - 1]
+            X.append(feats[k, p].numpy())
+            ys.append(list(scenes.SHAPES).index(o["shape"]))
+            yc.append(list(scenes.COLOURS).index(o["colour"]))
+            gy, gx = divmod(p, 8)
+            Xp.append(px[k, :, gy * 8 : gy * 8 + 8, gx * 8 : gx * 8 + 8].reshape(-1).numpy())
+    return np.array(X), np.array(Xp), np.array(ys), np.array(yc)
+
+
+tr = data(f"{WORK}/world-train", 1500)
+te = data(f"{WORK}/world-test", 300)
+
+
+def fit_eval(Xtr, ytr, Xte, yte):
+    Xtr, Xte = torch.tensor(Xtr, dtype=torch.float32), torch.tensor(Xte, dtype=torch.float32)
+    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+    Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
+    W = torch.nn.Linear(Xtr.shape[1], int(max(ytr.max(), yte.max())) + 1)
+    opt = torch.optim.LBFGS(W.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+    yt = torch.tensor(ytr)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(W(Xtr), yt) + 1e-3 * W.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return round(float((W(Xte).argmax(1).numpy() == yte).mean()), 3)
+
+
+out = {}
+for name, i in (("feat", 0), ("pixels", 1)):
+    for tname, j in (("shape", 2), ("colour", 3)):
+        out[f"{name}-{tname}"] = fit_eval(tr[i], tr[j], te[i], te[j])
+maj = np.bincount(te[2]).max() / len(te[2])
+print(
+    json.dumps({"patches": [len(tr[2]), len(te[2])], "shape_majority": round(float(maj), 3), **out})
+)
