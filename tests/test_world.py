@@ -304,3 +304,74 @@ def test_demo_summary_says_what_it_found(quick_evidence, capsys, tmp_path):
         out = capsys.readouterr().out
         assert out.count("In words:") == 3 and "label runs" in out.splitlines()[-1]
         assert ("stayed at its chance level" in out) == at_chance
+
+
+def test_clip_shape_groups_differ_only_in_shapes(tmp_path):
+    """A shape-group batch: scenes in groups that share everything but their objects' shapes,
+    each with another tuple of shapes, so only shape tells a group's captions apart."""
+    from dataclasses import replace
+
+    from world.models import ClipSpec, shape_groups, train_clip
+
+    spec = ClipSpec(batch_size=32, shape_group=4)
+    batch = shape_groups(spec, step=3)
+    assert len(batch) == 32 and batch == shape_groups(spec, step=3)
+    assert batch != shape_groups(spec, step=4)
+    groups = [batch[i:i + 4] for i in range(0, 32, 4)]
+    assert len({g[0].background for g in groups}) > 1
+    for g in groups:
+        first = g[0]
+        for sc in g:
+            assert (sc.background, sc.texture_seed) == (first.background, first.texture_seed)
+            assert [replace(o, shape="") for o in sc.objects] == [replace(o, shape="") for o in first.objects]
+        assert len({tuple(o.shape for o in sc.objects) for sc in g}) == 4
+    # and the CLIP trains on such batches (two steps on a tiny world)
+    scenes.make_world(tmp_path / "w", 8, seed=0, image_size=64, grid=(8, 8))
+    spec_str, info = train_clip(tmp_path / "w", tmp_path / "clip", replace(spec, steps=2, batch_size=8))
+    assert (tmp_path / "clip" / "open_clip_model.safetensors").is_file() and len(info["log"]) == 2
+
+
+def test_killed_evidence_keeps_its_finished_runs(tmp_path, monkeypatch):
+    """A run written after each arm and seed: killed at the third run, the next evidence run
+    trains only the runs the first did not finish."""
+    from dataclasses import replace
+
+    from world.evidence import PRESETS, Evidence
+
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "open_clip_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "ground_truth.jsonl").write_text("{}\n")
+    arms = [{"name": "a", "weight": 0.0}, {"name": "b", "weight": 1.0}]
+    calls, kill_at = [], [3]
+
+    class Killed(Exception):
+        pass
+
+    def one_run(arm, seed):
+        calls.append((arm["name"], seed))
+        if len(calls) == kill_at[0]:
+            raise Killed
+        d = tmp_path / f"run-{arm['name']}-{seed}"
+        d.mkdir(exist_ok=True)
+        return {"arm": arm["name"], "seed": seed, "weight": arm["weight"], "stage1_dir": str(d)}
+
+    def evidence():
+        ev = Evidence(replace(PRESETS["quick"], stage2=False, seeds=(0, 1)), tmp_path / "out",
+                      progress=False)
+        ev.clip, ev.train_dir = f"local-dir:{tmp_path / 'clip'}", tmp_path / "train"
+        monkeypatch.setattr(ev, "arms", lambda: arms)
+        monkeypatch.setattr(ev, "_one_run", one_run)
+        return ev
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(Killed):
+        evidence().sea_effect()
+    assert calls == [("a", 0), ("a", 1), ("b", 0)]
+    calls.clear()
+    kill_at[0] = None
+    ev = evidence()
+    ev.sea_effect()
+    assert calls == [("b", 0), ("b", 1)]
+    assert ev.results["reused_runs"] == 2
+    assert [(r["arm"], r["seed"]) for r in ev.results["runs"]] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]

@@ -261,14 +261,15 @@ class Evidence:
                                                         f"train-{_mode_name(m)}", "captions-mllm.json")
 
     def sea_effect(self) -> None:
-        """Every arm and seed; a run recorded in an earlier ``results.json`` with the same
-        arm, seed and run settings (and whose folders are still there) is reused, so a killed
-        or extended evidence run only trains what is missing."""
+        """Every arm and seed; a run recorded in an earlier ``results.json``, or in
+        ``runs-partial.json`` (written after each run, so a killed evidence run keeps what it
+        finished), with the same arm, seed and run settings (and whose folders are still
+        there) is reused: a killed or extended evidence run only trains what is missing."""
         old = {}
-        prev = self.out / "results.json"
-        if prev.is_file():
-            for r in json.loads(prev.read_text()).get("runs", []):
-                old[r.get("run_key")] = r
+        for prev in (self.out / "results.json", self.partial_file):
+            if prev.is_file():
+                for r in json.loads(prev.read_text()).get("runs", []):
+                    old[r.get("run_key")] = r
         runs, reused = [], 0
         for arm in self.arms():
             for seed in self.p.seeds:
@@ -278,6 +279,8 @@ class Evidence:
                 if r is None or not all(Path(r.get(d, "")).is_dir() for d in dirs):
                     r = self._one_run(arm, seed)
                     r["run_key"] = key
+                    old[key] = r
+                    _write_json(self.partial_file, {"runs": list(old.values())})
                 else:
                     reused += 1
                 runs.append(r)
@@ -294,6 +297,10 @@ class Evidence:
                 "answers_alone": "each held-out question alone as the first turn",
                 "blind": "lambda = 0 arm, training format, the image zeroed (zero) or another "
                          "scene's image (swap)"}
+
+    @property
+    def partial_file(self) -> Path:
+        return self.out / "runs-partial.json"
 
     def _run_key(self, arm: dict, seed: int) -> str:
         """What a run's outcome depends on: the arm, the seed, the run settings, the data
@@ -444,7 +451,8 @@ class Evidence:
         self.results["summary"] = machine_summary(self.results, self.protocol_sha256)
         from world import report
 
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        _write_json(self.out / "results.json", self.results)
+        self.partial_file.unlink(missing_ok=True)  # every run it held is in results.json now
         report.figures(self.results, self.out, self.test_dir, self.work)
         return self.results
 
@@ -490,6 +498,13 @@ def _mode_name(mode: tuple[str, str]) -> str:
 
 def _questions(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / "questions.jsonl").read_text().splitlines() if line]
+
+
+def _write_json(path: Path, obj) -> None:
+    """Whole or not at all: a kill mid-write leaves the previous file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
 
 
 def _jsonable(d):

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,10 @@ class ClipSpec:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
+    # > 1: each batch is groups of this many fresh scenes that differ only in their objects'
+    # shapes (same background, colours, sizes, places), so that colour and background alone
+    # cannot tell a group's captions apart; 0: the world's training scenes, as they are
+    shape_group: int = 0
 
     def model_cfg(self) -> dict:
         return {"embed_dim": self.embed_dim,
@@ -78,7 +82,8 @@ def _scene_of(r: dict) -> scenes.Scene:
 
 def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progress=None) -> tuple[str, dict]:
     """Train (or load from ``out_dir``) the world's CLIP; -> (``local-dir:`` spec, training log).
-    Each epoch draws fresh caption phrasings of the same scenes."""
+    Each epoch draws fresh caption phrasings of the same scenes; with ``spec.shape_group``
+    every batch is fresh scenes in shape groups instead (``shape_groups``)."""
     import open_clip
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
@@ -101,8 +106,9 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=spec.context_length)
-    pixels = pixels_of(root, [r["image"] for r in records], preprocess)
-    scene_list = [_scene_of(r) for r in records]
+    if spec.shape_group <= 1:  # shape groups render their own scenes
+        pixels = pixels_of(root, [r["image"] for r in records], preprocess)
+        scene_list = [_scene_of(r) for r in records]
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -111,10 +117,17 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     for step in range(spec.steps):
         for g in opt.param_groups:
             g["lr"] = spec.lr * _cosine(step, spec.steps, max(1, spec.steps // 20))
-        idx = torch.randint(len(records), (spec.batch_size,), generator=gen)
-        caps = [scenes.caption(scene_list[i], random.Random(f"{spec.seed}-{step}-{int(i)}"))
-                for i in idx]
-        img_f, txt_f, scale = model(pixels[idx], tokenizer(caps))
+        if spec.shape_group > 1:
+            batch = shape_groups(spec, step)
+            caps = [scenes.caption(sc, random.Random(f"{spec.seed}-{step}-{k}-cap"))
+                    for k, sc in enumerate(batch)]
+            px = torch.stack([preprocess(scenes.render(sc)[0]) for sc in batch])
+        else:
+            idx = torch.randint(len(records), (spec.batch_size,), generator=gen)
+            caps = [scenes.caption(scene_list[i], random.Random(f"{spec.seed}-{step}-{int(i)}"))
+                    for i in idx]
+            px = pixels[idx]
+        img_f, txt_f, scale = model(px, tokenizer(caps))
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,9 +147,32 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     save_file(state, str(tmp))
     tmp.replace(weights)
     info = {"spec": asdict(spec), "log": log, "seconds": round(time.time() - t0, 1),
-            "train_images": len(records)}
+            "train_images": spec.steps * spec.batch_size if spec.shape_group > 1 else len(records)}
     (out / "train_log.json").write_text(json.dumps(info, indent=1))
     return f"local-dir:{out}", info
+
+
+def shape_groups(spec: ClipSpec, step: int) -> list[scenes.Scene]:
+    """One CLIP batch of fresh scenes in groups of ``spec.shape_group``: a group shares its
+    background, texture and objects' colours, sizes, patterns and places, and each scene of it
+    gives the objects another tuple of shapes. Drawn from their own RNG stream (``clip-...``),
+    not the world's scene ids, so no held-out scene is among them except by chance."""
+    out: list[scenes.Scene] = []
+    k = spec.shape_group
+    for g in range(spec.batch_size // k):
+        rng = random.Random(f"clip-{spec.seed}-{step}-{g}")
+        base = scenes.sample_scene(rng)
+        seen: set[tuple[str, ...]] = set()
+        for _ in range(20 * k):
+            shapes = tuple(rng.choice(scenes.SHAPES) for _ in base.objects)
+            if shapes in seen:
+                continue
+            seen.add(shapes)
+            out.append(replace(base, objects=[replace(o, shape=s)
+                                              for o, s in zip(base.objects, shapes)]))
+            if len(seen) == k:
+                break
+    return out
 
 
 ZERO_SHOT_PROMPTS = {"colour": "a {} object", "shape": "a {}", "background": "on {}"}
