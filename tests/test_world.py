@@ -375,3 +375,26 @@ def test_killed_evidence_keeps_its_finished_runs(tmp_path, monkeypatch):
     assert calls == [("b", 0), ("b", 1)]
     assert ev.results["reused_runs"] == 2
     assert [(r["arm"], r["seed"]) for r in ev.results["runs"]] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+
+
+@pytest.mark.slow
+def test_baseline_command_sizes_a_protocol(quick_evidence, tmp_path, capsys):
+    """``python -m world baseline``: the lambda = 0 model alone, its stage-2 curve and blind
+    controls, with the quick evidence's cached models; a CLIP setting that is not a ClipSpec
+    field is refused by name."""
+    from world.__main__ import main
+
+    cache = str(quick_evidence / "cache")
+    args = ["baseline", "--preset", "quick", "--cache", cache, "--out", str(tmp_path / "b"),
+            "--stage2-epochs", "1", "--curve-points", "1"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "b" / "baseline.json").read_text())
+    assert res["stage2_steps"] > 0 and [c["step"] for c in res["curve"]] == [0, res["stage2_steps"]]
+    assert set(res["final"]["blind"]) == {"zero", "swap"}
+    assert res["protocol"]["clip"]["steps"] == 60 and "shape" in res["clip_zero_shot"]
+    assert not (tmp_path / "b" / "results.json").exists()  # it never runs the comparison
+    capsys.readouterr()
+    for bad, says in ((["--clip", "no_such_field=1"], "ClipSpec"), (["--clip", "steps"], "FIELD=VALUE")):
+        with pytest.raises(SystemExit) as e:
+            main(args + bad)
+        assert says in str(e.value)

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     bl.add_argument("--stage2-lr", type=float, default=5e-4)
     bl.add_argument("--global-batch", type=int, default=32)
     bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--curve-points", type=int, default=8, help="stage-2 curve: evaluations")
+    bl.add_argument("--clip", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a world CLIP setting (world.models.ClipSpec), e.g. --clip steps=3000 "
+                         "--clip shape_group=8; repeatable")
+    bl.add_argument("--cache", default=None, help="trained-model cache (default $SEA_CACHE/world)")
     demo = sub.add_parser("demo", help="the world's short version: labels and stage 1, lambda 0 and 1")
     demo.add_argument("--out", default="demo_out")
     sc = sub.add_parser("scenes", help="only write scenes with ground truth")
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         from world.baseline import run_baseline
 
         res = run_baseline(args.out, args.stage1_epochs, args.stage2_epochs, args.stage2_lr,
-                           args.global_batch, args.seed, preset=args.preset)
+                           args.global_batch, args.seed, args.curve_points, preset=args.preset,
+                           clip=_settings(args.clip, "--clip"), cache=args.cache)
         print(json.dumps({k: res[k] for k in res if k != "curve"}, indent=1))
         return 0
     if args.cmd == "demo":
@@ -78,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     md.write_text(report.markdown(res, cmd, rel))
     print(f"wrote {md}, {args.out}/results.json and figures", file=sys.stderr)
     return 0
+
+
+def _settings(pairs: list[str], flag: str) -> dict:
+    """FIELD=VALUE strings -> {field: value}, values read as JSON where they parse (3000,
+    1e-3, true), else kept as text."""
+    out = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"{flag} {kv!r}: expected FIELD=VALUE, e.g. {flag} steps=3000")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def _quiet() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from world.evidence import PRESETS, Evidence, _curve_steps
@@ -18,15 +18,21 @@ from world.evidence import PRESETS, Evidence, _curve_steps
 
 def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: float,
                  global_batch: int, seed: int = 0, curve_points: int = 8,
-                 preset: str = "full") -> dict:
+                 preset: str = "full", clip: dict | None = None, cache: str | None = None) -> dict:
+    """``clip``: ClipSpec fields to change (a CLIP variant is sized the same way)."""
     from seacore.config import load_config
     from trainer.config import FinetuneConfig, PretrainConfig
     from trainer.train import build, train
 
-    proto = replace(PRESETS[preset], stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
+    base = PRESETS[preset]
+    try:
+        spec = replace(base.clip, **(clip or {}))
+    except TypeError as e:
+        raise SystemExit(f"--clip: {e}; the fields are those of world.models.ClipSpec") from None
+    proto = replace(base, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
                     stage2_lr=stage2_lr, global_batch=global_batch, micro_batch=min(32, global_batch),
-                    curve_points=curve_points)
-    ev = Evidence(proto, out, progress=False)
+                    curve_points=curve_points, clip=spec)
+    ev = Evidence(proto, out, cache=cache, progress=False)
     ev.worlds()
     ev.models()
     p, work = ev.p, Path(out) / "baseline-runs"
@@ -60,8 +66,10 @@ def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: fl
     t2 = time.time()
     parts.task.eval()
     final = ev._answers(parts, blind=True)
-    res = {"protocol": {k: getattr(p, k) for k in ("stage1_epochs", "stage2_epochs", "stage2_lr",
-                                                  "global_batch", "micro_batch", "mllm_scenes")},
+    res = {"protocol": {**{k: getattr(p, k) for k in ("stage1_epochs", "stage2_epochs", "stage2_lr",
+                                                     "global_batch", "micro_batch", "mllm_scenes")},
+                        "clip": asdict(p.clip)},
+           "clip_zero_shot": ev.results["clip"]["zero_shot"],
            "seed": seed, "stage1_steps": r1["step"], "stage2_steps": r2["step"],
            "stage1_seconds": round(t1 - t0, 1), "stage2_seconds": round(t2 - t1 - evals[0], 1),
            "curve_eval_seconds": round(evals[0], 1), "final_eval_seconds": round(time.time() - t2, 1),

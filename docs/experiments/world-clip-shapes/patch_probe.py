@@ -16,7 +16,8 @@ from world.metrics import pixels_of
 
 enc = load_encoder(f"local-dir:{sys.argv[1]}")
 WORK = sys.argv[2]
-tower = VisionTower(enc.model.visual, -2).eval()
+LAYER = int(sys.argv[3]) if len(sys.argv) > 3 else -2
+tower = VisionTower(enc.model.visual, LAYER).eval()
 
 
 def data(root, n):
