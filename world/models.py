@@ -155,8 +155,11 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
 def shape_groups(spec: ClipSpec, step: int) -> list[scenes.Scene]:
     """One CLIP batch of fresh scenes in groups of ``spec.shape_group``: a group shares its
     background, texture and objects' colours, sizes, patterns and places, and each scene of it
-    gives the objects another tuple of shapes. Drawn from their own RNG stream (``clip-...``),
-    not the world's scene ids, so no held-out scene is among them except by chance."""
+    gives the objects another tuple of shapes (a one-object group holds at most six scenes, so
+    a batch can be a little smaller than ``batch_size``; the overlap rule is not re-checked:
+    a shape keeps its object's centre and radius). Drawn from their own RNG stream
+    (``clip-...``), not the world's scene ids, so no held-out scene is among them except by
+    chance."""
     out: list[scenes.Scene] = []
     k = spec.shape_group
     for g in range(spec.batch_size // k):
