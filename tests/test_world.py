@@ -329,6 +329,7 @@ def test_clip_shape_groups_differ_only_in_shapes(tmp_path):
     scenes.make_world(tmp_path / "w", 8, seed=0, image_size=64, grid=(8, 8))
     spec_str, info = train_clip(tmp_path / "w", tmp_path / "clip", replace(spec, steps=2, batch_size=8))
     assert (tmp_path / "clip" / "open_clip_model.safetensors").is_file() and len(info["log"]) == 2
+    assert info["train_images"] == 16  # two steps of two groups of four, counted as drawn
 
 
 def test_killed_evidence_keeps_its_finished_runs(tmp_path, monkeypatch):
@@ -398,3 +399,18 @@ def test_baseline_command_sizes_a_protocol(quick_evidence, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(args + bad)
         assert says in str(e.value)
+
+
+def test_a_cached_background_is_never_painted_on():
+    """Scenes of a shape group share one cached background; painting one scene's objects must
+    leave the next scene's pixels what a fresh render gives."""
+    import random
+    from dataclasses import replace
+
+    a = scenes.sample_scene(random.Random(3))
+    b = replace(a, objects=[replace(o, shape="star" if o.shape != "star" else "circle") for o in a.objects])
+    scenes.render(a)
+    img, regions = scenes.render(b)
+    scenes._background.cache_clear()
+    fresh, fresh_regions = scenes.render(b)
+    assert np.array_equal(np.asarray(img), np.asarray(fresh)) and np.array_equal(regions, fresh_regions)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         res = run_baseline(args.out, args.stage1_epochs, args.stage2_epochs, args.stage2_lr,
                            args.global_batch, args.seed, args.curve_points, preset=args.preset,
-                           clip=_settings(args.clip, "--clip"), cache=args.cache)
+                           clip=args.clip, cache=args.cache)
         print(json.dumps({k: res[k] for k in res if k != "curve"}, indent=1))
         return 0
     if args.cmd == "demo":
@@ -84,21 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     md.write_text(report.markdown(res, cmd, rel))
     print(f"wrote {md}, {args.out}/results.json and figures", file=sys.stderr)
     return 0
-
-
-def _settings(pairs: list[str], flag: str) -> dict:
-    """FIELD=VALUE strings -> {field: value}, values read as JSON where they parse (3000,
-    1e-3, true), else kept as text."""
-    out = {}
-    for kv in pairs:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise SystemExit(f"{flag} {kv!r}: expected FIELD=VALUE, e.g. {flag} steps=3000")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def _quiet() -> None:

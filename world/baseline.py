@@ -18,17 +18,19 @@ from world.evidence import PRESETS, Evidence, _curve_steps
 
 def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: float,
                  global_batch: int, seed: int = 0, curve_points: int = 8,
-                 preset: str = "full", clip: dict | None = None, cache: str | None = None) -> dict:
-    """``clip``: ClipSpec fields to change (a CLIP variant is sized the same way)."""
-    from seacore.config import load_config
+                 preset: str = "full", clip: list[str] = (), cache: str | None = None) -> dict:
+    """``clip``: ``FIELD=VALUE`` changes to the preset's ClipSpec (a CLIP variant is sized the
+    same way), read like the trainer's config overrides."""
+    from seacore.config import ConfigError, from_dict, load_config, parse_overrides
     from trainer.config import FinetuneConfig, PretrainConfig
     from trainer.train import build, train
+    from world.models import ClipSpec
 
     base = PRESETS[preset]
     try:
-        spec = replace(base.clip, **(clip or {}))
-    except TypeError as e:
-        raise SystemExit(f"--clip: {e}; the fields are those of world.models.ClipSpec") from None
+        spec = from_dict(ClipSpec, {**asdict(base.clip), **parse_overrides(list(clip))})
+    except ConfigError as e:
+        raise SystemExit(f"--clip: {e}; expected FIELD=VALUE, a field of world.models.ClipSpec") from None
     proto = replace(base, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
                     stage2_lr=stage2_lr, global_batch=global_batch, micro_batch=min(32, global_batch),
                     curve_points=curve_points, clip=spec)

@@ -112,7 +112,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(spec.seed)
-    log, t0 = [], time.time()
+    log, t0, images = [], time.time(), 0
     model.train()
     for step in range(spec.steps):
         for g in opt.param_groups:
@@ -127,6 +127,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
             caps = [scenes.caption(scene_list[i], random.Random(f"{spec.seed}-{step}-{int(i)}"))
                     for i in idx]
             px = pixels[idx]
+        images += len(px)
         img_f, txt_f, scale = model(px, tokenizer(caps))
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
@@ -147,7 +148,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     save_file(state, str(tmp))
     tmp.replace(weights)
     info = {"spec": asdict(spec), "log": log, "seconds": round(time.time() - t0, 1),
-            "train_images": spec.steps * spec.batch_size if spec.shape_group > 1 else len(records)}
+            "train_images": images if spec.shape_group > 1 else len(records)}
     (out / "train_log.json").write_text(json.dumps(info, indent=1))
     return f"local-dir:{out}", info
 

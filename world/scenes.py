@@ -17,6 +17,7 @@ ground truth records the share of the patch each region covers; from it:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -127,30 +128,40 @@ def sample_scene(rng: random.Random, width: int = 128, height: int = 96) -> Scen
     return scene
 
 
-def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
-    """-> (RGB image, region map: 0 = background, k = objects[k-1]; later objects on top)."""
-    w, h = scene.width, scene.height
-    rng = np.random.default_rng(scene.texture_seed)
-    base = np.array(BACKGROUNDS[scene.background][0], dtype=np.float32)
+@functools.lru_cache(maxsize=16)
+def _background(name: str, w: int, h: int, texture_seed: int) -> np.ndarray:
+    """The textured background alone (float, read-only), cached: a CLIP shape group renders
+    the same background for each of its scenes."""
+    rng = np.random.default_rng(texture_seed)
+    base = np.array(BACKGROUNDS[name][0], dtype=np.float32)
     img = np.broadcast_to(base, (h, w, 3)).copy()
     yy, xx = np.mgrid[0:h, 0:w]
-    if scene.background == "grass":  # short dark and light blades
+    if name == "grass":  # short dark and light blades
         for _ in range(w * h // 40):
             x, y = rng.integers(0, w), rng.integers(0, h - 4)
             img[y:y + 4, x] = base * rng.choice([0.7, 1.25])
-    elif scene.background == "sky":  # lighter towards the horizon
+    elif name == "sky":  # lighter towards the horizon
         img *= (0.85 + 0.3 * yy / h)[..., None]
-    elif scene.background == "sand":
+    elif name == "sand":
         img *= rng.uniform(0.85, 1.1, size=(h, w, 1))
-    elif scene.background == "water":  # light wavy lines
+    elif name == "water":  # light wavy lines
         wave = np.sin(xx / 5.0 + rng.uniform(0, 6)) * 2 + yy
         img[(wave.astype(int) % 9) == 0] = base * 1.8
-    elif scene.background == "snow":
+    elif name == "snow":
         spots = rng.random((h, w)) < 0.03
         img[spots] = (200, 205, 215)
-    elif scene.background == "brick":  # mortar lines of a running bond
+    elif name == "brick":  # mortar lines of a running bond
         mortar = (yy % 10 == 0) | (((xx + 10 * ((yy // 10) % 2)) % 20) == 0)
         img[mortar] = (200, 200, 195)
+    img.flags.writeable = False
+    return img
+
+
+def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
+    """-> (RGB image, region map: 0 = background, k = objects[k-1]; later objects on top)."""
+    w, h = scene.width, scene.height
+    img = _background(scene.background, w, h, scene.texture_seed).copy()
+    yy, xx = np.mgrid[0:h, 0:w]
     regions = np.zeros((h, w), dtype=np.uint8)
     for k, o in enumerate(scene.objects, start=1):
         m = np.asarray(_shape_mask(o.shape, o.cx, o.cy, o.r, (w, h))) > 0
