@@ -277,6 +277,46 @@ def test_batched_answers_equal_generate(quick_evidence):
     assert batched == one
 
 
+@pytest.mark.slow
+def test_world_metrics_follow_the_model_dtype(quick_evidence):
+    """The world's measures feed pixels in the vision tower's dtype and device (bf16 on a
+    GPU): the same model cast to bf16 answers, captions and aligns without a dtype error."""
+    import torch
+
+    from trainer.final import load_final
+    from trainer.sea_loss import tokenize_words
+    from wordlist import load_wordlist
+    from world.metrics import alignment_truth, caption_loss, greedy_answers
+
+    work = quick_evidence / "ev" / "work"
+    mllm, tok, pre, _ = load_final(sorted((work / "runs").glob("s2-*"))[0])
+    mllm.to(torch.bfloat16)
+    test = work / "world-test"
+    rows = [json.loads(x) for x in (test / "questions.jsonl").read_text().splitlines()[:4]]
+    assert len(greedy_answers(mllm, tok, pre, test, rows, max_new_tokens=2)) == 4
+    assert caption_loss(mllm, tok, pre, test, batch=8) > 0
+    words = load_wordlist().words
+    wt = tokenize_words(tok, words)
+    assert 0 <= alignment_truth(mllm, wt, words, test, pre, scenes.VOCAB)["truth_match_world"] <= 1
+
+
+def test_world_device_is_picked_and_keys_its_models():
+    """``auto`` is the CPU here; asking for CUDA without one is refused by name; a model's
+    cache key is today's on the CPU and another one on CUDA."""
+    import torch
+
+    from world.models import ClipSpec, spec_key, world_device
+
+    assert world_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert world_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            world_device("cuda")
+    spec = ClipSpec()
+    assert spec_key(spec, "w") == spec_key(spec, "w", "cpu") != spec_key(spec, "w", "cuda")
+    assert spec_key(spec, "w", "cuda") == spec_key(spec, "w", "cuda:0")
+
+
 def test_paired_intervals_against_a_hand_computation():
     """The 95 % t interval of paired differences, against numbers worked by hand; one seed gives
     a mean and no interval (never NaN in results.json)."""
@@ -391,6 +431,7 @@ def test_baseline_command_sizes_a_protocol(quick_evidence, tmp_path, capsys):
     assert main(args) == 0
     res = json.loads((tmp_path / "b" / "baseline.json").read_text())
     assert res["stage2_steps"] > 0 and [c["step"] for c in res["curve"]] == [0, res["stage2_steps"]]
+    assert res["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto
     assert set(res["final"]["blind"]) == {"zero", "swap"}
     assert res["protocol"]["clip"]["steps"] == 60 and "shape" in res["clip_zero_shot"]
     assert not (tmp_path / "b" / "results.json").exists()  # it never runs the comparison

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--work", default=None, help="scenes, models, shards, runs (default OUT/work)")
     ev.add_argument("--md", default="EVIDENCE.md", help="the report")
     ev.add_argument("--cache", default=None, help="trained-model cache (default $SEA_CACHE/world)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda: where "
+                                                     "the world's models train and answer")
     rp = sub.add_parser("report", help="redraw the figures and the report from OUT/results.json")
     rp.add_argument("--out", default="evidence")
     rp.add_argument("--md", default="EVIDENCE.md")
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a world CLIP setting (world.models.ClipSpec), e.g. --clip steps=3000 "
                          "--clip shape_group=8; repeatable")
     bl.add_argument("--cache", default=None, help="trained-model cache (default $SEA_CACHE/world)")
+    bl.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     demo = sub.add_parser("demo", help="the world's short version: labels and stage 1, lambda 0 and 1")
     demo.add_argument("--out", default="demo_out")
     sc = sub.add_parser("scenes", help="only write scenes with ground truth")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
         res = run_baseline(args.out, args.stage1_epochs, args.stage2_epochs, args.stage2_lr,
                            args.global_batch, args.seed, args.curve_points, preset=args.preset,
-                           clip=args.clip, cache=args.cache)
+                           clip=args.clip, cache=args.cache, device=args.device)
         print(json.dumps({k: res[k] for k in res if k != "curve"}, indent=1))
         return 0
     if args.cmd == "demo":
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         from world.evidence import run_evidence
 
         preset = "quick" if args.quick else args.preset
-        res = run_evidence(preset, args.out, args.work, args.cache)
+        res = run_evidence(preset, args.out, args.work, args.cache, device=args.device)
         cmd = "make evidence" + (" QUICK=1" if preset == "quick" else "") if preset in ("full", "quick") \
             else f"python -m world evidence --preset {preset}"
     md = Path(args.md)

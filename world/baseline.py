@@ -18,7 +18,8 @@ from world.evidence import PRESETS, Evidence, _curve_steps
 
 def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: float,
                  global_batch: int, seed: int = 0, curve_points: int = 8,
-                 preset: str = "full", clip: list[str] = (), cache: str | None = None) -> dict:
+                 preset: str = "full", clip: list[str] = (), cache: str | None = None,
+                 device: str = "auto") -> dict:
     """``clip``: ``FIELD=VALUE`` changes to the preset's ClipSpec (a CLIP variant is sized the
     same way), read like the trainer's config overrides."""
     from seacore.config import ConfigError, from_dict, load_config, parse_overrides
@@ -34,7 +35,7 @@ def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: fl
     proto = replace(base, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
                     stage2_lr=stage2_lr, global_batch=global_batch, micro_batch=min(32, global_batch),
                     curve_points=curve_points, clip=spec)
-    ev = Evidence(proto, out, cache=cache, progress=False)
+    ev = Evidence(proto, out, cache=cache, progress=False, device=device)
     ev.worlds()
     ev.models()
     p, work = ev.p, Path(out) / "baseline-runs"
@@ -42,7 +43,7 @@ def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: fl
               f"data.image_root={ev.train_dir / 'images'}", "data.num_workers=0", "data.shards=null",
               f"optim.global_batch_size={p.global_batch}", f"optim.micro_batch_size={p.micro_batch}",
               f"optim.seed={seed}", "log.overwrite=true", "log.progress=false", "log.report_to=[]",
-              "device=cpu", "log.eval_every=0", "log.save_every=100000", "sea.weight=0"]
+              f"device={ev.device}", "log.eval_every=0", "log.save_every=100000", "sea.weight=0"]
     t0 = time.time()
     s1 = load_config(PretrainConfig, None, common + [
         f"data.json={ev.train_dir / 'captions-mllm.json'}", f"optim.epochs={p.stage1_epochs}",
@@ -72,7 +73,7 @@ def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: fl
                                                      "global_batch", "micro_batch", "mllm_scenes")},
                         "clip": asdict(p.clip)},
            "clip_zero_shot": ev.results["clip"]["zero_shot"],
-           "seed": seed, "stage1_steps": r1["step"], "stage2_steps": r2["step"],
+           "seed": seed, "device": ev.device, "stage1_steps": r1["step"], "stage2_steps": r2["step"],
            "stage1_seconds": round(t1 - t0, 1), "stage2_seconds": round(t2 - t1 - evals[0], 1),
            "curve_eval_seconds": round(evals[0], 1), "final_eval_seconds": round(time.time() - t2, 1),
            "curve": curve, "final": {k: final[k] for k in ("answers", "answers_alone", "blind")}}

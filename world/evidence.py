@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from wordlist import sha256_file
 from world import metrics, scenes
-from world.models import ClipSpec, LMSpec, spec_key, train_clip, train_lm, zero_shot
+from world.models import ClipSpec, LMSpec, spec_key, train_clip, train_lm, world_device, zero_shot
 
 MODES = (("sea", "token"), ("vanilla", "token"), ("surgery", "token"), ("surgery", "cls"))
 
@@ -117,8 +117,10 @@ def load_protocol(path: str | Path) -> tuple[Protocol, str]:
 class Evidence:
     def __init__(self, proto: Protocol, out: str | Path, work: str | Path | None = None,
                  cache: str | Path | None = None, progress: bool = True,
-                 protocol_file: str | Path | None = None, protocol_sha256: str | None = None):
+                 protocol_file: str | Path | None = None, protocol_sha256: str | None = None,
+                 device: str = "auto"):
         self.p = proto
+        self.device = world_device(device)  # every model trained and evaluated here
         self.protocol_file = protocol_file
         self.protocol_sha256 = protocol_sha256 or hashlib.sha256(
             json.dumps(_jsonable(asdict(proto)), sort_keys=True).encode()).hexdigest()
@@ -163,8 +165,8 @@ class Evidence:
         p = self.p
         key = sha256_file(self.train_dir / "ground_truth.jsonl")  # what the models learn from
         bar = self._bar("train CLIP", p.clip.steps)
-        self.clip, info = train_clip(self.train_dir, self.cache / f"clip-{spec_key(p.clip, key)}",
-                                     p.clip, self._tick(bar))
+        self.clip, info = train_clip(self.train_dir, self.cache / f"clip-{spec_key(p.clip, key, self.device)}",
+                                     p.clip, self._tick(bar), self.device)
         bar.close()
         self.results["clip"] = {"spec": asdict(p.clip), "final_loss": info["log"][-1]["loss"],
                                 "train_seconds": info["seconds"],
@@ -180,7 +182,8 @@ class Evidence:
                 continue
             bar = self._bar(f"train LM ({name})", spec.steps)
             self.llms[name], info = train_lm(
-                texts, words, self.cache / f"lm-{spec_key(spec, key + text_key)}", spec, self._tick(bar))
+                texts, words, self.cache / f"lm-{spec_key(spec, key + text_key, self.device)}", spec,
+                self._tick(bar), self.device)
             bar.close()
             self.results["lm" if name == "main" else "lm_small"] = {
                 "spec": asdict(spec), "final_loss": info["log"][-1]["loss"],
@@ -311,7 +314,7 @@ class Evidence:
                                     "micro_batch", "holdout", "evals_per_run", "stage2", "top_n",
                                     "surgery_depth", "curve_points", "curve_scenes", "lm_small")}
         weights = Path(self.clip[len("local-dir:"):]) / "open_clip_model.safetensors"
-        blob = json.dumps([arm, seed, fields, sha256_file(weights),
+        blob = json.dumps([arm, seed, fields, torch_device_type(self.device), sha256_file(weights),
                            sha256_file(self.train_dir / "ground_truth.jsonl")], sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -333,7 +336,7 @@ class Evidence:
                   f"data.image_root={self.train_dir / 'images'}", "data.num_workers=0",
                   f"optim.global_batch_size={p.global_batch}", f"optim.micro_batch_size={p.micro_batch}",
                   f"optim.seed={seed}", "log.overwrite=true", f"log.progress={str(self.progress).lower()}",
-                  "log.report_to=[]", "device=cpu"]
+                  "log.report_to=[]", f"device={self.device}"]
         s1 = load_config(PretrainConfig, None, common + [
             f"data.json={self.train_dir / 'captions-mllm.json'}", f"data.shards={labels}",
             f"data.holdout_images={p.holdout}", f"optim.epochs={p.stage1_epochs}",
@@ -521,11 +524,19 @@ def machine() -> dict:
 
 
 def run_evidence(preset: str, out: str, work: str | None = None, cache: str | None = None,
-                 progress: bool = True, **overrides) -> dict:
-    """``full`` reads the committed protocol file; the other presets are ``PRESETS``."""
+                 progress: bool = True, device: str = "auto", **overrides) -> dict:
+    """``full`` reads the committed protocol file; the other presets are ``PRESETS``.
+    ``device``: where the world's models train and answer (``auto``: CUDA when present)."""
     if preset == "full" and PROTOCOL_FILE.is_file():
         proto, sha = load_protocol(PROTOCOL_FILE)
         proto = replace(proto, **overrides)
         return Evidence(proto, out, work, cache, progress, PROTOCOL_FILE.relative_to(
-            PROTOCOL_FILE.parents[1]), None if overrides else sha).run()
-    return Evidence(replace(PRESETS[preset], **overrides), out, work, cache, progress).run()
+            PROTOCOL_FILE.parents[1]), None if overrides else sha, device).run()
+    return Evidence(replace(PRESETS[preset], **overrides), out, work, cache, progress,
+                    device=device).run()
+
+
+def torch_device_type(device: str) -> str:
+    import torch
+
+    return torch.device(device).type

@@ -62,8 +62,20 @@ class LMSpec:
     seed: int = 0
 
 
-def spec_key(spec, world_key: str) -> str:
-    return hashlib.sha256(json.dumps([asdict(spec), world_key], sort_keys=True).encode()).hexdigest()[:16]
+def spec_key(spec, world_key: str, device: str = "cpu") -> str:
+    """The cache key of a model: its spec, what it learns from and, off the CPU, the device
+    type (a CUDA-trained model is another model: other kernels, other numbers)."""
+    key = [asdict(spec), world_key] + ([torch.device(device).type] if torch.device(device).type != "cpu" else [])
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def world_device(device: str = "auto") -> str:
+    """``auto``: ``cuda`` when a CUDA device is present, else ``cpu`` (as the trainer picks)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is present; use auto or cpu")
+    return device
 
 
 def _cosine(step: int, total: int, warm: int) -> float:
@@ -80,7 +92,8 @@ def _scene_of(r: dict) -> scenes.Scene:
     return scenes.Scene(r["regions"][0][0], [_obj(o) for o in r["objects"]], *r["size"])
 
 
-def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progress=None) -> tuple[str, dict]:
+def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progress=None,
+               device: str = "cpu") -> tuple[str, dict]:
     """Train (or load from ``out_dir``) the world's CLIP; -> (``local-dir:`` spec, training log).
     Each epoch draws fresh caption phrasings of the same scenes; with ``spec.shape_group``
     every batch is fresh scenes in shape groups instead (``shape_groups``)."""
@@ -106,6 +119,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=spec.context_length)
+    model.to(device)
     if spec.shape_group <= 1:  # shape groups render their own scenes
         pixels = pixels_of(root, [r["image"] for r in records], preprocess)
         scene_list = [_scene_of(r) for r in records]
@@ -128,7 +142,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
                     for i in idx]
             px = pixels[idx]
         images += len(px)
-        img_f, txt_f, scale = model(px, tokenizer(caps))
+        img_f, txt_f, scale = model(px.to(device), tokenizer(caps).to(device))
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,11 +157,11 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, spec: ClipSpec, progr
         "name": name, "model_cfg": cfg,
         "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
                            "std": list(open_clip.OPENAI_DATASET_STD)}}, indent=2))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(weights)
-    info = {"spec": asdict(spec), "log": log, "seconds": round(time.time() - t0, 1),
+    info = {"spec": asdict(spec), "log": log, "seconds": round(time.time() - t0, 1), "device": device,
             "train_images": images if spec.shape_group > 1 else len(records)}
     (out / "train_log.json").write_text(json.dumps(info, indent=1))
     return f"local-dir:{out}", info
@@ -208,7 +222,7 @@ def zero_shot(spec_str: str, world_dir: str | Path) -> dict:
 
 
 def train_lm(texts: list[str], words: list[str], out_dir: str | Path, spec: LMSpec,
-             progress=None) -> tuple[str, dict]:
+             progress=None, device: str = "cpu") -> tuple[str, dict]:
     """A tokenizer and a small Llama trained on the world's ``texts``; -> (folder, log)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -224,6 +238,7 @@ def train_lm(texts: list[str], words: list[str], out_dir: str | Path, spec: LMSp
     with no_loading_bars():
         tok = AutoTokenizer.from_pretrained(out)
         model = AutoModelForCausalLM.from_pretrained(out)
+    model.to(device)
     rows = [tok(t + tok.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     rng = random.Random(spec.seed)
@@ -240,7 +255,8 @@ def train_lm(texts: list[str], words: list[str], out_dir: str | Path, spec: LMSp
         for i, b in enumerate(batch):
             ids[i, :len(b)] = torch.tensor(b)
             labels[i, :len(b)] = torch.tensor(b)
-        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss = model(input_ids=ids.to(device), attention_mask=(labels != -100).long().to(device),
+                     labels=labels.to(device)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -248,8 +264,8 @@ def train_lm(texts: list[str], words: list[str], out_dir: str | Path, spec: LMSp
             log.append({"step": step, "loss": float(loss.detach()), "seconds": round(time.time() - t0, 1)})
         if progress is not None:
             progress(step + 1, spec.steps, float(loss.detach()))
-    model.save_pretrained(out, safe_serialization=True)
-    info = {"spec": asdict(spec), "log": log, "seconds": round(time.time() - t0, 1),
+    model.cpu().save_pretrained(out, safe_serialization=True)
+    info = {"spec": asdict(spec), "log": log, "seconds": round(time.time() - t0, 1), "device": device,
             "sentences": len(texts)}
     (out / "train_log.json").write_text(json.dumps(info, indent=1))
     return str(out), info
