@@ -149,6 +149,7 @@ def test_quick_evidence_writes_everything(quick_evidence):
         assert np.isfinite(r["caption_loss"])
         # the trainer's verdict on L_a reaches the results (the demo says it in words)
         assert isinstance(r["align_at_chance"], bool) and (r["weight"] > 0 or not r["align_at_chance"])
+    assert res["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # picked by itself
     assert res["total_seconds"] > 0  # recorded; how long it takes is the bench's and report's business
     for r in res["runs"]:  # both formats, a learning curve; blind controls on the baseline
         assert {"answers", "answers_alone", "stage2_curve"} <= set(r)

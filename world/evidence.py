@@ -447,6 +447,7 @@ class Evidence:
         self.results["timings_s"] = self.timings
         self.results["total_seconds"] = round(time.time() - t0, 1)
         self.results["machine"] = machine()
+        self.results["device"] = self.device
         if self.protocol_file:
             self.results["protocol_file"] = str(self.protocol_file)
         from world.summary import machine_summary
