@@ -89,7 +89,14 @@ def test_world_is_deterministic_and_its_text_is_true(tmp_path):
         assert rec["regions"][0][0] in cap
         for o in rec["objects"]:
             assert o["colour"] in cap and o["shape"] in cap
-    for q in (json.loads(x) for x in (a / "questions.jsonl").read_text().splitlines()):
+    qs = [json.loads(x) for x in (a / "questions.jsonl").read_text().splitlines()]
+    for img, rec in truth.items():  # every object its pattern names is asked about, once
+        pats = [o["pattern"] for o in rec["objects"]]
+        asked = sorted(q["question"] for q in qs if q["image"] == img and q["type"] == "color")
+        assert asked == sorted(f"What color is the {p} object?" for p in pats if pats.count(p) == 1)
+        exists = [q["question"] for q in qs if q["image"] == img and q["type"] == "exists"]
+        assert len(exists) == len(set(exists)) == 2
+    for q in qs:
         objs = truth[q["image"]]["objects"]
         if q["type"] == "count":
             shape = q["question"].split()[2][:-1]
@@ -97,6 +104,27 @@ def test_world_is_deterministic_and_its_text_is_true(tmp_path):
         if q["type"] == "exists":
             colour = q["question"].split()[3]
             assert (q["answer"] == "yes") == any(o["colour"] == colour for o in objs)
+        if q["type"] == "color":  # names its object by what one patch carries: the pattern
+            pattern = q["question"].split()[4]
+            assert q["question"] == f"What color is the {pattern} object?"
+            (only,) = [o for o in objs if o["pattern"] == pattern]
+            assert q["answer"] == only["colour"]
+
+
+def test_scene_documents_put_each_caption_before_its_own_answers(tmp_path):
+    """``world_text(documents=True)``: the sentences, plus one text per scene that opens with
+    its caption and holds each of its questions followed by its answer."""
+    scenes.make_world(tmp_path, 5, seed=3, image_size=64, grid=(8, 8))
+    plain, docs = scenes.world_text(tmp_path), scenes.world_text(tmp_path, documents=True)
+    assert docs[:len(plain)] == plain and len(docs) == len(plain) + 5
+    caps = {c["image"]: c["conversations"][1]["value"]
+            for c in json.loads((tmp_path / "captions.json").read_text())}
+    for doc, it in zip(docs[len(plain):], json.loads((tmp_path / "instruct.json").read_text()), strict=True):
+        assert doc.startswith(caps[it["image"]] + " ")
+        rest = doc[len(caps[it["image"]]) + 1:]
+        conv = it["conversations"]
+        assert rest == " ".join(f"{h['value'].replace('<image>' + chr(10), '')} {g['value']}"
+                                for h, g in zip(conv[0::2], conv[1::2]))
 
 
 def test_image_stats_hand_computed():
@@ -437,7 +465,9 @@ def test_baseline_command_sizes_a_protocol(quick_evidence, tmp_path, capsys):
     assert res["protocol"]["clip"]["steps"] == 60 and "shape" in res["clip_zero_shot"]
     assert not (tmp_path / "b" / "results.json").exists()  # it never runs the comparison
     capsys.readouterr()
-    for bad, says in ((["--clip", "no_such_field=1"], "ClipSpec"), (["--clip", "steps"], "FIELD=VALUE")):
+    assert res["protocol"]["lm"]["steps"] == 60
+    for bad, says in ((["--clip", "no_such_field=1"], "ClipSpec"), (["--clip", "steps"], "FIELD=VALUE"),
+                      (["--lm", "no_such_field=1"], "LMSpec"), (["--lm", "steps=abc"], "--lm")):
         with pytest.raises(SystemExit) as e:
             main(args + bad)
         assert says in str(e.value)

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     bl.add_argument("--clip", action="append", default=[], metavar="FIELD=VALUE",
                     help="a world CLIP setting (world.models.ClipSpec), e.g. --clip steps=3000 "
                          "--clip shape_group=8; repeatable")
+    bl.add_argument("--lm", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a world LM setting (world.models.LMSpec), e.g. --lm steps=2000; repeatable")
     bl.add_argument("--cache", default=None, help="trained-model cache (default $SEA_CACHE/world)")
     bl.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     demo = sub.add_parser("demo", help="the world's short version: labels and stage 1, lambda 0 and 1")
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
         res = run_baseline(args.out, args.stage1_epochs, args.stage2_epochs, args.stage2_lr,
                            args.global_batch, args.seed, args.curve_points, preset=args.preset,
-                           clip=args.clip, cache=args.cache, device=args.device)
+                           clip=args.clip, cache=args.cache, device=args.device,
+                           lm=args.lm)
         print(json.dumps({k: res[k] for k in res if k != "curve"}, indent=1))
         return 0
     if args.cmd == "demo":

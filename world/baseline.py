@@ -19,22 +19,25 @@ from world.evidence import PRESETS, Evidence, _curve_steps
 def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: float,
                  global_batch: int, seed: int = 0, curve_points: int = 8,
                  preset: str = "full", clip: list[str] = (), cache: str | None = None,
-                 device: str = "auto") -> dict:
-    """``clip``: ``FIELD=VALUE`` changes to the preset's ClipSpec (a CLIP variant is sized the
-    same way), read like the trainer's config overrides."""
+                 device: str = "auto", lm: list[str] = ()) -> dict:
+    """``clip``, ``lm``: ``FIELD=VALUE`` changes to the preset's ClipSpec and LMSpec (a model
+    variant is sized the same way), read like the trainer's config overrides."""
     from seacore.config import ConfigError, from_dict, load_config, parse_overrides
     from trainer.config import FinetuneConfig, PretrainConfig
     from trainer.train import build, train
-    from world.models import ClipSpec
+    from world.models import ClipSpec, LMSpec
 
     base = PRESETS[preset]
-    try:
-        spec = from_dict(ClipSpec, {**asdict(base.clip), **parse_overrides(list(clip))})
-    except ConfigError as e:
-        raise SystemExit(f"--clip: {e}; expected FIELD=VALUE, a field of world.models.ClipSpec") from None
+    specs = {}
+    for flag, cls, cur, given in (("clip", ClipSpec, base.clip, clip), ("lm", LMSpec, base.lm, lm)):
+        try:
+            specs[flag] = from_dict(cls, {**asdict(cur), **parse_overrides(list(given))})
+        except ConfigError as e:
+            raise SystemExit(f"--{flag}: {e}; expected FIELD=VALUE, a field of "
+                             f"world.models.{cls.__name__}") from None
     proto = replace(base, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
                     stage2_lr=stage2_lr, global_batch=global_batch, micro_batch=min(32, global_batch),
-                    curve_points=curve_points, clip=spec)
+                    curve_points=curve_points, clip=specs["clip"], lm=specs["lm"])
     ev = Evidence(proto, out, cache=cache, progress=False, device=device)
     ev.worlds()
     ev.models()
@@ -71,7 +74,7 @@ def run_baseline(out: str, stage1_epochs: int, stage2_epochs: int, stage2_lr: fl
     final = ev._answers(parts, blind=True)
     res = {"protocol": {**{k: getattr(p, k) for k in ("stage1_epochs", "stage2_epochs", "stage2_lr",
                                                      "global_batch", "micro_batch", "mllm_scenes")},
-                        "clip": asdict(p.clip)},
+                        "clip": asdict(p.clip), "lm": asdict(p.lm)},
            "clip_zero_shot": ev.results["clip"]["zero_shot"],
            "seed": seed, "device": ev.device, "stage1_steps": r1["step"], "stage2_steps": r2["step"],
            "stage1_seconds": round(t1 - t0, 1), "stage2_seconds": round(t2 - t1 - evals[0], 1),

@@ -174,12 +174,12 @@ class Evidence:
         from wordlist import load_wordlist
 
         words = list(load_wordlist().words)
-        texts = scenes.world_text(self.train_dir)
-        text_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
         self.llms = {}
         for name, spec in (("main", p.lm), ("small", p.lm_small)):
             if spec is None:
                 continue
+            texts = scenes.world_text(self.train_dir, spec.scene_documents)
+            text_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
             bar = self._bar(f"train LM ({name})", spec.steps)
             self.llms[name], info = train_lm(
                 texts, words, self.cache / f"lm-{spec_key(spec, key + text_key, self.device)}", spec,

@@ -60,6 +60,9 @@ class LMSpec:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+    # also train on one text per scene, its caption and then its questions with their
+    # answers (scenes.world_text): an LM that answers from its context
+    scene_documents: bool = False
 
 
 def spec_key(spec, world_key: str, device: str = "cpu") -> str:

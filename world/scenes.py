@@ -259,15 +259,26 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     """(type, question, one-word answer) pairs that need the picture."""
     out = [("background", "What is the background?", scene.background)]
     shapes = [o.shape for o in scene.objects]
-    unique = [o for o in scene.objects if shapes.count(o.shape) == 1]
-    if unique:
-        o = rng.choice(unique)
-        out.append(("color", f"What color is the {o.shape}?", o.colour))
+    # the object is named by its pattern, which a single patch of the world's CLIP carries
+    # (a probe on its patch tokens: 0.97), not by its shape, which none does (0.23, the
+    # majority 0.26): "What color is the star?" cannot be answered from the visual tokens
+    # beyond guessing one colour of the scene (docs/evidence-notes.md, "Pattern questions")
+    patterns = [o.pattern for o in scene.objects]
+    # every object that its pattern names gets asked about, and two colours are looked up:
+    # several looked-up answers per conversation, as LLaVA-665k's VQA conversations have
+    # many turns per image (one per scene left the lookup unlearnt in 630 steps)
+    for o in scene.objects:
+        if patterns.count(o.pattern) == 1:
+            out.append(("color", f"What color is the {o.pattern} object?", o.colour))
     s = rng.choice(SHAPES)
     out.append(("count", f"How many {_plural(s)} are there?", NUMBERS[shapes.count(s)]))
     colours = {o.colour for o in scene.objects}
-    c = rng.choice(sorted(colours)) if rng.random() < 0.5 else rng.choice(list(COLOURS))
-    out.append(("exists", f"Is there a {c} object?", "yes" if c in colours else "no"))
+    asked: list[str] = []
+    while len(asked) < 2:  # two different colours, each present half the time
+        c = rng.choice(sorted(colours)) if rng.random() < 0.5 else rng.choice(list(COLOURS))
+        if c not in asked:
+            asked.append(c)
+            out.append(("exists", f"Is there a {c} object?", "yes" if c in colours else "no"))
     if len(scene.objects) == 2 and shapes[0] != shapes[1]:
         a, b = sorted(scene.objects, key=lambda o: o.cx)
         if b.cx - a.cx > (a.r + b.r) * 0.5:
@@ -347,13 +358,20 @@ def read_truth(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def world_text(root: str | Path) -> list[str]:
-    """Every sentence of a world folder, for the language model: captions and Q&A turns."""
+def world_text(root: str | Path, documents: bool = False) -> list[str]:
+    """Every sentence of a world folder, for the language model: captions and Q&A turns.
+    With ``documents``, also one text per scene: its caption, then its questions, each with
+    its answer, so that the LM learns to answer from what its context says (as a pretrained
+    LLM answers questions about a text it was given); the sentences alone never need it."""
     root = Path(root)
-    lines = [c["conversations"][1]["value"] for c in json.loads((root / "captions.json").read_text())]
+    caps = {c["image"]: c["conversations"][1]["value"]
+            for c in json.loads((root / "captions.json").read_text())}
+    lines = list(caps.values())
+    docs = []
     for it in json.loads((root / "instruct.json").read_text()):
         conv = it["conversations"]
-        for h, g in zip(conv[0::2], conv[1::2]):
-            q = h["value"].replace("<image>\n", "")
-            lines.append(f"{q} {g['value']}")
-    return lines
+        qa = [f"{h['value'].replace('<image>' + chr(10), '')} {g['value']}"
+              for h, g in zip(conv[0::2], conv[1::2])]
+        lines += qa
+        docs.append(" ".join([caps[it["image"]], *qa]))
+    return lines + (docs if documents else [])
