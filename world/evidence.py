@@ -314,7 +314,7 @@ class Evidence:
                                     "micro_batch", "holdout", "evals_per_run", "stage2", "top_n",
                                     "surgery_depth", "curve_points", "curve_scenes", "lm_small")}
         weights = Path(self.clip[len("local-dir:"):]) / "open_clip_model.safetensors"
-        blob = json.dumps([arm, seed, fields, torch_device_type(self.device), sha256_file(weights),
+        blob = json.dumps([arm, seed, fields, self.device.split(":")[0], sha256_file(weights),
                            sha256_file(self.train_dir / "ground_truth.jsonl")], sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -535,9 +535,3 @@ def run_evidence(preset: str, out: str, work: str | None = None, cache: str | No
             PROTOCOL_FILE.parents[1]), None if overrides else sha, device).run()
     return Evidence(replace(PRESETS[preset], **overrides), out, work, cache, progress,
                     device=device).run()
-
-
-def torch_device_type(device: str) -> str:
-    import torch
-
-    return torch.device(device).type

@@ -68,7 +68,8 @@ class LMSpec:
 def spec_key(spec, world_key: str, device: str = "cpu") -> str:
     """The cache key of a model: its spec, what it learns from and, off the CPU, the device
     type (a CUDA-trained model is another model: other kernels, other numbers)."""
-    key = [asdict(spec), world_key] + ([torch.device(device).type] if torch.device(device).type != "cpu" else [])
+    kind = torch.device(device).type
+    key = [asdict(spec), world_key] + ([kind] if kind != "cpu" else [])
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -274,7 +274,7 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     out.append(("count", f"How many {_plural(s)} are there?", NUMBERS[shapes.count(s)]))
     colours = {o.colour for o in scene.objects}
     asked: list[str] = []
-    while len(asked) < 2:  # two different colours, each present half the time
+    while len(asked) < 2:  # two different colours, each drawn among the scene's half the time
         c = rng.choice(sorted(colours)) if rng.random() < 0.5 else rng.choice(list(COLOURS))
         if c not in asked:
             asked.append(c)
