@@ -41,3 +41,21 @@ def test_sea_draws_are_pinned_by_the_loader_and_moved_to_the_gpu():
     assert pinned.token.is_pinned() and pinned.q.is_pinned() and pinned.weights.is_pinned()
     dev = pinned.to(torch.device("cuda"), non_blocking=True)
     assert dev.token.is_cuda and torch.equal(dev.q.cpu(), mp.q) and torch.equal(dev.words.cpu(), mp.words)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_world_baseline_picks_the_gpu(tmp_path):
+    """``python -m world baseline`` with ``--device auto`` trains the world's CLIP and LM and
+    both stages on CUDA, and its measures (answers in both formats, blind controls) run there."""
+    import json
+
+    from world.__main__ import main
+
+    out = tmp_path / "b"
+    assert main(["baseline", "--preset", "quick", "--cache", str(tmp_path / "cache"), "--out", str(out),
+                 "--stage2-epochs", "1", "--curve-points", "1"]) == 0
+    res = json.loads((out / "baseline.json").read_text())
+    assert res["device"] == "cuda"
+    logs = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/train_log.json")]
+    assert len(logs) == 2 and all(g["device"] == "cuda" for g in logs)  # the CLIP and the LM
+    assert res["final"]["answers"]["all"]["questions"] > 0 and set(res["final"]["blind"]) == {"zero", "swap"}
