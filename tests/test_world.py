@@ -308,8 +308,9 @@ def test_batched_answers_equal_generate(quick_evidence):
 
 @pytest.mark.slow
 def test_world_metrics_follow_the_model_dtype(quick_evidence):
-    """The world's measures feed pixels in the vision tower's dtype and device (bf16 on a
-    GPU): the same model cast to bf16 answers, captions and aligns without a dtype error."""
+    """The world's measures get visual tokens whatever the tower's dtype (``visual_tokens``
+    takes the pixels to it; bf16 on a GPU): the same model cast to bf16 answers, captions and
+    aligns without a dtype error."""
     import torch
 
     from trainer.final import load_final
@@ -329,18 +330,23 @@ def test_world_metrics_follow_the_model_dtype(quick_evidence):
     assert 0 <= alignment_truth(mllm, wt, words, test, pre, scenes.VOCAB)["truth_match_world"] <= 1
 
 
-def test_world_device_is_picked_and_keys_its_models():
+def test_world_device_is_picked_and_keys_its_models(tmp_path):
     """``auto`` is the CPU here; asking for CUDA without one is refused by name; a model's
     cache key is today's on the CPU and another one on CUDA."""
     import torch
 
-    from world.models import ClipSpec, spec_key, world_device
+    from seacore.device import DeviceUnavailable
+    from world.evidence import PRESETS, Evidence
+    from world.models import ClipSpec, spec_key
 
-    assert world_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert world_device("cpu") == "cpu"
+    def device(name):
+        return Evidence(PRESETS["quick"], tmp_path, progress=False, device=name).device
+
+    assert device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device("cpu") == "cpu"
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            world_device("cuda")
+        with pytest.raises(DeviceUnavailable, match="--device=cuda, but this machine has no usable CUDA"):
+            device("cuda")
     spec = ClipSpec()
     assert spec_key(spec, "w") == spec_key(spec, "w", "cpu") != spec_key(spec, "w", "cuda")
     assert spec_key(spec, "w", "cuda") == spec_key(spec, "w", "cuda:0")

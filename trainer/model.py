@@ -187,9 +187,12 @@ class MLLM(nn.Module):
         return self.vision.grid
 
     def visual_tokens(self, images: torch.Tensor, train_vision: bool = False) -> torch.Tensor:
-        """Adapter outputs (B, P, H): the visual tokens in the LLM input space."""
+        """Adapter outputs (B, P, H): the visual tokens in the LLM input space. Pixels are
+        taken to the tower's device and dtype (a no-op in training, where the step put them
+        there; what makes a bf16 model answer fp32 pixels from a preprocess)."""
+        w = next(self.vision.parameters())
         with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
-            feats = self.vision(images)
+            feats = self.vision(images.to(w.device, w.dtype))
         return self.adapter(feats.to(self.adapter[0].weight.dtype))
 
     def set_trainable(self, adapter: bool = True, llm: bool = False, vision: bool = False) -> None:

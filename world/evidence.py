@@ -37,9 +37,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from seacore.device import pick_device
 from wordlist import sha256_file
 from world import metrics, scenes
-from world.models import ClipSpec, LMSpec, spec_key, train_clip, train_lm, world_device, zero_shot
+from world.models import ClipSpec, LMSpec, spec_key, train_clip, train_lm, zero_shot
 
 MODES = (("sea", "token"), ("vanilla", "token"), ("surgery", "token"), ("surgery", "cls"))
 
@@ -120,7 +121,8 @@ class Evidence:
                  protocol_file: str | Path | None = None, protocol_sha256: str | None = None,
                  device: str = "auto"):
         self.p = proto
-        self.device = world_device(device)  # every model trained and evaluated here
+        # every model trained and evaluated here: auto is CUDA when present, as in the trainer
+        self.device = str(pick_device(device, key="--device"))
         self.protocol_file = protocol_file
         self.protocol_sha256 = protocol_sha256 or hashlib.sha256(
             json.dumps(_jsonable(asdict(proto)), sort_keys=True).encode()).hexdigest()

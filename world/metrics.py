@@ -116,12 +116,6 @@ def pixels_of(root: Path, paths: list[str], preprocess) -> torch.Tensor:
     return torch.stack([preprocess(Image.open(root / "images" / p).convert("RGB")) for p in paths])
 
 
-def _on_tower(mllm, px: torch.Tensor) -> torch.Tensor:
-    """Pixels moved to the vision tower's device and dtype (CPU fp32 here, CUDA bf16 on a GPU)."""
-    w = next(mllm.vision.parameters())
-    return px.to(w.device, w.dtype)
-
-
 @torch.inference_mode()
 def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | Path,
                     preprocess, vocab: tuple[str, ...], batch: int = 64) -> dict:
@@ -139,8 +133,7 @@ def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | 
     n = 0
     for i in range(0, len(keys), batch):
         chunk = keys[i:i + batch]
-        px = _on_tower(mllm, pixels_of(root, chunk, preprocess))
-        tok = F.normalize(mllm.visual_tokens(px).float(), dim=-1)
+        tok = F.normalize(mllm.visual_tokens(pixels_of(root, chunk, preprocess)).float(), dim=-1)
         sims = (tok @ table.T).cpu()  # (B, P, W)
         near_full = sims.argmax(-1)
         near_world = vocab_ids[sims[..., vocab_ids].argmax(-1)]
@@ -169,7 +162,7 @@ def caption_loss(mllm, tok, preprocess, world_dir: str | Path, batch: int = 32) 
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
         built = [build_sample(it, tok, "plain", True) for it in chunk]
-        feats = mllm.visual_tokens(_on_tower(mllm, pixels_of(root, [it["image"] for it in chunk], preprocess)))
+        feats = mllm.visual_tokens(pixels_of(root, [it["image"] for it in chunk], preprocess))
         sp = splice(embed, [b[0] for b in built], [b[1] for b in built], feats,
                     [True] * len(chunk), max_length=4096)
         total += float(supervised_lm_loss(mllm.llm, sp.inputs_embeds, sp.attention_mask,
@@ -251,7 +244,7 @@ def _decode(mllm, tok, preprocess, root: Path, ids: list[torch.Tensor], images: 
         px = pixels_of(root, images[i:i + batch], preprocess)
         if image == "zero":
             px = torch.zeros_like(px)
-        feats = mllm.visual_tokens(_on_tower(mllm, px))
+        feats = mllm.visual_tokens(px)
         sp = splice(embed, chunk, [torch.full_like(x, IGNORE_INDEX) for x in chunk], feats,
                     [True] * len(chunk), max_length=4096)
         lens = sp.attention_mask.sum(1)

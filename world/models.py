@@ -73,15 +73,6 @@ def spec_key(spec, world_key: str, device: str = "cpu") -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def world_device(device: str = "auto") -> str:
-    """``auto``: ``cuda`` when a CUDA device is present, else ``cpu`` (as the trainer picks)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA device is present; use auto or cpu")
-    return device
-
-
 def _cosine(step: int, total: int, warm: int) -> float:
     if step < warm:
         return (step + 1) / warm
