@@ -85,9 +85,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _argv0(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes().split(b"\0")[0]
+    except OSError:  # the process ended between the listing and the read (CI saw it happen)
+        return b""
+
+
 def _gcs_pids() -> set[int]:
-    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-            and b"gcs_server" in (p / "cmdline").read_bytes().split(b"\0")[0]} if Path("/proc").is_dir() else set()
+    if not Path("/proc").is_dir():
+        return set()
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"gcs_server" in _argv0(p)}
 
 
 def test_ray_head_submit_and_stop_only_its_own(extract_cfg, tmp_path):
