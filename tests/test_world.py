@@ -492,3 +492,65 @@ def test_a_cached_background_is_never_painted_on():
     scenes._background.cache_clear()
     fresh, fresh_regions = scenes.render(b)
     assert np.array_equal(np.asarray(img), np.asarray(fresh)) and np.array_equal(regions, fresh_regions)
+
+
+def test_primary_arms_go_on_to_stage_2_and_the_rest_stop_after_stage_1(tmp_path):
+    """`stage2_arms="primary"`: lambda = 0 and lambda = 1 at the first temperature on the best
+    labels, for each LM, train stage 2; the other temperature and the sea-label arm are
+    measured after stage 1 only. "all" (the default) marks none."""
+    from dataclasses import replace
+
+    from world.evidence import PRESETS, Evidence
+    from world.models import LMSpec
+
+    p = replace(PRESETS["quick"], tau_arms=(1.0, 0.07), sea_default_arm=True,
+                lm_small=LMSpec(hidden=64, heads=2), stage2_arms="primary")
+    ev = Evidence(p, tmp_path, device="cpu")
+    ev.best_mode = ("surgery", "token")
+    arms = {a["name"]: a.get("stage1_only", False) for a in ev.arms()}
+    assert arms == {"lambda=0": False, "lambda=1 sampled, surgery-token labels, tau0=1": False,
+                    "lambda=1 sampled, surgery-token labels, tau0=0.07": True,
+                    "lambda=1 sampled, sea labels, tau0=1": True, "lambda=0, small LM": False,
+                    "lambda=1 sampled, surgery-token labels, tau0=1, small LM": False}
+    every = Evidence(replace(p, stage2_arms="all"), tmp_path, device="cpu")
+    every.best_mode = ev.best_mode
+    assert len(every.arms()) == 6 and not any("stage1_only" in a for a in every.arms())
+    with pytest.raises(ValueError, match="stage2_arms"):
+        bad = Evidence(replace(p, stage2_arms="some"), tmp_path, device="cpu")
+        bad.best_mode = ev.best_mode
+        bad.arms()
+
+
+def _fake_run(arm: str, lm: str, seed: int, weight: float, truth: float, acc: float | None) -> dict:
+    r = {"arm": arm, "lm": lm, "seed": seed, "weight": weight, "caption_loss": 1.0,
+         "stage1_seconds": 1.0, "stage1_dir": "/nonexistent",
+         "alignment_truth": {"truth_match_world": truth, "truth_match_full": truth}}
+    if acc is not None:
+        r["answers"] = {"color": {"accuracy": acc}, "all": {"accuracy": acc}}
+    return r
+
+
+def test_comparisons_pair_each_arm_with_lambda_0_of_its_own_lm():
+    """Each lambda = 1 arm minus lambda = 0 of the same LM and seed (not the last lambda = 0
+    run of that seed, whichever LM it had); an arm stopped after stage 1 has no answers."""
+    from world.report import comparisons, summarise
+    from world.summary import sea_effect
+
+    runs = []
+    for seed in (0, 1):
+        runs += [_fake_run("lambda=0", "main", seed, 0, 0.30, 0.50),
+                 _fake_run("l1", "main", seed, 1, 0.40 + seed / 100, 0.60),
+                 _fake_run("l1 stage 1 only", "main", seed, 1, 0.35, None),
+                 _fake_run("lambda=0, small LM", "small", seed, 0, 0.10, 0.20),
+                 _fake_run("l1, small LM", "small", seed, 1, 0.15, 0.30)]
+    res = {"runs": runs, "answer_chance": {"color": 0.1, "all": 0.1}}
+    lines = "\n".join(comparisons(res))
+    assert "- l1: truth match (world) +0.105 [+0.100, +0.110]" in lines
+    assert "- l1, small LM: truth match (world) +0.050 [+0.050, +0.050]" in lines
+    assert "answer accuracy +0.100" in lines.split("- l1, small LM")[1]
+    only = next(x for x in lines.splitlines() if x.startswith("- l1 stage 1 only"))
+    assert "+0.050" in only and "answer accuracy" not in only
+    assert "answers.all" not in summarise(res)["l1 stage 1 only"]
+    eff = {(e["arm"], e["metric"]): e["mean_diff"] for e in sea_effect(res)}
+    assert eff[("l1, small LM", "answers.all")] == pytest.approx(0.1)
+    assert ("l1 stage 1 only", "answers.all") not in eff

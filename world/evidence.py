@@ -72,6 +72,10 @@ class Protocol:
     tau_arms: tuple[float, ...] = (1.0, 0.07)
     lm_small: LMSpec | None = None  # a second, smaller LM: lambda = 0 and 1 (tau_arms[0]) on it
     stage2: bool = True
+    # which arms go on to stage 2: "all", or "primary" (lambda = 0 and lambda = 1 at
+    # tau_arms[0] on the best labels, for each LM); the others are measured after stage 1
+    # (token-level alignment, where the paper claims SEA's effect) and cost a fifth as much
+    stage2_arms: str = "all"
     curve_points: int = 5  # stage-2 learning curve: accuracy at this many evenly spaced steps
     curve_scenes: int = 100  # held-out scenes each curve point asks (the end: all of them)
 
@@ -251,7 +255,17 @@ class Evidence:
                                  f"tau0={p.tau_arms[0]:g}, small LM", "weight": 1.0, "mode": best,
                          "objective": "sampled", "log_tau_init": math.log(p.tau_arms[0]),
                          "lm": "small"})
+        if p.stage2_arms not in ("all", "primary"):
+            raise ValueError(f"protocol stage2_arms={p.stage2_arms!r}: expected 'all' or 'primary'")
+        if p.stage2 and p.stage2_arms == "primary":
+            for a in arms:  # the key only where it is set: the other arms' run keys stay as they were
+                if not (a["weight"] == 0 or (a["mode"] == best and a["objective"] == "sampled"
+                                             and a["log_tau_init"] == math.log(p.tau_arms[0]))):
+                    a["stage1_only"] = True
         return arms
+
+    def _stage2(self, arm: dict) -> bool:
+        return self.p.stage2 and not arm.get("stage1_only")
 
     def labels(self) -> None:
         """Every extraction, in one Ray session: the held-out scenes in each mode and list
@@ -280,7 +294,7 @@ class Evidence:
             for seed in self.p.seeds:
                 key = self._run_key(arm, seed)
                 r = old.get(key)
-                dirs = ("stage1_dir", "stage2_dir") if self.p.stage2 else ("stage1_dir",)
+                dirs = ("stage1_dir", "stage2_dir") if self._stage2(arm) else ("stage1_dir",)
                 if r is None or not all(Path(r.get(d, "")).is_dir() for d in dirs):
                     r = self._one_run(arm, seed)
                     r["run_key"] = key
@@ -357,7 +371,7 @@ class Evidence:
                "align_at_chance": r1["align_at_chance"]}  # the trainer's verdict (trainer/watch.py)
         run.update(self._stage1_measures(parts))
         del parts
-        if not p.stage2:
+        if not self._stage2(arm):
             return run
         s2 = load_config(FinetuneConfig, None, common + [
             f"data.json={self.train_dir / 'instruct-mllm.json'}", f"optim.epochs={p.stage2_epochs}",

@@ -137,7 +137,7 @@ def summarise(res: dict) -> dict:
                     add(f"{k}.top1_match", v.get("top1_match"))
                     add(f"{k}.in_labels", v.get("in_labels"))
             add("caption_loss", r["caption_loss"])
-            for t, a in r["answers"].items():
+            for t, a in r.get("answers", {}).items():  # none for an arm stopped after stage 1
                 add(f"answers.{t}", a["accuracy"])
         out[arm] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                         "n": len(v)} for k, v in vals.items()}
@@ -423,20 +423,25 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
 
 
 def comparisons(res: dict) -> list[str]:
-    """Each lambda = 1 arm minus lambda = 0, paired by seed (same data order and init)."""
-    base = {r["seed"]: r for r in res["runs"] if r["weight"] == 0}
+    """Each lambda = 1 arm minus lambda = 0 of the same LM, paired by seed (same data order
+    and init); answers only where both runs went on to stage 2."""
+    base = {(r.get("lm", "main"), r["seed"]): r for r in res["runs"] if r["weight"] == 0}
     arms: dict[str, list[dict]] = {}
     for r in res["runs"]:
-        if r["weight"] > 0 and r["seed"] in base:
+        if r["weight"] > 0 and (r.get("lm", "main"), r["seed"]) in base:
             arms.setdefault(r["arm"], []).append(r)
-    out = ["Paired by seed, lambda = 1 minus lambda = 0 (mean, and the per-seed range):", ""]
+    out = ["Paired by seed, lambda = 1 minus lambda = 0 of the same LM (mean, and the per-seed "
+           "range):", ""]
     for arm, runs in arms.items():
+        pairs = [(r, base[(r.get("lm", "main"), r["seed"])]) for r in runs]
         parts = []
         for name, get in (("truth match (world)", lambda r: r["alignment_truth"]["truth_match_world"]),
                           ("truth match (2of12)", lambda r: r["alignment_truth"]["truth_match_full"]),
                           ("caption loss", lambda r: r["caption_loss"]),
                           ("answer accuracy", lambda r: r["answers"]["all"]["accuracy"])):
-            d = [get(r) - get(base[r["seed"]]) for r in runs]
+            if name == "answer accuracy" and not all("answers" in a and "answers" in b for a, b in pairs):
+                continue  # an arm measured after stage 1 only
+            d = [get(a) - get(b) for a, b in pairs]
             parts.append(f"{name} {np.mean(d):+.3f} [{min(d):+.3f}, {max(d):+.3f}]")
         out.append(f"- {arm}: " + "; ".join(parts))
     return out
