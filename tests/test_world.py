@@ -171,15 +171,24 @@ def test_quick_evidence_writes_everything(quick_evidence):
     arms = {r["arm"] for r in res["runs"]}
     assert "lambda=0" in arms and any(a.startswith("lambda=1") for a in arms)
     assert len(res["runs"]) == len(arms) * len(res["protocol"]["seeds"])
+    # stage 2 for lambda = 0 and lambda = 1 at the first temperature on the best labels
+    # (stage2_arms="primary"); the sea-label arm, there when sea is not the best, stops after stage 1
+    primary = {"lambda=0", f"lambda=1 sampled, {res['best_mode']} labels, tau0=1"}
+    assert {r["arm"] for r in res["runs"] if "answers" in r} == primary
     for r in res["runs"]:
+        if r["arm"] not in primary:
+            assert "sea labels" in r["arm"] and "stage2_dir" not in r
+            continue
         assert 0 <= r["answers"]["all"]["accuracy"] <= 1 and r["stage2_steps"] > 0
+    for r in res["runs"]:
         assert 0 <= r["alignment_truth"]["truth_match_world"] <= 1
         assert np.isfinite(r["caption_loss"])
         # the trainer's verdict on L_a reaches the results (the demo says it in words)
         assert isinstance(r["align_at_chance"], bool) and (r["weight"] > 0 or not r["align_at_chance"])
     assert res["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # picked by itself
     assert res["total_seconds"] > 0  # recorded; how long it takes is the bench's and report's business
-    for r in res["runs"]:  # both formats, a learning curve; blind controls on the baseline
+    for r in (r for r in res["runs"] if r["arm"] in primary):  # both formats, a learning
+        # curve; blind controls on the baseline
         assert {"answers", "answers_alone", "stage2_curve"} <= set(r)
         assert [c["step"] for c in r["stage2_curve"]][0] == 0 and len(r["stage2_curve"]) >= 3
         assert ("blind" in r) == (r["weight"] == 0)
@@ -554,3 +563,13 @@ def test_comparisons_pair_each_arm_with_lambda_0_of_its_own_lm():
     eff = {(e["arm"], e["metric"]): e["mean_diff"] for e in sea_effect(res)}
     assert eff[("l1, small LM", "answers.all")] == pytest.approx(0.1)
     assert ("l1 stage 1 only", "answers.all") not in eff
+
+
+def test_the_committed_protocol_is_the_full_preset():
+    """`make evidence` reads evidence/protocol-v2.json; `baseline --preset full` and the code's
+    defaults read PRESETS["full"]: the two are one protocol."""
+    from world.evidence import PRESETS, PROTOCOL_FILE, load_protocol
+
+    proto, sha = load_protocol(PROTOCOL_FILE)
+    assert proto == PRESETS["full"] and len(sha) == 64
+    assert len(proto.seeds) >= 5 and proto.lm_small is not None and len(proto.tau_arms) == 2

@@ -390,7 +390,10 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         f"Zero-shot on held-out scenes (best word of the family present in the scene): {zs}.",
         f"- LM: Llama architecture, {res['lm']['spec']['hidden']} wide, {res['lm']['spec']['layers']} "
         f"layers, trained on {res['lm']['sentences']} world sentences ({res['lm']['spec']['steps']} "
-        f"steps, final loss {_f(res['lm']['final_loss'])}).",
+        f"steps, final loss {_f(res['lm']['final_loss'])})"
+        + (f"; the small LM: {res['lm_small']['spec']['hidden']} wide, "
+           f"{res['lm_small']['spec']['layers']} layers, final loss {_f(res['lm_small']['final_loss'])}."
+           if res.get("lm_small") else "."),
         "", "## Label precision per mode (held-out scenes, 95 % bootstrap CI over images)", "",
         f"Extraction: the real pipeline (`run.runner={p['runner']}`), top n = {p['top_n']}, "
         f"scores <= 0 dropped, surgery over the last {p['surgery_depth']} blocks.", "",
@@ -401,7 +404,8 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "", "![precision](evidence/precision.png)", "",
         "## SEA's effect (mean ± sd over seeds " + ", ".join(map(str, p["seeds"])) + ")", "",
         f"Stage 1: {p['stage1_epochs']} epochs, lr {p['stage1_lr']}, global batch {p['global_batch']}; "
-        f"stage 2 from each: {p['stage2_epochs']} epochs, lr {p['stage2_lr']}, LLM + adapter. "
+        f"stage 2 from {_stage2_arms(p)}: {p['stage2_epochs']} epochs, lr {p['stage2_lr']}, "
+        "LLM + adapter. "
         "Truth match: share of held-out visual tokens whose nearest word (Eq. 8 features, cosine) "
         "is true at the patch, searching the 2of12 list or the world's words. eval-align: the "
         "trainer's own figure (nearest word over 2of12 equals the patch's top-1 label).", "",
@@ -420,6 +424,13 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "![scene](evidence/scene.png)", "",
     ]
     return "\n".join(lines).replace("evidence/", figures_dir.rstrip("/") + "/")
+
+
+def _stage2_arms(p: dict) -> str:
+    if p.get("stage2_arms", "all") == "all":
+        return "every run"
+    return (f"lambda = 0 and lambda = 1 at tau0 = {p['tau_arms'][0]:g} on the best labels, each LM "
+            "(the other arms are measured after stage 1)")
 
 
 def comparisons(res: dict) -> list[str]:
