@@ -187,8 +187,8 @@ def test_quick_evidence_writes_everything(quick_evidence):
         assert isinstance(r["align_at_chance"], bool) and (r["weight"] > 0 or not r["align_at_chance"])
     assert res["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # picked by itself
     assert res["total_seconds"] > 0  # recorded; how long it takes is the bench's and report's business
-    for r in (r for r in res["runs"] if r["arm"] in primary):  # both formats, a learning
-        # curve; blind controls on the baseline
+    # both formats, a learning curve; blind controls on the baseline
+    for r in (r for r in res["runs"] if r["arm"] in primary):
         assert {"answers", "answers_alone", "stage2_curve"} <= set(r)
         assert [c["step"] for c in r["stage2_curve"]][0] == 0 and len(r["stage2_curve"]) >= 3
         assert ("blind" in r) == (r["weight"] == 0)
