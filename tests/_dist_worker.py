@@ -40,10 +40,7 @@ def main():
     pairs = D.gather_objects(metrics["pairs"], p.dist)
     if p.dist.is_main():
         torch.save({"grads": grads, "pairs": pairs, "loss": metrics["loss"]}, out_file)
-    # every rank reaches the end before any tears the group down, as the trainer's final
-    # save does (trainer/final.py); without it rank 1 tears its gloo group down while rank 0
-    # still saves, the likely cause of one SIGABRT of rank 0 in CI (not reproduced in 6 reruns)
-    D.barrier(p.dist)
+    D.barrier(p.dist)  # every rank at the end before any tears the group down (tests/_empty_worker.py)
     D.close()
 
 

@@ -240,16 +240,22 @@ class Evidence:
     def arms(self) -> list[dict]:
         """The stage-1 settings compared, each against the lambda = 0 arm of its LM."""
         p, best = self.p, self.best_mode
+        if p.stage2_arms not in ("all", "primary"):
+            raise ValueError(f"protocol stage2_arms={p.stage2_arms!r}: expected 'all' or 'primary'")
+        # "primary": only lambda = 0 and lambda = 1 sampled at tau_arms[0] on the best labels
+        # go on to stage 2; the key is set only where it holds, so other arms' run keys stay
+        later = {"stage1_only": True} if p.stage2 and p.stage2_arms == "primary" else {}
         arms = [{"name": "lambda=0", "weight": 0.0, "mode": best, "objective": "sampled", "lm": "main"}]
         for tau in p.tau_arms:
             for obj in p.objectives_best:
+                primary = tau == p.tau_arms[0] and obj == "sampled"
                 arms.append({"name": f"lambda=1 {obj}, {_mode_name(best)} labels, tau0={tau:g}",
                              "weight": 1.0, "mode": best, "objective": obj,
-                             "log_tau_init": math.log(tau), "lm": "main"})
+                             "log_tau_init": math.log(tau), "lm": "main", **({} if primary else later)})
         if p.sea_default_arm and best != ("sea", "token"):
             arms.append({"name": f"lambda=1 sampled, sea labels, tau0={p.tau_arms[0]:g}",
                          "weight": 1.0, "mode": ("sea", "token"), "objective": "sampled",
-                         "log_tau_init": math.log(p.tau_arms[0]), "lm": "main"})
+                         "log_tau_init": math.log(p.tau_arms[0]), "lm": "main", **later})
         if p.lm_small is not None:
             arms.append({"name": "lambda=0, small LM", "weight": 0.0, "mode": best,
                          "objective": "sampled", "lm": "small"})
@@ -257,13 +263,6 @@ class Evidence:
                                  f"tau0={p.tau_arms[0]:g}, small LM", "weight": 1.0, "mode": best,
                          "objective": "sampled", "log_tau_init": math.log(p.tau_arms[0]),
                          "lm": "small"})
-        if p.stage2_arms not in ("all", "primary"):
-            raise ValueError(f"protocol stage2_arms={p.stage2_arms!r}: expected 'all' or 'primary'")
-        if p.stage2 and p.stage2_arms == "primary":
-            for a in arms:  # the key only where it is set: the other arms' run keys stay as they were
-                if not (a["weight"] == 0 or (a["mode"] == best and a["objective"] == "sampled"
-                                             and a["log_tau_init"] == math.log(p.tau_arms[0]))):
-                    a["stage1_only"] = True
         return arms
 
     def _stage2(self, arm: dict) -> bool:

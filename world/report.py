@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.runlog import read_metrics
-from world.summary import baseline_check
+from world.summary import baseline_check, paired_runs
 
 WORDLIST_SIZE = 41241  # 2of12 after the word-list rule; eval-align's chance is 1 / this
 
@@ -404,7 +404,7 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "", "![precision](evidence/precision.png)", "",
         "## SEA's effect (mean ± sd over seeds " + ", ".join(map(str, p["seeds"])) + ")", "",
         f"Stage 1: {p['stage1_epochs']} epochs, lr {p['stage1_lr']}, global batch {p['global_batch']}; "
-        f"stage 2 from {_stage2_arms(p)}: {p['stage2_epochs']} epochs, lr {p['stage2_lr']}, "
+        f"stage 2 from {_stage2_arms(res)}: {p['stage2_epochs']} epochs, lr {p['stage2_lr']}, "
         "LLM + adapter. "
         "Truth match: share of held-out visual tokens whose nearest word (Eq. 8 features, cosine) "
         "is true at the patch, searching the 2of12 list or the world's words. eval-align: the "
@@ -426,25 +426,21 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
     return "\n".join(lines).replace("evidence/", figures_dir.rstrip("/") + "/")
 
 
-def _stage2_arms(p: dict) -> str:
-    if p.get("stage2_arms", "all") == "all":
+def _stage2_arms(res: dict) -> str:
+    """Which arms went on to stage 2, as the runs say (the protocol's stage2_arms)."""
+    arms = list(dict.fromkeys(r["arm"] for r in res["runs"]))
+    later = [a for a in arms if any(r["arm"] == a and "stage2_steps" in r for r in res["runs"])]
+    if len(later) == len(arms):
         return "every run"
-    return (f"lambda = 0 and lambda = 1 at tau0 = {p['tau_arms'][0]:g} on the best labels, each LM "
-            "(the other arms are measured after stage 1)")
+    return "; ".join(f"`{a}`" for a in later) + " (the other arms are measured after stage 1)"
 
 
 def comparisons(res: dict) -> list[str]:
     """Each lambda = 1 arm minus lambda = 0 of the same LM, paired by seed (same data order
     and init); answers only where both runs went on to stage 2."""
-    base = {(r.get("lm", "main"), r["seed"]): r for r in res["runs"] if r["weight"] == 0}
-    arms: dict[str, list[dict]] = {}
-    for r in res["runs"]:
-        if r["weight"] > 0 and (r.get("lm", "main"), r["seed"]) in base:
-            arms.setdefault(r["arm"], []).append(r)
     out = ["Paired by seed, lambda = 1 minus lambda = 0 of the same LM (mean, and the per-seed "
            "range):", ""]
-    for arm, runs in arms.items():
-        pairs = [(r, base[(r.get("lm", "main"), r["seed"])]) for r in runs]
+    for arm, pairs in paired_runs(res).items():
         parts = []
         for name, get in (("truth match (world)", lambda r: r["alignment_truth"]["truth_match_world"]),
                           ("truth match (2of12)", lambda r: r["alignment_truth"]["truth_match_full"]),

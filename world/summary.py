@@ -58,18 +58,23 @@ def _metrics(run: dict, types: list[str]) -> dict[str, float]:
     return out
 
 
+def paired_runs(res: dict) -> dict[str, list[tuple[dict, dict]]]:
+    """Per lambda = 1 arm, its runs each with the lambda = 0 run of the same LM and seed."""
+    base = {(r.get("lm", "main"), r["seed"]): r for r in res["runs"] if r["weight"] == 0}
+    arms: dict[str, list[tuple[dict, dict]]] = {}
+    for r in res["runs"]:
+        b = base.get((r.get("lm", "main"), r["seed"]))
+        if r["weight"] > 0 and b is not None:
+            arms.setdefault(r["arm"], []).append((r, b))
+    return arms
+
+
 def sea_effect(res: dict) -> list[dict]:
     """Every lambda = 1 arm minus the lambda = 0 arm of its LM, paired by seed."""
     types = [t for t in res.get("answer_chance", {}) if t != "all"]
-    base = {(r.get("lm", "main"), r["seed"]): r for r in res["runs"] if r["weight"] == 0}
-    arms: dict[str, list[dict]] = {}
-    for r in res["runs"]:
-        if r["weight"] > 0 and (r.get("lm", "main"), r["seed"]) in base:
-            arms.setdefault(r["arm"], []).append(r)
     out = []
-    for arm, runs in arms.items():
-        per = [(_metrics(r, types), _metrics(base[(r.get("lm", "main"), r["seed"])], types))
-               for r in runs]
+    for arm, pairs in paired_runs(res).items():
+        per = [(_metrics(r, types), _metrics(b, types)) for r, b in pairs]
         for k in per[0][0]:
             d = [a[k] - b[k] for a, b in per if k in a and k in b and not
                  (math.isnan(a[k]) or math.isnan(b[k]))]
