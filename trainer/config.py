@@ -50,6 +50,14 @@ class SEAConfig:
     window: int = doc(2, "k: one patch sampled per k x k window")
     log_tau_init: float = doc(0.0, "initial log-temperature (paper's 'tau = 0' read as log tau)")
     learn_tau: bool = doc(True, "temperature is a learnable parameter")
+    tau_lr_scale: float = doc(10.0, "the temperature's learning rate as a multiple of optim.lr "
+                                    "(same schedule): Adam moves a parameter about lr a step, so "
+                                    "at 1x (1e-3) log tau moves ~0.1 in a 100-step stage 1 and "
+                                    "the temperature is learnable in name only; 10x lets it reach "
+                                    "CLIP's range within one stage 1 (docs/training.md)")
+    top_k: int = doc(0, "use each patch's first k kept labels (the highest-scored); 0 = all the "
+                        "shards' top n. The paper's n = 10 is for a 41k-word list; with a small "
+                        "list, k = 1 keeps the sampled pairs as precise as the top-1 label")
     min_tau: float = doc(0.01, "temperature floor (keeps logits finite)")
     label_tokenization: str = doc("space", "space: tokenize ' word' (mid-sentence form) | bare: 'word'")
     objective: str = doc("sampled", "sampled: one label per sampled patch, drawn by s/sum(s) (the "
@@ -130,6 +138,10 @@ class PretrainConfig:
             raise ConfigError("sea.label_tokenization must be space or bare")
         if self.optim.global_batch_size % self.optim.micro_batch_size:
             raise ConfigError("optim.global_batch_size must be a multiple of optim.micro_batch_size")
+        if self.sea.top_k < 0:
+            raise ConfigError("sea.top_k must be >= 0 (0 = every kept label)")
+        if self.sea.tau_lr_scale < 0:
+            raise ConfigError("sea.tau_lr_scale must be >= 0")
         if self.sea.window < 1:
             raise ConfigError("sea.window must be >= 1")
         if self.sea.objective not in ("sampled", "multi"):

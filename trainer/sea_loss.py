@@ -243,12 +243,15 @@ class Draws:
     window: int
     objective: str
     seed: int
+    top_k: int = 0  # each patch's first k kept labels only (0: all)
 
     def generator(self, epoch: int, worker: int, batch: int) -> torch.Generator:
         key = ((self.seed * 1_000_003 + epoch) * 7_919 + worker) * 100_003 + batch
         return torch.Generator().manual_seed(key % (1 << 63))
 
     def __call__(self, ids, scores, epoch: int, worker: int, batch: int) -> MicroPairs | None:
+        if self.top_k:  # the shards keep each patch's labels best first
+            ids, scores = ids[..., :self.top_k], scores[..., :self.top_k]
         return sample_pairs([(ids, scores)], self.grid, self.window,
                             [self.generator(epoch, worker, batch)], self.objective)[0]
 
@@ -468,7 +471,7 @@ class AlignmentLoss(nn.Module):
 
     def __init__(self, word_tokens: WordTokens, grid: tuple[int, int], window: int = 2,
                  log_tau_init: float = 0.0, learn_tau: bool = True, min_tau: float = 0.01,
-                 objective: str = "sampled"):
+                 objective: str = "sampled", top_k: int = 0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"sea.objective must be one of {OBJECTIVES}, got '{objective}'")
@@ -488,6 +491,7 @@ class AlignmentLoss(nn.Module):
         self.window = window
         self.min_tau = min_tau
         self.objective = objective
+        self.top_k = top_k
 
     @property
     def tau(self) -> torch.Tensor:
@@ -499,7 +503,7 @@ class AlignmentLoss(nn.Module):
                            device if device is not None else self.flat_ids.device)
 
     def draws(self, seed: int) -> Draws:
-        return Draws(self.grid, self.window, self.objective, seed)
+        return Draws(self.grid, self.window, self.objective, seed, self.top_k)
 
     def _features(self, embed_weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """Eq. 8 for ``words``: the mean of each word's token embeddings (as

@@ -122,7 +122,8 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     align = None
     if cfg.sea.weight > 0:
         align = AlignmentLoss(word_tokens, mllm.grid, cfg.sea.window, cfg.sea.log_tau_init,
-                              cfg.sea.learn_tau, cfg.sea.min_tau, cfg.sea.objective).to(device)
+                              cfg.sea.learn_tau, cfg.sea.min_tau, cfg.sea.objective,
+                              cfg.sea.top_k).to(device)
     task = SEATask(mllm, align, cfg.sea.weight, cfg.data.max_length, cfg.data.truncation,
                    train_vision)
     if stage == "finetune" and getattr(cfg, "init_from", None):
@@ -171,14 +172,24 @@ def auto_workers(ranks_here: int) -> int:
 
 
 def param_groups(task: SEATask, cfg) -> list[dict]:
+    """The adapter (and LLM) at optim.lr; the vision tower at optim.vision_lr; the temperature
+    at sea.tau_lr_scale x optim.lr (one parameter that Adam moves about lr a step: at the
+    adapter's rate it barely leaves its start in one stage 1)."""
     vision_lr = getattr(cfg.optim, "vision_lr", 0)
-    main, vision = [], []
+    main, vision, tau = [], [], []
     for name, p in task.named_parameters():
         if p.requires_grad:
-            (vision if name.startswith("mllm.vision.") else main).append(p)
+            if name.startswith("mllm.vision."):
+                vision.append(p)
+            elif name == "align.log_tau":
+                tau.append(p)
+            else:
+                main.append(p)
     groups = [{"params": main}]
     if vision:
         groups.append({"params": vision, "lr": vision_lr})
+    if tau:
+        groups.append({"params": tau, "lr": cfg.optim.lr * cfg.sea.tau_lr_scale})
     return groups
 
 
