@@ -171,15 +171,22 @@ def test_quick_evidence_writes_everything(quick_evidence):
     arms = {r["arm"] for r in res["runs"]}
     assert "lambda=0" in arms and any(a.startswith("lambda=1") for a in arms)
     assert len(res["runs"]) == len(arms) * len(res["protocol"]["seeds"])
-    # stage 2 for lambda = 0 and lambda = 1 at the first temperature on the best labels
-    # (stage2_arms="primary"); the sea-label arm, there when sea is not the best, stops after stage 1
-    primary = {"lambda=0", f"lambda=1 sampled, {res['best_mode']} labels, tau0=1"}
-    assert {r["arm"] for r in res["runs"] if "answers" in r} == primary
+    # stage 2 for lambda = 0 and lambda = 1 at the first temperature on the best labels of the
+    # world's words, each patch's top-1 label (stage2_arms="primary"; the quick preset has no
+    # secondary arm)
+    primary = {"lambda=0", f"lambda=1 sampled, {res['best_mode']} labels (world list, top 1), tau0=0.07"}
+    assert {r["arm"] for r in res["runs"] if "answers" in r} == primary == {r["arm"] for r in res["runs"]}
     for r in res["runs"]:
-        if r["arm"] not in primary:
-            assert "sea labels" in r["arm"] and "stage2_dir" not in r
-            continue
         assert 0 <= r["answers"]["all"]["accuracy"] <= 1 and r["stage2_steps"] > 0
+        # the treatment measure on the lambda = 1 arm's labels, for both arms, same pairs
+        (key, la), = r["heldout_align"].items()
+        assert key == f"{res['best_mode']}/world/top1" and la["tau"] == 0.07 and la["batches"] > 0
+        assert 0 < la["chance"] < np.log(28) + 1e-9 and np.isfinite(la["loss"])
+        assert set(r["answers_from_tokens"]) == set(res["answer_chance"])  # endpoint (b), per type
+        t = r["alignment_truth"]
+        assert 0 < t["hub_share"] <= 1 and 1 <= t["nearest_words"] <= 28
+        assert t["chance_balanced"] > 0 and 0 <= t["truth_match_balanced"] <= 1
+    assert set(res["lm"]["reads_context"]) == {"caption", "none"}
     for r in res["runs"]:
         assert 0 <= r["alignment_truth"]["truth_match_world"] <= 1
         assert np.isfinite(r["caption_loss"])
@@ -194,10 +201,18 @@ def test_quick_evidence_writes_everything(quick_evidence):
         assert ("blind" in r) == (r["weight"] == 0)
     summ = res["summary"]
     assert set(summ) >= {"baseline_final", "blind_final", "majority", "seeds", "sea_effect",
-                         "total_seconds", "protocol_sha256"}
+                         "total_seconds", "protocol_sha256", "protocol_version", "arms", "primary"}
+    assert summ["protocol_version"] == 3
+    (arm,) = summ["arms"]
+    assert arm["arm"] in primary and isinstance(arm["trained"], bool)
+    assert arm["criterion"]["seeds"] == 1 and arm["criterion"]["tau"] == 0.07
+    ends = {e["endpoint"] for e in summ["primary"]}
+    assert {"truth_match_balanced", "answers_from_tokens.all", "curve_area.all", "curve_area.color"} <= ends
+    assert all({"endpoint", "arm", "mean_diff", "ci_low", "ci_high"} <= set(e) for e in summ["primary"])
     assert set(summ["baseline_final"]) == set(summ["majority"]) and "all" in summ["majority"]
     assert all({"arm", "metric", "mean_diff", "ci_low", "ci_high"} <= set(e) for e in summ["sea_effect"])
-    assert "Can this comparison tell?" in md
+    assert "Can this comparison tell?" in md and "Did SEA's objective train?" in md
+    assert "Does the main LM answer from its context?" in md
 
 
 @pytest.mark.slow
@@ -380,14 +395,18 @@ def test_demo_summary_says_what_it_found(quick_evidence, capsys, tmp_path):
     from world.demo import print_summary
 
     res = json.loads((quick_evidence / "ev" / "results.json").read_text())
+    key = next(iter(res["runs"][0]["heldout_align"]))
     for at_chance in (True, False):
         for r in res["runs"]:
+            r["heldout_align"][key]["loss"] = 1.0 if r["weight"] > 0 else 2.0
             if r["weight"] > 0:
                 r["align_at_chance"] = at_chance
         print_summary(res, tmp_path)
         out = capsys.readouterr().out
         assert out.count("In words:") == 3 and "label runs" in out.splitlines()[-1]
         assert ("stayed at its chance level" in out) == at_chance
+        assert ("SEA's objective trained (held-out L_a 1.00 below" in out) == (not at_chance)
+        assert ("did not train in this run" in out) == at_chance
 
 
 def test_clip_shape_groups_differ_only_in_shapes(tmp_path):
@@ -505,29 +524,36 @@ def test_a_cached_background_is_never_painted_on():
 
 def test_primary_arms_go_on_to_stage_2_and_the_rest_stop_after_stage_1(tmp_path):
     """`stage2_arms="primary"`: lambda = 0 and lambda = 1 at the first temperature on the best
-    labels, for each LM, train stage 2; the other temperature and the sea-label arm are
-    measured after stage 1 only. "all" (the default) marks none."""
+    labels of the primary list, for each LM, train stage 2; the other temperature, all top-n
+    labels and the full-list labels are measured after stage 1 only. "all" (the default)
+    marks none."""
     from dataclasses import replace
 
     from world.evidence import PRESETS, Evidence
     from world.models import LMSpec
 
-    p = replace(PRESETS["quick"], tau_arms=(1.0, 0.07), sea_default_arm=True,
+    p = replace(PRESETS["quick"], tau_arms=(1.0, 0.07), all_labels_arm=True, full_list_arm=True,
                 lm_small=LMSpec(hidden=64, heads=2), stage2_arms="primary")
-    ev = Evidence(p, tmp_path, device="cpu")
-    ev.best_mode = ("surgery", "token")
-    arms = {a["name"]: a.get("stage1_only", False) for a in ev.arms()}
-    assert arms == {"lambda=0": False, "lambda=1 sampled, surgery-token labels, tau0=1": False,
-                    "lambda=1 sampled, surgery-token labels, tau0=0.07": True,
-                    "lambda=1 sampled, sea labels, tau0=1": True, "lambda=0, small LM": False,
-                    "lambda=1 sampled, surgery-token labels, tau0=1, small LM": False}
-    every = Evidence(replace(p, stage2_arms="all"), tmp_path, device="cpu")
-    every.best_mode = ev.best_mode
-    assert len(every.arms()) == 6 and not any("stage1_only" in a for a in every.arms())
+
+    def arms(proto):
+        ev = Evidence(proto, tmp_path, device="cpu")
+        ev.best = {"world": ("surgery", "cls"), "full": ("surgery", "token")}
+        ev.best_mode = ev.best["world"]
+        return ev.arms()
+
+    got = {a["name"]: (a.get("stage1_only", False), a["list"], a["top_k"], a["mode"]) for a in arms(p)}
+    world, full = ("surgery", "cls"), ("surgery", "token")
+    first = "lambda=1 sampled, surgery-cls labels (world list, top 1), tau0=1"
+    assert got == {"lambda=0": (False, "world", 1, world), first: (False, "world", 1, world),
+                   "lambda=1 sampled, surgery-cls labels (world list, top 1), tau0=0.07": (True, "world", 1, world),
+                   "lambda=1 sampled, surgery-cls labels (world list, all top 10), tau0=1": (True, "world", 0, world),
+                   "lambda=1 sampled, surgery-token labels (full list, top 10), tau0=1": (True, "full", 0, full),
+                   "lambda=0, small LM": (True, "world", 1, world), first + ", small LM": (True, "world", 1, world)}
+    assert [a["name"] for a in arms(p) if a["primary"]] == ["lambda=0", first]
+    every = arms(replace(p, stage2_arms="all"))
+    assert len(every) == 7 and not any("stage1_only" in a for a in every)
     with pytest.raises(ValueError, match="stage2_arms"):
-        bad = Evidence(replace(p, stage2_arms="some"), tmp_path, device="cpu")
-        bad.best_mode = ev.best_mode
-        bad.arms()
+        arms(replace(p, stage2_arms="some"))
 
 
 def _fake_run(arm: str, lm: str, seed: int, weight: float, truth: float, acc: float | None) -> dict:
@@ -566,10 +592,83 @@ def test_comparisons_pair_each_arm_with_lambda_0_of_its_own_lm():
 
 
 def test_the_committed_protocol_is_the_full_preset():
-    """`make evidence` reads evidence/protocol-v2.json; `baseline --preset full` and the code's
-    defaults read PRESETS["full"]: the two are one protocol."""
+    """`make evidence` reads evidence/protocol-v3.json; `baseline --preset full` and the code's
+    defaults read PRESETS["full"]: the two are one protocol. v2's file still loads as v2."""
     from world.evidence import PRESETS, PROTOCOL_FILE, load_protocol
 
     proto, sha = load_protocol(PROTOCOL_FILE)
+    assert PROTOCOL_FILE.name == "protocol-v3.json"
     assert proto == PRESETS["full"] and len(sha) == 64
-    assert len(proto.seeds) >= 5 and proto.lm_small is not None and len(proto.tau_arms) == 2
+    assert proto.version == 3 and len(proto.seeds) >= 5 and proto.lm.scene_documents
+    assert proto.label_list == "world" and proto.criterion_tau is not None
+    v2, _ = load_protocol(PROTOCOL_FILE.with_name("protocol-v2.json"))
+    assert (v2.version, v2.label_list, v2.train_top_k, v2.criterion_tau, v2.tau_lr_scale) == (2, "full", 0, None, 1.0)
+
+
+def _la_run(arm: str, seed: int, weight: float, la: float, fired: bool = False) -> dict:
+    r = _fake_run(arm, "main", seed, weight, 0.3, None)
+    r.update(heldout_align={"surgery-cls/world/top1": {"loss": la, "chance": 2.0, "tau": 0.07}},
+             align_at_chance=fired)
+    return r
+
+
+def test_an_arm_counts_only_when_its_objective_trained():
+    """Protocol v3's rule: held-out L_a below lambda = 0's on the same pairs by more than the
+    seeds' spread, the chance watcher silent in every seed. An arm that fails enters no
+    comparison and no sentence about SEA's effect; its figures are reported."""
+    from world.report import comparisons, effect_lines, treatment_lines
+    from world.summary import machine_summary, treatment
+
+    runs = []
+    for seed, (b, good, noisy, loud) in enumerate([(2.0, 1.0, 1.9, 1.0), (2.1, 1.2, 2.3, 1.1),
+                                                   (1.9, 1.1, 1.95, 0.9)]):
+        runs += [_la_run("lambda=0", seed, 0, b), _la_run("good", seed, 1, good),
+                 _la_run("noisy", seed, 1, noisy), _la_run("loud", seed, 1, loud, fired=seed == 1)]
+    res = {"runs": runs, "answer_chance": {"color": 0.1, "all": 0.1},
+           "protocol": {"seeds": [0, 1, 2], "version": 3, "criterion_tau": 0.07}}
+    got = {a["arm"]: a for a in treatment(res)}
+    assert got["good"]["trained"] is True
+    assert got["good"]["criterion"]["heldout_align_lambda0_minus_lambda1"] == pytest.approx(0.9)
+    # mean +0.017 against an sd of 0.21 over seeds: not delivered
+    assert got["noisy"]["trained"] is False and got["noisy"]["criterion"]["sd_over_seeds"] > 0.1
+    assert got["loud"]["trained"] is False and got["loud"]["criterion"]["watcher_fired"] == 1
+    res["summary"] = machine_summary(res, None)
+    assert res["summary"]["protocol_version"] == 3 and len(res["summary"]["arms"]) == 3
+    text = "\n".join(comparisons(res) + effect_lines(res))
+    assert "- good:" in text and "noisy" not in text and "loud" not in text
+    table = "\n".join(treatment_lines(res))
+    assert "| noisy | **did not train** |" in table and "| good | **yes** |" in table
+
+
+def test_balanced_truth_match_is_not_won_by_a_hub(tmp_path):
+    """Every visual token at one word's feature (a hub): plain truth match is that word's
+    share of patches, the balanced one its share averaged over the dominant words, recomputed
+    here from ground_truth.jsonl with plain Python."""
+    import torch
+
+    from trainer.sea_loss import WordTokens
+    from world.metrics import alignment_truth
+
+    scenes.make_world(tmp_path / "w", 6, seed=0, image_size=64, grid=(8, 8))
+    truth = [json.loads(x) for x in (tmp_path / "w" / "ground_truth.jsonl").read_text().splitlines()]
+    words = scenes.VOCAB
+    hub = max(words, key=lambda w: sum(w in t for r in truth for t in r["true_words"]))
+    emb = torch.nn.Embedding(len(words), 16)
+
+    class Hub(torch.nn.Module):
+        llm = type("LM", (), {"get_input_embeddings": lambda self: emb})()
+
+        def visual_tokens(self, px):
+            return emb.weight[words.index(hub)].expand(px.shape[0], 64, 16)
+
+    wt = WordTokens(torch.arange(len(words)), torch.arange(len(words)))
+    got = alignment_truth(Hub(), wt, words, tmp_path / "w", lambda im: torch.zeros(3, 64, 64), words)
+    pairs = [(d, hub in t) for r in truth for t, d in zip(r["true_words"], r["dominant"], strict=True)]
+    plain = sum(h for _, h in pairs) / len(pairs)
+    per = {}
+    for d, h in pairs:
+        per.setdefault(d, []).append(h)
+    balanced = sum(sum(v) / len(v) for v in per.values()) / len(per)
+    assert got["truth_match_world"] == pytest.approx(plain) and got["truth_match_balanced"] == pytest.approx(balanced)
+    assert got["hub_word"] == hub and got["hub_share"] == 1.0 and got["nearest_words"] == 1
+    assert got["truth_match_balanced"] < got["truth_match_world"]  # the hub wins plain, not balanced

@@ -11,6 +11,8 @@ and report over the patches that kept at least one label
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +57,31 @@ def evaluate_alignment(mllm, word_tokens, rows, preprocess_batch, batch_size: in
         return {"images": images, "patches": 0, "top1_match": None, "in_labels": None}
     return {"images": images, "patches": n_eval, "top1_match": top1 / n_eval,
             "in_labels": within / n_eval, "mean_cos_top1": cos_sum / n_eval}
+
+
+@torch.inference_mode()
+def heldout_align_loss(mllm, word_tokens, batches, grid: tuple[int, int], tau: float,
+                       window: int = 2, top_k: int = 0, seed: int = 0, device="cpu") -> dict:
+    """L_a (Eq. 9, the paper's sampled pairs) of held-out images at a fixed temperature, on
+    pairs drawn from a fixed seed: two models measured on the same ``batches`` (each a dict
+    with 'pixel' (B, 3, H, W), 'label_ids' and 'label_scores' (B, P, n)) meet the same pairs,
+    so their losses compare (lower: tokens nearer their own label than the batch's others).
+    -> mean loss and mean ln(pairs) (the loss of tokens that tell no label apart) per batch."""
+    from trainer.sea_loss import Draws, info_nce
+
+    embed = mllm.llm.get_input_embeddings().weight.detach()
+    draws = Draws(tuple(grid), window, "sampled", seed, top_k)
+    log_tau = torch.tensor(math.log(tau), device=device)
+    losses, chances = [], []
+    for i, b in enumerate(batches):
+        pairs = draws(torch.as_tensor(b["label_ids"]), torch.as_tensor(b["label_scores"]), 0, 0, i)
+        if pairs is None or pairs.words.numel() < 2:
+            continue
+        tokens = mllm.visual_tokens(b["pixel"].to(device)).float()
+        feats = word_tokens.to(embed.device).features(embed, pairs.words.to(embed.device)).float()
+        losses.append(float(info_nce(tokens, feats.to(device), log_tau, index=pairs.token.to(device))))
+        chances.append(float(torch.tensor(float(pairs.words.numel())).log()))
+    if not losses:
+        return {"batches": 0, "loss": None, "chance": None}
+    return {"batches": len(losses), "loss": sum(losses) / len(losses),
+            "chance": sum(chances) / len(chances), "tau": tau}

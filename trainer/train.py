@@ -538,5 +538,6 @@ def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals
     logger.close()
     return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval,
             "align_at_chance": bool(watch is not None and watch.fired),
+            "tau": float(p.task.align.tau.detach()) if p.task.align is not None else None,
             "dropped": {"unreadable": drops.bad, "truncated": drops.truncated},
             "losses": history, "final": str(Path(cfg.log.output) / "final")}

@@ -1,24 +1,25 @@
 """``make evidence``: the ground-truth world's protocol, end to end.
 
 1. Scenes: a training world and a held-out world (disjoint scene indices, same seed).
-2. Models: the world's CLIP (image-caption pairs only) and a small LM (the world's text).
+2. Models: the world's CLIP (image-caption pairs only) and a small LM (the world's text; with
+   ``scene_documents``, also each scene's caption followed by its Q&A), and whether the LM
+   answers from a text context (``metrics.lm_reads_context``).
 3. Label precision: the real extraction over the held-out scenes in every mode (``sea``,
    ``vanilla``, ``surgery`` with ``token`` and ``cls`` weights), against the full 2of12 list
-   and the world's 28-word vocabulary, scored against the ground truth.
-4. SEA's effect: stage 1 with lambda = 0 and 1 (``sampled``, and ``multi``) on the training
-   scenes, labels made by the best mode of step 3 (highest top-1 precision on the full list,
-   the criterion fixed in advance) and by the paper's default ``sea``, several seeds; then
-   stage 2 on the world's instruction data from each stage-1 run, with a learning curve.
-   Arms: lambda = 0; lambda = 1 with each start temperature of ``tau_arms`` (1, the paper's
-   "tau = 0" read as log tau = 0, and CLIP's 0.07); the paper's ``sea`` labels; and, with
-   ``lm_small``, lambda = 0 and 1 on a smaller LM.
+   and the world's 28-word vocabulary, scored against the ground truth. The best mode on the
+   protocol's ``label_list`` (top-1 precision, fixed in advance) makes the primary labels.
+4. SEA's effect: stage 1 with lambda = 0 and 1 on the training scenes, several seeds, each
+   lambda = 1 arm paired with lambda = 0 of its seed; the primary arms go on to stage 2 with
+   a learning curve. Per run after stage 1: truth match (plain and balanced per dominant
+   word, with the hub share), held-out L_a at ``criterion_tau`` (was the treatment
+   delivered?), the questions answered from the visual tokens with the LM frozen, caption
+   loss. The arms: ``arms``.
 5. ``EVIDENCE.md``, ``results.json`` (with a ``summary`` for machines) and figures.
 
-The full protocol is the committed file ``evidence/protocol-v2.json`` when it exists (its
-sha256 is printed in the report; not yet written: its precondition, a lambda = 0 model that
-sees, is not met by this world, docs/evidence-notes.md), else ``PRESETS["full"]``; either is
-fixed before any lambda = 1 against lambda = 0 comparison is looked at and not tuned toward a
-result. ``PRESETS`` also holds the quick and demo sizes.
+The full protocol is the committed file ``evidence/protocol-v3.json`` (its sha256 is printed
+in the report), equal to ``PRESETS["full"]``; fixed before any lambda = 1 against lambda = 0
+endpoint is looked at and not tuned toward a result. ``PRESETS`` also holds the quick and
+demo sizes. ``evidence/protocol-v2.json`` still loads (``load_protocol``) as it ran.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from seacore.device import pick_device
@@ -47,6 +50,7 @@ MODES = (("sea", "token"), ("vanilla", "token"), ("surgery", "token"), ("surgery
 
 @dataclass
 class Protocol:
+    version: int = 3
     train_scenes: int = 3000  # the CLIP's and the LM's training scenes
     mllm_scenes: int = 2000  # the first of them: stage 1 and stage 2 data (as LLaVA's own sets)
     test_scenes: int = 300
@@ -54,6 +58,7 @@ class Protocol:
     clip: ClipSpec = field(default_factory=ClipSpec)
     lm: LMSpec = field(default_factory=LMSpec)
     seeds: tuple[int, ...] = (0, 1, 2)
+    secondary_seeds: tuple[int, ...] = ()  # the secondary arms' seeds (empty: ``seeds``)
     runner: str = "ray"
     top_n: int = 10
     surgery_depth: int = 2  # half the world CLIP's 4 blocks, the reference's ratio on ViT-B/16
@@ -66,10 +71,24 @@ class Protocol:
     holdout: int = 96  # training-set images the trainer's periodic eval-align uses
     evals_per_run: int = 6
     objectives_best: tuple[str, ...] = ("sampled",)
-    sea_default_arm: bool = True  # also train on the paper's default labels when they are not the best
+    sea_default_arm: bool = False  # also train on the paper's default labels when they are not the best
     # lambda = 1 arms on the best labels, one per start temperature: 1 (the paper's "tau = 0"
     # read as log tau = 0, the default) and CLIP's 0.07
     tau_arms: tuple[float, ...] = (1.0, 0.07)
+    tau_lr_scale: float = 10.0  # the temperature's learning rate over the adapter's (sea.tau_lr_scale)
+    # protocol v3: the primary labels come from this list ("world": the world's vocabulary, the
+    # analogue of a real CLIP's known words; "full": 2of12, which the world's CLIP never saw),
+    # the mode chosen by top-1 precision over that list on the held-out scenes; each patch's
+    # first train_top_k labels train (sea.top_k; 0: all top_n)
+    label_list: str = "world"
+    train_top_k: int = 1
+    # secondary arms (stage 1 only): lambda = 1 on the primary list with all top_n labels
+    # (the paper's n), and on the full 2of12 list (its best mode, all top_n labels)
+    all_labels_arm: bool = True
+    full_list_arm: bool = True
+    # the temperature at which held-out L_a is compared between lambda = 1 and lambda = 0 (the
+    # treatment-delivered criterion); None: no criterion (protocols before v3)
+    criterion_tau: float | None = 0.07
     lm_small: LMSpec | None = None  # a second, smaller LM: lambda = 0 and 1 (tau_arms[0]) on it
     stage2: bool = True
     # which arms go on to stage 2: "all", or "primary" (lambda = 0 and lambda = 1 at
@@ -81,15 +100,17 @@ class Protocol:
 
 
 PRESETS = {
-    # protocol v2, as evidence/protocol-v2.json fixes it (a test holds the two together)
-    "full": Protocol(lm_small=LMSpec(hidden=64, layers=3, heads=2), seeds=(0, 1, 2, 3, 4),
-                     stage2_epochs=6, stage2_lr=1e-3, stage2_arms="primary"),
+    # protocol v3, as evidence/protocol-v3.json fixes it (a test holds the two together)
+    "full": Protocol(lm=LMSpec(steps=1500, scene_documents=True), seeds=(0, 1, 2, 3, 4),
+                     secondary_seeds=(0, 1), stage1_epochs=6, stage2_epochs=4, stage2_lr=1e-3,
+                     stage2_arms="primary", curve_points=4, tau_arms=(1.0, 0.07)),
     "demo": Protocol(train_scenes=600, mllm_scenes=600, test_scenes=100, clip=ClipSpec(steps=250),
-                     lm=LMSpec(steps=150), seeds=(0,), runner="local", stage1_epochs=3,
-                     objectives_best=("sampled",), sea_default_arm=False, stage2=False,
-                     holdout=48, tau_arms=(1.0,)),
+                     lm=LMSpec(steps=150, scene_documents=True), seeds=(0,), runner="local",
+                     stage1_epochs=3, objectives_best=("sampled",), stage2=False, holdout=48,
+                     tau_arms=(0.07,), all_labels_arm=False, full_list_arm=False),
     "quick": Protocol(train_scenes=320, mllm_scenes=320, test_scenes=48, clip=ClipSpec(steps=60, batch_size=64),
-                      lm=LMSpec(steps=60), seeds=(0,), stage1_epochs=1, tau_arms=(1.0,),
+                      lm=LMSpec(steps=60, scene_documents=True), seeds=(0,), stage1_epochs=1,
+                      tau_arms=(0.07,), all_labels_arm=False, full_list_arm=False,
                       curve_points=2, curve_scenes=16,
                       runner="local",  # the test suite's time: test_ray.py covers the Ray runner
                       stage2_epochs=1, objectives_best=("sampled",), holdout=32,
@@ -103,7 +124,11 @@ def _cache_root() -> Path:
     return cache_root() / "world"
 
 
-PROTOCOL_FILE = Path(__file__).resolve().parents[1] / "evidence" / "protocol-v2.json"
+PROTOCOL_FILE = Path(__file__).resolve().parents[1] / "evidence" / "protocol-v3.json"
+# what protocol v2 ran, for the fields that came with v3 (its file does not name them)
+V2_DEFAULTS = {"version": 2, "label_list": "full", "train_top_k": 0, "all_labels_arm": False,
+               "full_list_arm": False, "criterion_tau": None, "tau_lr_scale": 1.0,
+               "sea_default_arm": True}
 
 
 def load_protocol(path: str | Path) -> tuple[Protocol, str]:
@@ -111,11 +136,13 @@ def load_protocol(path: str | Path) -> tuple[Protocol, str]:
     ``sizing`` notes that the code does not read) and its sha256."""
     raw = Path(path).read_bytes()
     d = {k: v for k, v in json.loads(raw).items() if k in {f.name for f in fields(Protocol)}}
+    if d.get("version", 2) < 3:  # fields v3 added, as v2 ran them
+        d = {**V2_DEFAULTS, **d}
     d["clip"] = ClipSpec(**d.get("clip", {}))
     d["lm"] = LMSpec(**d.get("lm", {}))
     if d.get("lm_small") is not None:
         d["lm_small"] = LMSpec(**d["lm_small"])
-    for k in ("seeds", "objectives_best", "tau_arms"):
+    for k in ("seeds", "secondary_seeds", "objectives_best", "tau_arms"):
         if k in d:
             d[k] = tuple(d[k])
     return Protocol(**d), hashlib.sha256(raw).hexdigest()
@@ -195,7 +222,8 @@ class Evidence:
             bar.close()
             self.results["lm" if name == "main" else "lm_small"] = {
                 "spec": asdict(spec), "final_loss": info["log"][-1]["loss"],
-                "train_seconds": info["seconds"], "sentences": len(texts)}
+                "train_seconds": info["seconds"], "sentences": len(texts),
+                "reads_context": metrics.lm_reads_context(self.llms[name], self.test_dir, self.device)}
         self.llm = self.llms["main"]
 
     def extract(self, world: Path, mode: tuple[str, str], wordlist: str | None, name: str,
@@ -224,45 +252,67 @@ class Evidence:
         from wordlist import load_wordlist
 
         full = load_wordlist().words
-        vocab_file = str(self.work / "vocab.txt")
         table = {}
         for mode in MODES:
             name = _mode_name(mode)
-            for lst, wl, words in (("full", None, full), ("world", vocab_file, scenes.VOCAB)):
-                shards = self.extract(self.test_dir, mode, wl, f"test-{name}-{lst}")
+            for lst, words in (("full", full), ("world", scenes.VOCAB)):
+                shards = self.extract(self.test_dir, mode, self._wordlist(lst), f"test-{name}-{lst}")
                 table.setdefault(name, {})[lst] = metrics.label_precision(
                     shards, self.test_dir / "ground_truth.jsonl", words)
         self.results["label_precision"] = table
-        best = max(table, key=lambda m: table[m]["full"]["top1_precision"]["value"])
-        self.best_mode = next(m for m in MODES if _mode_name(m) == best)
-        self.results["best_mode"] = best
+        # the criterion fixed in advance: top-1 precision on the held-out scenes, over the
+        # primary list (best_mode) and, for the full-list arm, over 2of12 (best_mode_full)
+        self.best = {}
+        for lst in ("full", "world"):
+            best = max(table, key=lambda m, lst=lst: table[m][lst]["top1_precision"]["value"])
+            self.best[lst] = next(m for m in MODES if _mode_name(m) == best)
+        self.best_mode = self.best[self.p.label_list]
+        self.results["best_mode"] = _mode_name(self.best_mode)
+        self.results["best_mode_by_list"] = {k: _mode_name(v) for k, v in self.best.items()}
 
     def arms(self) -> list[dict]:
-        """The stage-1 settings compared, each against the lambda = 0 arm of its LM."""
-        p, best = self.p, self.best_mode
+        """The stage-1 settings compared, each against the lambda = 0 arm of its LM. An arm's
+        labels are (``mode``, ``list``, ``top_k``); ``primary`` marks the arms of the
+        primary endpoints (lambda = 0 and lambda = 1 at tau_arms[0] on the best labels of the
+        primary list), the only ones that go on to stage 2 with ``stage2_arms="primary"``."""
+        p = self.p
         if p.stage2_arms not in ("all", "primary"):
             raise ValueError(f"protocol stage2_arms={p.stage2_arms!r}: expected 'all' or 'primary'")
-        # "primary": only lambda = 0 and lambda = 1 sampled at tau_arms[0] on the best labels
-        # go on to stage 2; the key is set only where it holds, so other arms' run keys stay
+        if p.label_list not in ("world", "full"):
+            raise ValueError(f"protocol label_list={p.label_list!r}: expected 'world' or 'full'")
+        # the key is set only where it holds, so other arms' run keys stay
         later = {"stage1_only": True} if p.stage2 and p.stage2_arms == "primary" else {}
-        arms = [{"name": "lambda=0", "weight": 0.0, "mode": best, "objective": "sampled", "lm": "main"}]
+        tau0 = math.log(p.tau_arms[0])
+        labels = {"mode": self.best_mode, "list": p.label_list, "top_k": p.train_top_k}
+        one = {"weight": 1.0, "log_tau_init": tau0, "tau_lr_scale": p.tau_lr_scale}
+        arms = [{"name": "lambda=0", "weight": 0.0, "objective": "sampled", "lm": "main",
+                 "primary": True, **labels}]
+        desc = f"{_mode_name(self.best_mode)} labels ({p.label_list} list, top {p.train_top_k or p.top_n})"
         for tau in p.tau_arms:
             for obj in p.objectives_best:
                 primary = tau == p.tau_arms[0] and obj == "sampled"
-                arms.append({"name": f"lambda=1 {obj}, {_mode_name(best)} labels, tau0={tau:g}",
-                             "weight": 1.0, "mode": best, "objective": obj,
-                             "log_tau_init": math.log(tau), "lm": "main", **({} if primary else later)})
-        if p.sea_default_arm and best != ("sea", "token"):
-            arms.append({"name": f"lambda=1 sampled, sea labels, tau0={p.tau_arms[0]:g}",
-                         "weight": 1.0, "mode": ("sea", "token"), "objective": "sampled",
-                         "log_tau_init": math.log(p.tau_arms[0]), "lm": "main", **later})
+                arms.append({**one, "name": f"lambda=1 {obj}, {desc}, tau0={tau:g}", "objective": obj,
+                             "log_tau_init": math.log(tau), "lm": "main", "primary": primary,
+                             **labels, **({} if primary else later)})
+        if p.all_labels_arm and p.train_top_k not in (0, p.top_n):
+            arms.append({**one, "name": f"lambda=1 sampled, {_mode_name(self.best_mode)} labels "
+                                        f"({p.label_list} list, all top {p.top_n}), tau0={p.tau_arms[0]:g}",
+                         "objective": "sampled", "lm": "main", "primary": False, **labels, "top_k": 0,
+                         **later})
+        if p.full_list_arm and p.label_list != "full":
+            arms.append({**one, "name": f"lambda=1 sampled, {_mode_name(self.best['full'])} labels "
+                                        f"(full list, top {p.top_n}), tau0={p.tau_arms[0]:g}",
+                         "objective": "sampled", "lm": "main", "primary": False,
+                         "mode": self.best["full"], "list": "full", "top_k": 0, **later})
+        if p.sea_default_arm and self.best_mode != ("sea", "token"):
+            arms.append({**one, "name": f"lambda=1 sampled, sea labels, tau0={p.tau_arms[0]:g}",
+                         "objective": "sampled", "lm": "main", "primary": False, **labels,
+                         "mode": ("sea", "token"), **later})
         if p.lm_small is not None:
-            arms.append({"name": "lambda=0, small LM", "weight": 0.0, "mode": best,
-                         "objective": "sampled", "lm": "small"})
-            arms.append({"name": f"lambda=1 sampled, {_mode_name(best)} labels, "
-                                 f"tau0={p.tau_arms[0]:g}, small LM", "weight": 1.0, "mode": best,
-                         "objective": "sampled", "log_tau_init": math.log(p.tau_arms[0]),
-                         "lm": "small"})
+            arms.append({"name": "lambda=0, small LM", "weight": 0.0, "objective": "sampled",
+                         "lm": "small", "primary": False, **labels, **later})
+            arms.append({**one, "name": f"lambda=1 sampled, {desc}, tau0={p.tau_arms[0]:g}, small LM",
+                         "objective": "sampled", "lm": "small", "primary": False, **labels, **later})
         return arms
 
     def _stage2(self, arm: dict) -> bool:
@@ -275,10 +325,15 @@ class Evidence:
             self.precision()
             self.train_labels = {}
             for arm in self.arms():
-                m = arm["mode"]
-                if m not in self.train_labels:
-                    self.train_labels[m] = self.extract(self.train_dir, m, None,
-                                                        f"train-{_mode_name(m)}", "captions-mllm.json")
+                key = (arm["mode"], arm["list"])
+                if key not in self.train_labels:
+                    self.train_labels[key] = self.extract(
+                        self.train_dir, arm["mode"], self._wordlist(arm["list"]),
+                        f"train-{_mode_name(arm['mode'])}-{arm['list']}", "captions-mllm.json")
+
+    def _wordlist(self, lst: str) -> str | None:
+        """The label search's word list: the world's vocabulary file, or None (2of12)."""
+        return str(self.work / "vocab.txt") if lst == "world" else None
 
     def sea_effect(self) -> None:
         """Every arm and seed; a run recorded in an earlier ``results.json``, or in
@@ -292,7 +347,7 @@ class Evidence:
                     old[r.get("run_key")] = r
         runs, reused = [], 0
         for arm in self.arms():
-            for seed in self.p.seeds:
+            for seed in (self.p.seeds if arm.get("primary", True) else self.p.secondary_seeds or self.p.seeds):
                 key = self._run_key(arm, seed)
                 r = old.get(key)
                 dirs = ("stage1_dir", "stage2_dir") if self._stage2(arm) else ("stage1_dir",)
@@ -309,7 +364,7 @@ class Evidence:
         if self.p.stage2:
             mllm = {it["image"] for it in json.loads((self.train_dir / "instruct-mllm.json").read_text())}
             self.results["answer_chance"] = metrics.majority_baseline(  # what stage 2 saw
-                [q for q in _questions(self.train_dir) if q["image"] in mllm], _questions(self.test_dir))
+                [q for q in metrics.questions(self.train_dir) if q["image"] in mllm], metrics.questions(self.test_dir))
             self.results["evaluation"] = {
                 "answers": "held-out questions inside their conversation, as stage 2 trained: "
                            "the image in the first turn, earlier questions with their true "
@@ -329,15 +384,24 @@ class Evidence:
         fields = {k: p[k] for k in ("mllm_scenes", "world_seed", "clip", "lm", "stage1_epochs",
                                     "stage1_lr", "stage2_epochs", "stage2_lr", "global_batch",
                                     "micro_batch", "holdout", "evals_per_run", "stage2", "top_n",
-                                    "surgery_depth", "curve_points", "curve_scenes", "lm_small")}
+                                    "surgery_depth", "curve_points", "curve_scenes", "lm_small",
+                                    "criterion_tau")}
         weights = Path(self.clip[len("local-dir:"):]) / "open_clip_model.safetensors"
         blob = json.dumps([arm, seed, fields, self.device.split(":")[0], sha256_file(weights),
                            sha256_file(self.train_dir / "ground_truth.jsonl")], sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @functools.cache  # noqa: B019 (one Evidence per run; the held-out labels never change in it)
-    def _test_labels(self, mode: tuple[str, str]) -> dict:
-        return metrics.read_labels(self.work / "shards" / f"test-{_mode_name(mode)}-full")[1]
+    def _test_labels(self, mode: tuple[str, str], lst: str) -> dict:
+        return metrics.read_labels(self.work / "shards" / f"test-{_mode_name(mode)}-{lst}")[1]
+
+    def _label_sets(self, arm: dict) -> list[tuple]:
+        """The held-out label sets whose L_a a run is measured on: a lambda = 1 arm's own; for
+        lambda = 0, every lambda = 1 arm's of the same LM (the criterion pairs them)."""
+        if arm["weight"] > 0:
+            return [(arm["mode"], arm["list"], arm["top_k"])]
+        return sorted({(a["mode"], a["list"], a["top_k"]) for a in self.arms()
+                       if a["weight"] > 0 and a["lm"] == arm["lm"]})
 
     def _one_run(self, arm: dict, seed: int) -> dict:
         from seacore.config import load_config
@@ -346,7 +410,7 @@ class Evidence:
 
         p = self.p
         tag = f"{arm['name'].replace(' ', '_').replace(',', '').replace('=', '')}-seed{seed}"
-        labels = self.train_labels[arm["mode"]]
+        labels = self.train_labels[(arm["mode"], arm["list"])]
         per_epoch = (p.mllm_scenes - p.holdout) // p.global_batch
         common = [f"vision.model={self.clip}", "vision.pretrained=null",
                   f"llm.path={self.llms[arm.get('lm', 'main')]}",
@@ -359,18 +423,21 @@ class Evidence:
             f"data.holdout_images={p.holdout}", f"optim.epochs={p.stage1_epochs}",
             f"optim.lr={p.stage1_lr}", f"sea.weight={arm['weight']}", f"sea.objective={arm['objective']}",
             f"sea.log_tau_init={arm.get('log_tau_init', 0.0)}",
+            f"sea.wordlist={self._wordlist(arm['list']) or 'null'}", f"sea.top_k={arm['top_k']}",
+            f"sea.tau_lr_scale={arm.get('tau_lr_scale', 1.0)}",
             f"log.eval_every={max(1, per_epoch * p.stage1_epochs // p.evals_per_run)}",
             "log.save_every=100000", f"log.output={self.work / 'runs' / ('s1-' + tag)}"])
         t = time.time()
         parts = build(s1, "pretrain")
         r1 = train(s1, "pretrain", parts=parts)
         run = {"arm": arm["name"], "lm": arm.get("lm", "main"), "mode": _mode_name(arm["mode"]),
-               "weight": arm["weight"],
+               "list": arm["list"], "top_k": arm["top_k"], "primary": arm["primary"],
+               "weight": arm["weight"], "tau_final": r1.get("tau"),
                "objective": arm["objective"], "seed": seed, "stage1_steps": r1["step"],
                "stage1_seconds": round(time.time() - t, 1), "stage1_dir": s1.log.output,
                "holdout_align": r1["align"],
                "align_at_chance": r1["align_at_chance"]}  # the trainer's verdict (trainer/watch.py)
-        run.update(self._stage1_measures(parts))
+        run.update(self._stage1_measures(parts, arm))
         del parts
         if not self._stage2(arm):
             return run
@@ -405,7 +472,7 @@ class Evidence:
         with the image zeroed and with another scene's image."""
         mllm, tok, pre = parts.task.mllm, parts.tokenizer, parts.encoder.preprocess
         turns = metrics.conversation_turns(self.test_dir)
-        rows = _questions(self.test_dir)
+        rows = metrics.questions(self.test_dir)
         given = metrics.conversation_answers(mllm, tok, pre, self.test_dir, turns)
         alone = metrics.greedy_answers(mllm, tok, pre, self.test_dir, rows)
         out = {"answers": metrics.answer_accuracy(given, turns),
@@ -429,25 +496,45 @@ class Evidence:
                                              parts.encoder.preprocess, self.test_dir, turns)
         return {t: a["accuracy"] for t, a in metrics.answer_accuracy(given, turns).items()}
 
-    def _stage1_measures(self, parts) -> dict:
-        """Alignment against the truth, eval-align against each label set, caption loss: all
-        on the held-out world."""
-        from trainer.align_eval import evaluate_alignment
+    def _stage1_measures(self, parts, arm: dict) -> dict:
+        """On the held-out world, after stage 1: alignment against the truth (over 2of12's
+        table, so every arm is measured on the same words), eval-align against the arm's own
+        labels, held-out L_a on each label set at ``criterion_tau``, the questions answered
+        from the visual tokens alone (the LM frozen, endpoint b) and the caption loss."""
+        from PIL import Image
 
-        mllm = parts.task.mllm
+        from trainer.align_eval import evaluate_alignment, heldout_align_loss
+        from trainer.sea_loss import load_word_tokens
+        from wordlist import load_wordlist
+
+        p, mllm = self.p, parts.task.mllm
         mllm.eval()
+        rule = parts.cfg.sea.label_tokenization
+        full = load_wordlist()
         out = {"alignment_truth": metrics.alignment_truth(
-            mllm, parts.word_tokens, parts.wordlist.words, self.test_dir, parts.encoder.preprocess,
-            scenes.VOCAB)}
-        for m in {self.best_mode, ("sea", "token")}:
-            labels = self._test_labels(m)
-            root = self.test_dir / "images"
-            from PIL import Image
-
-            rows = ({"pixel": parts.encoder.preprocess(Image.open(root / k).convert("RGB")),
-                     "label_ids": labels[k][0].astype("int64")} for k in sorted(labels))
-            out[f"eval_align_{_mode_name(m)}"] = evaluate_alignment(mllm, parts.word_tokens, rows,
-                                                                    lambda r: r)
+            mllm, load_word_tokens(parts.tokenizer, full, rule), full.words, self.test_dir,
+            parts.encoder.preprocess, scenes.VOCAB)}
+        root = self.test_dir / "images"
+        pixel = functools.cache(lambda k: parts.encoder.preprocess(Image.open(root / k).convert("RGB")))
+        own = self._test_labels(arm["mode"], arm["list"])
+        rows = ({"pixel": pixel(k), "label_ids": own[k][0].astype("int64")} for k in sorted(own))
+        out[f"eval_align_{_mode_name(arm['mode'])}_{arm['list']}"] = evaluate_alignment(
+            mllm, parts.word_tokens, rows, lambda r: r)
+        if p.criterion_tau is not None:
+            out["heldout_align"] = {}
+            for mode, lst, top_k in self._label_sets(arm):
+                labels = self._test_labels(mode, lst)
+                keys = sorted(labels)
+                batches = ({"pixel": torch.stack([pixel(k) for k in keys[i:i + p.micro_batch]]),
+                            "label_ids": np.stack([labels[k][0] for k in keys[i:i + p.micro_batch]]),
+                            "label_scores": np.stack([labels[k][1] for k in keys[i:i + p.micro_batch]])}
+                           for i in range(0, len(keys), p.micro_batch))
+                wt = load_word_tokens(parts.tokenizer, load_wordlist(self._wordlist(lst)), rule)
+                out["heldout_align"][_label_key(mode, lst, top_k)] = heldout_align_loss(
+                    mllm, wt, batches, mllm.grid, p.criterion_tau, parts.cfg.sea.window, top_k)
+        rows = metrics.questions(self.test_dir)
+        out["answers_from_tokens"] = metrics.answer_accuracy(metrics.context_answers(
+            mllm.llm, parts.tokenizer, rows, "image", self.test_dir, mllm, parts.encoder.preprocess), rows)
         out["caption_loss"] = metrics.caption_loss(mllm, parts.tokenizer, parts.encoder.preprocess,
                                                    self.test_dir)
         return out
@@ -517,8 +604,8 @@ def _mode_name(mode: tuple[str, str]) -> str:
     return mode[0] if mode[0] != "surgery" else f"surgery-{mode[1]}"
 
 
-def _questions(root: Path) -> list[dict]:
-    return [json.loads(line) for line in (root / "questions.jsonl").read_text().splitlines() if line]
+def _label_key(mode: tuple[str, str], lst: str, top_k: int) -> str:
+    return f"{_mode_name(mode)}/{lst}/top{top_k or 'all'}"
 
 
 def _write_json(path: Path, obj) -> None:

@@ -121,7 +121,14 @@ def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | 
                     preprocess, vocab: tuple[str, ...], batch: int = 64) -> dict:
     """Share of visual tokens whose nearest word (cosine to the Eq. 8 label features in the
     LLM's input-embedding space) is true at that patch, over the whole list and over the
-    world's vocabulary; chance = mean |true words| / |words searched|."""
+    world's vocabulary; chance = mean |true words| / |words searched|.
+
+    Over the world's vocabulary also: ``truth_match_balanced``, the truth match of the patches
+    of each dominant word, averaged over the dominant words (a model whose tokens all sit
+    nearest one hub word scores that word's share of patches, not more: plain truth match
+    rewards a hub that is true at many patches, ``sky`` or ``big``), its chance level, and
+    ``hub_share``, the share of tokens nearest the most frequent nearest word (with
+    ``nearest_words``, how many distinct words are someone's nearest)."""
     root = Path(world_dir)
     truth = read_truth(root / "ground_truth.jsonl")
     embed = mllm.llm.get_input_embeddings().weight.detach().float()
@@ -130,23 +137,36 @@ def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | 
     keys = sorted(truth)
     hits = {"full": 0, "world": 0}
     chance = {"full": 0.0, "world": 0.0}
+    by_dom: dict[str, list[float]] = {}  # dominant word -> [hits, patches, chance sum]
+    nearest_count: dict[str, int] = {}
     n = 0
     for i in range(0, len(keys), batch):
         chunk = keys[i:i + batch]
         tok = F.normalize(mllm.visual_tokens(pixels_of(root, chunk, preprocess)).float(), dim=-1)
-        sims = (tok @ table.T).cpu()  # (B, P, W)
+        sims = (tok @ table.T.to(tok.device)).cpu()  # (B, P, W)
         near_full = sims.argmax(-1)
         near_world = vocab_ids[sims[..., vocab_ids].argmax(-1)]
         for b, k in enumerate(chunk):
-            for p, true in enumerate(truth[k]["true_words"]):
+            for p, (true, dom) in enumerate(zip(truth[k]["true_words"], truth[k]["dominant"], strict=True)):
                 t = set(true)
+                w = words[int(near_world[b, p])]
                 hits["full"] += words[int(near_full[b, p])] in t
-                hits["world"] += words[int(near_world[b, p])] in t
+                hits["world"] += w in t
                 chance["full"] += len(t) / len(words)
                 chance["world"] += len(t) / len(vocab)
+                g = by_dom.setdefault(dom, [0, 0, 0.0])
+                g[0] += w in t
+                g[1] += 1
+                g[2] += len(t) / len(vocab)
+                nearest_count[w] = nearest_count.get(w, 0) + 1
                 n += 1
+    hub = max(nearest_count, key=nearest_count.get)
     return {"patches": n, "truth_match_full": hits["full"] / n, "truth_match_world": hits["world"] / n,
-            "chance_full": chance["full"] / n, "chance_world": chance["world"] / n}
+            "chance_full": chance["full"] / n, "chance_world": chance["world"] / n,
+            "truth_match_balanced": float(np.mean([g[0] / g[1] for g in by_dom.values()])),
+            "chance_balanced": float(np.mean([g[2] / g[1] for g in by_dom.values()])),
+            "dominant_words": len(by_dom), "hub_word": hub, "hub_share": nearest_count[hub] / n,
+            "nearest_words": len(nearest_count)}
 
 
 @torch.inference_mode()
@@ -224,6 +244,104 @@ def conversation_answers(mllm, tok, preprocess, world_dir: str | Path, turns: li
                    max_new_tokens, batch, image)
 
 
+def questions(world_dir: str | Path) -> list[dict]:
+    """A world's ``questions.jsonl``: one record per question (image, type, question, answer)."""
+    text = (Path(world_dir) / "questions.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+@torch.inference_mode()
+def context_answers(llm, tok, rows: list[dict], context: str, world_dir: str | Path | None = None,
+                    mllm=None, preprocess=None, max_new_tokens: int = 3, batch: int = 64) -> list[str]:
+    """Each question of ``rows`` asked right after a context, in the form of the LM's scene
+    documents (``scenes.world_text``: the caption, then questions each followed by its
+    answer); greedy, the answer read as the first words of the reply (as many as the true
+    answer has: a document's answer runs on into its next question). ``context``:
+    ``caption`` (the scene's caption as text: does the LM answer from what it reads),
+    ``none`` (the question alone: what it knows without looking, the majority level) or
+    ``image`` (``mllm``'s visual tokens where the caption stood, the LM frozen: SEA's premise
+    that an LLM reads aligned visual tokens as the words they align with)."""
+    from trainer.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, splice
+
+    if context not in ("caption", "none", "image"):
+        raise ValueError(f"context must be caption, none or image, got {context!r}")
+    caps = {}
+    if context == "caption":
+        caps = {c["image"]: c["conversations"][1]["value"]
+                for c in json.loads((Path(world_dir) / "captions.json").read_text())}
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = []
+    for r in rows:
+        if context == "caption":
+            ids.append(bos + tok(caps[r["image"]] + " " + r["question"], add_special_tokens=False)["input_ids"])
+        elif context == "none":
+            ids.append(bos + tok(r["question"], add_special_tokens=False)["input_ids"])
+        else:
+            ids.append(bos + [IMAGE_TOKEN_INDEX] + tok(" " + r["question"], add_special_tokens=False)["input_ids"])
+    ids = [torch.tensor(x, dtype=torch.long) for x in ids]
+    embed = llm.get_input_embeddings()
+    stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    out = []
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]
+        feats = None
+        if context == "image":
+            feats = mllm.visual_tokens(pixels_of(Path(world_dir), [r["image"] for r in rows[i:i + batch]],
+                                                 preprocess))
+        sp = splice(embed, chunk, [torch.full_like(x, IGNORE_INDEX) for x in chunk], feats,
+                    [context == "image"] * len(chunk), max_length=4096)
+        out += _greedy(llm, tok, sp, max_new_tokens, stops)
+    return [" ".join(a.split()[:len(r["answer"].split())]) for a, r in zip(out, rows, strict=True)]
+
+
+@torch.inference_mode()
+def lm_reads_context(llm_path: str, world_dir: str | Path, device: str = "cpu") -> dict:
+    """Does the world's LM answer from its context? Each of a world's questions after its
+    scene's caption (``caption``) and alone (``none``), text only: accuracy per type. An LM
+    that reads would be well above the majority level with the caption and at it without."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seacore.quiet import no_loading_bars
+
+    with no_loading_bars():
+        tok = AutoTokenizer.from_pretrained(llm_path)
+        llm = AutoModelForCausalLM.from_pretrained(llm_path).to(device).eval()
+    rows = questions(world_dir)
+    return {c: answer_accuracy(context_answers(llm, tok, rows, c, world_dir), rows)
+            for c in ("caption", "none")}
+
+
+def _greedy(llm, tok, sp, max_new_tokens: int, stops: set[int]) -> list[str]:
+    """Greedy decoding of a right-padded spliced batch (moved to left padding)."""
+    embed = llm.get_input_embeddings()
+    n_seq = sp.inputs_embeds.shape[0]
+    lens = sp.attention_mask.sum(1)
+    T = sp.inputs_embeds.shape[1]
+    x = torch.zeros_like(sp.inputs_embeds)
+    mask = torch.zeros_like(sp.attention_mask)
+    for b in range(n_seq):  # right padding -> left padding
+        n = int(lens[b])
+        x[b, T - n:] = sp.inputs_embeds[b, :n]
+        mask[b, T - n:] = 1
+    gen = [[] for _ in range(n_seq)]
+    done = torch.zeros(n_seq, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+        nxt = logits.argmax(-1)
+        for b, t in enumerate(nxt.tolist()):  # one device sync a token, not one a sample
+            if not done[b]:
+                if t in stops:
+                    done[b] = True
+                else:
+                    gen[b].append(t)
+        if bool(done.all()):
+            break
+        x = torch.cat([x, embed(nxt)[:, None].to(x.dtype)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(n_seq, 1)], dim=1)
+    return [tok.decode(g, skip_special_tokens=True).strip() for g in gen]
+
+
 def _decode(mllm, tok, preprocess, root: Path, ids: list[torch.Tensor], images: list[str],
             max_new_tokens: int, batch: int, image: str) -> list[str]:
     """Batched greedy decoding (left-padded), stopping where ``trainer generate`` stops."""
@@ -247,32 +365,7 @@ def _decode(mllm, tok, preprocess, root: Path, ids: list[torch.Tensor], images: 
         feats = mllm.visual_tokens(px)
         sp = splice(embed, chunk, [torch.full_like(x, IGNORE_INDEX) for x in chunk], feats,
                     [True] * len(chunk), max_length=4096)
-        lens = sp.attention_mask.sum(1)
-        T = sp.inputs_embeds.shape[1]
-        x = torch.zeros_like(sp.inputs_embeds)
-        mask = torch.zeros_like(sp.attention_mask)
-        for b in range(len(chunk)):  # right padding -> left padding
-            n = int(lens[b])
-            x[b, T - n:] = sp.inputs_embeds[b, :n]
-            mask[b, T - n:] = 1
-        gen = [[] for _ in chunk]
-        done = torch.zeros(len(chunk), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
-            logits = mllm.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                              logits_to_keep=1).logits[:, -1]
-            nxt = logits.argmax(-1)
-            for b, t in enumerate(nxt.tolist()):  # one device sync a token, not one a sample
-                if not done[b]:
-                    if t in stops:
-                        done[b] = True
-                    else:
-                        gen[b].append(t)
-            if bool(done.all()):
-                break
-            x = torch.cat([x, embed(nxt)[:, None].to(x.dtype)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
-        out += [tok.decode(g, skip_special_tokens=True).strip() for g in gen]
+        out += _greedy(mllm.llm, tok, sp, max_new_tokens, stops)
     return out
 
 

@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.runlog import read_metrics
-from world.summary import baseline_check, paired_runs
-
-WORDLIST_SIZE = 41241  # 2of12 after the word-list rule; eval-align's chance is 1 / this
+from world.summary import baseline_check, paired_runs, treatment
 
 
 def _plt():
@@ -19,6 +17,15 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def untrained(res: dict) -> set[str]:
+    """The lambda = 1 arms whose objective did not train by the protocol's rule (v3): they
+    enter no comparison, no effect table and no plot of effects."""
+    arms = (res.get("summary") or {}).get("arms")
+    if arms is None:
+        arms = treatment(res) if res.get("protocol", {}).get("criterion_tau") else []
+    return {a["arm"] for a in arms if a["trained"] is False}
 
 
 def figures(res: dict, out: Path, test_dir: Path, work: Path) -> list[Path]:
@@ -38,8 +45,9 @@ def learning_curve_figure(res: dict, path: Path) -> Path:
     types = ["color", "background", "count", "exists", "all"]
     fig, axes = plt.subplots(1, len(types), figsize=(17, 3.6), sharey=True)
     arms: dict[str, list[dict]] = {}
+    skip = untrained(res)
     for r in res["runs"]:
-        if r.get("stage2_curve"):
+        if r.get("stage2_curve") and r["arm"] not in skip:
             arms.setdefault(r["arm"], []).append(r)
     for j, (arm, runs) in enumerate(arms.items()):
         for ax, t in zip(axes, types, strict=True):
@@ -130,8 +138,10 @@ def summarise(res: dict) -> dict:
                 vals.setdefault(k, []).append(float(v))
 
         for r in runs:
-            for k in ("truth_match_full", "truth_match_world"):
-                add(k, r["alignment_truth"][k])
+            for k in ("truth_match_full", "truth_match_world", "truth_match_balanced", "hub_share"):
+                add(k, r["alignment_truth"].get(k))
+            for t, a in r.get("answers_from_tokens", {}).items():
+                add(f"answers_from_tokens.{t}", a["accuracy"])
             for k, v in r.items():
                 if k.startswith("eval_align_") and isinstance(v, dict):
                     add(f"{k}.top1_match", v.get("top1_match"))
@@ -148,7 +158,7 @@ def answers_figure(res: dict, path: Path) -> Path:
     plt = _plt()
     summ = summarise(res)
     types = [t for t in res["answer_chance"] if t != "all"] + ["all"]
-    arms = list(summ)
+    arms = [a for a in summ if a not in untrained(res)]
     fig, ax = plt.subplots(figsize=(11, 3.8))
     x = np.arange(len(types))
     w = 0.8 / max(1, len(arms))
@@ -242,7 +252,8 @@ def effect_table(res: dict) -> list[str]:
     summ = summarise(res)
     any_run = res["runs"][0]
     ev = sorted(k for k in any_run if k.startswith("eval_align_"))
-    head = (["arm", "truth match (2of12)", "truth match (world)"]
+    head = (["arm", "truth match (2of12)", "truth match (world)", "balanced truth match (world)",
+             "hub share", "answers from the tokens (all)"]
             + [f"eval-align top-1 vs `{k[len('eval_align_'):]}` labels" for k in ev]
             + ["held-out caption loss", "answer accuracy (all)",
                "L_a first → last 5 steps (ln pairs), final tau"])
@@ -253,15 +264,19 @@ def effect_table(res: dict) -> list[str]:
         return "-" if d is None else f"{_f(d['mean'])} ± {_f(d['std'])}"
 
     la = _align_loss_summary(res)
+    skip = untrained(res)
     for arm in summ:
-        cells = [arm, ms(arm, "truth_match_full"), ms(arm, "truth_match_world")]
+        cells = [arm + (" (**did not train**)" if arm in skip else ""), ms(arm, "truth_match_full"),
+                 ms(arm, "truth_match_world"), ms(arm, "truth_match_balanced"), ms(arm, "hub_share"),
+                 ms(arm, "answers_from_tokens.all")]
         cells += [ms(arm, f"{k}.top1_match") for k in ev]
         cells += [ms(arm, "caption_loss"), ms(arm, "answers.all"), la.get(arm, "-")]
         rows.append("| " + " | ".join(cells) + " |")
     t = any_run["alignment_truth"]
     ans = _f(res["answer_chance"]["all"]) + " (majority answer)" if "answer_chance" in res else "-"
     rows.append(f"| chance | {_f(t['chance_full'])} | {_f(t['chance_world'])} | "
-                + " | ".join(_f(1 / WORDLIST_SIZE) for _ in ev) + f" | | {ans} | |")
+                f"{_f(t.get('chance_balanced', np.nan))} | | | "
+                + " | ".join("" for _ in ev) + f" | | {ans} | |")
     return rows
 
 
@@ -326,9 +341,73 @@ def baseline_lines(res: dict) -> list[str]:
     lines.append("| majority answer | " + " | ".join(_f(maj[t]) for t in maj) + " |")
     sees = "yes" if chk["sees"] else "no"
     blind = all(chk[n]["at_chance"] for n in ("blind_final", "blind_swap_final") if summ.get(n))
-    lines += ["", f"Baseline sees (colour >= 0.8 and background >= 0.9): **{sees}** (colour "
-              f"{_f(chk['colour'])}, background {_f(chk['background'])}); blind controls at most "
+    lines += ["", f"Baseline sees (background >= 0.9 after stage 2; protocol v2's colour >= 0.8 is "
+              f"withdrawn: the world's CLIP does not carry shape in a patch): **{sees}** (background "
+              f"{_f(chk['background'])}, colour {_f(chk['colour'])}); blind controls at most "
               f"0.05 above the majority answer: **{'yes' if blind else 'no'}**."]
+    return lines
+
+
+def treatment_lines(res: dict) -> list[str]:
+    """Was the treatment delivered? Protocol v3's rule per lambda = 1 arm (world/summary.py)."""
+    arms = (res.get("summary") or {}).get("arms") or []
+    if not arms:
+        return []
+    tau = res["protocol"].get("criterion_tau")
+    rows = [f"Did SEA's objective train? Held-out L_a (the test scenes' labels of the arm, pairs "
+            f"drawn from one seed, tau = {tau}) of lambda = 0 minus lambda = 1, paired by seed; "
+            f"an arm trained when that difference exceeds its standard deviation over seeds and "
+            f"the trainer's chance watcher stayed silent in every seed (rule fixed in the "
+            f"protocol). An arm that did not train enters no comparison below.", "",
+            "| arm | trained | L_a(lambda=0) - L_a(lambda=1) | sd over seeds | lambda = 1's L_a (ln pairs) | watcher fired |",
+            "|---|---|---|---|---|---|"]
+    for a in arms:
+        c = a["criterion"]
+        if c is None:
+            rows.append(f"| {a['arm']} | - | - | - | - | - |")
+            continue
+        rows.append(f"| {a['arm']} | **{'yes' if a['trained'] else 'did not train'}** | "
+                    f"{c['heldout_align_lambda0_minus_lambda1']:+.3f} | {c['sd_over_seeds']:.3f} | "
+                    f"{c['lambda1_heldout_align']:.3f} ({c['chance']:.3f}) | "
+                    f"{c['watcher_fired']} of {c['seeds']} |")
+    return rows + [""]
+
+
+def primary_lines(res: dict) -> list[str]:
+    prim = (res.get("summary") or {}).get("primary") or []
+    skip = untrained(res)
+    if not prim:
+        return []
+    arm = prim[0]["arm"]
+    if arm in skip:
+        return [f"Primary endpoints: the primary arm (`{arm}`) **did not train**; no primary "
+                "endpoint is reported.", ""]
+    rows = [f"Primary endpoints, `{arm}` minus lambda = 0, paired by seed (mean difference, "
+            "95 % t interval; no correction for multiplicity):", "",
+            "| endpoint | difference | seeds |", "|---|---|---|"]
+    for e in prim:
+        rows.append(f"| {e['endpoint']} | {_diff(e)} | {e['seeds']} |")
+    return rows + [""]
+
+
+def lm_context_lines(res: dict) -> list[str]:
+    """Does the LM answer from its context (text only)? SEA's premise is an LLM that reads."""
+    lines = []
+    for name in ("lm", "lm_small"):
+        rc = (res.get(name) or {}).get("reads_context")
+        if not rc:
+            continue
+        types = [t for t in rc["caption"] if t != "all"] + ["all"]
+        maj = res.get("answer_chance", {})
+        lines += [f"Does the {'main' if name == 'lm' else 'small'} LM answer from its context? Each "
+                  "held-out question after its scene's caption, and alone (text only, greedy, "
+                  "exact match):", "", "| context | " + " | ".join(types) + " |",
+                  "|---|" + "---|" * len(types)]
+        for c, label in (("caption", "caption, then the question"), ("none", "the question alone")):
+            lines.append(f"| {label} | " + " | ".join(_f(rc[c][t]["accuracy"]) for t in types) + " |")
+        if maj:
+            lines.append("| majority answer | " + " | ".join(_f(maj.get(t, np.nan)) for t in types) + " |")
+        lines.append("")
     return lines
 
 
@@ -345,8 +424,12 @@ def effect_lines(res: dict) -> list[str]:
     eff = (res.get("summary") or {}).get("sea_effect") or []
     if not eff:
         return []
-    keep = ("truth_match_world", "truth_match_full", "caption_loss", "answers.all", "answers.color",
-            "curve_area.all", "curve_area.color")
+    skip = untrained(res)
+    eff = [e for e in eff if e["arm"] not in skip]
+    if not eff:
+        return ["No lambda = 1 arm trained: nothing is said here about SEA's effect."]
+    keep = ("truth_match_balanced", "answers_from_tokens.all", "curve_area.all", "truth_match_world",
+            "hub_share", "caption_loss", "answers.all", "answers.color", "curve_area.color")
     rows = ["SEA's effect, each lambda = 1 arm minus lambda = 0 of the same LM, paired by seed "
             "(mean difference and 95 % t interval over seeds; `curve_area`: mean accuracy over "
             "stage 2, the area under its learning curve):", "",
@@ -400,7 +483,9 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "Full 2of12 list (41,241 words):", "", *precision_table(res, "full"), "",
         f"World vocabulary only ({len(res['world']['vocab'])} words, `labels.wordlist`):", "",
         *precision_table(res, "world"), "",
-        f"Best mode by the fixed criterion (top-1 precision, full list): **`{res['best_mode']}`**.",
+        f"Best mode by the fixed criterion (top-1 precision, {p.get('label_list', 'full')} list): "
+        f"**`{res['best_mode']}`**"
+        + (f" (on the full list: `{res['best_mode_by_list']['full']}`)." if res.get("best_mode_by_list") else "."),
         "", "![precision](evidence/precision.png)", "",
         "## SEA's effect (mean ± sd over seeds " + ", ".join(map(str, p["seeds"])) + ")", "",
         f"Stage 1: {p['stage1_epochs']} epochs, lr {p['stage1_lr']}, global batch {p['global_batch']}; "
@@ -408,8 +493,11 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         "LLM + adapter. "
         "Truth match: share of held-out visual tokens whose nearest word (Eq. 8 features, cosine) "
         "is true at the patch, searching the 2of12 list or the world's words. eval-align: the "
-        "trainer's own figure (nearest word over 2of12 equals the patch's top-1 label).", "",
+        "trainer's own figure (nearest word over the arm's label list equals the patch's top-1 label).", "",
+        *lm_context_lines(res),
+        *treatment_lines(res),
         *effect_table(res), "",
+        *primary_lines(res),
         *comparisons(res), "",
         *baseline_lines(res), "",
         "Answer accuracy per question type after stage 2, training format (each held-out "
@@ -440,7 +528,10 @@ def comparisons(res: dict) -> list[str]:
     and init); answers only where both runs went on to stage 2."""
     out = ["Paired by seed, lambda = 1 minus lambda = 0 of the same LM (mean, and the per-seed "
            "range):", ""]
+    skip = untrained(res)
     for arm, pairs in paired_runs(res).items():
+        if arm in skip:
+            continue
         parts = []
         for name, get in (("truth match (world)", lambda r: r["alignment_truth"]["truth_match_world"]),
                           ("truth match (2of12)", lambda r: r["alignment_truth"]["truth_match_full"]),

@@ -45,9 +45,14 @@ def curve_area(curve: list[dict], key: str = "all") -> float:
 
 
 def _metrics(run: dict, types: list[str]) -> dict[str, float]:
-    out = {"truth_match_world": run["alignment_truth"]["truth_match_world"],
-           "truth_match_full": run["alignment_truth"]["truth_match_full"],
+    t = run["alignment_truth"]
+    out = {"truth_match_world": t["truth_match_world"], "truth_match_full": t["truth_match_full"],
            "caption_loss": run["caption_loss"]}
+    for k in ("truth_match_balanced", "hub_share"):
+        if k in t:
+            out[k] = t[k]
+    for k, a in run.get("answers_from_tokens", {}).items():
+        out[f"answers_from_tokens.{k}"] = a["accuracy"]
     if "answers" in run:
         for t in types + ["all"]:
             if t in run["answers"]:
@@ -93,6 +98,53 @@ def _mean_answers(runs: list[dict], key) -> dict:
     return {t: float(np.mean(v)) for t, v in acc.items()}
 
 
+# Protocol v3's primary endpoints: (a) token alignment after stage 1 that a hub word cannot
+# win, (b) the questions answered from the visual tokens after stage 1 (the LM frozen),
+# (c) the area under the stage-2 learning curve, all questions and per type
+PRIMARY_ENDPOINTS = ("truth_match_balanced", "answers_from_tokens.all", "curve_area.all")
+
+
+def treatment(res: dict) -> list[dict]:
+    """Protocol v3's rule, per lambda = 1 arm: did its objective train? Trained when, paired
+    by seed with lambda = 0 of its LM on the same held-out pairs at the same temperature
+    (``heldout_align``), L_a is lower by more than the seeds' spread (mean difference >
+    the standard deviation of the per-seed differences; with one seed: > 0), and the
+    trainer's chance watcher stayed silent in every seed. Endpoints are not used."""
+    out = []
+    for arm, pairs in paired_runs(res).items():
+        r0 = pairs[0][0]
+        key = next(iter(r0.get("heldout_align", {})), None)
+        d = [b["heldout_align"][key]["loss"] - r["heldout_align"][key]["loss"] for r, b in pairs
+             if key is not None and key in b.get("heldout_align", {})
+             and r["heldout_align"][key]["loss"] is not None]
+        fired = sum(bool(r.get("align_at_chance")) for r, _ in pairs)
+        if not d:
+            out.append({"arm": arm, "trained": None, "criterion": None})
+            continue
+        mean = float(np.mean(d))
+        sd = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+        trained = bool(mean > sd and mean > 0 and fired == 0)
+        out.append({"arm": arm, "trained": trained,
+                    "criterion": {"labels": key, "heldout_align_lambda0_minus_lambda1": mean,
+                                  "sd_over_seeds": sd, "seeds": len(d), "watcher_fired": fired,
+                                  "lambda1_heldout_align": float(np.mean(
+                                      [r["heldout_align"][key]["loss"] for r, _ in pairs])),
+                                  "chance": pairs[0][0]["heldout_align"][key]["chance"],
+                                  "tau": pairs[0][0]["heldout_align"][key].get("tau")}})
+    return out
+
+
+def primary(res: dict, effects: list[dict]) -> list[dict]:
+    """The primary endpoints of the primary lambda = 1 arm (the one that goes on to stage 2)
+    against lambda = 0, paired by seed, with their 95 % t intervals."""
+    arms = {r["arm"] for r in res["runs"] if r.get("primary") and r["weight"] > 0 and r.get("lm", "main") == "main"}
+    types = [t for t in res.get("answer_chance", {}) if t != "all"]
+    want = set(PRIMARY_ENDPOINTS) | {f"curve_area.{t}" for t in types}
+    return [{"endpoint": e["metric"], "arm": e["arm"], "mean_diff": e["mean_diff"],
+             "ci_low": e["ci_low"], "ci_high": e["ci_high"], "seeds": e["seeds"]}
+            for e in effects if e["arm"] in arms and e["metric"] in want]
+
+
 def machine_summary(res: dict, protocol_sha256: str | None) -> dict:
     """``results.json``'s ``summary``: what a script needs to tell whether the evidence can
     tell (baseline and blind against the majority answer) and what it found."""
@@ -104,7 +156,10 @@ def machine_summary(res: dict, protocol_sha256: str | None) -> dict:
            if base and all("answers_alone" in r for r in base) else None,
            "blind_final": None, "blind_swap_final": None,
            "sea_effect": sea_effect(res), "total_seconds": res.get("total_seconds"),
-           "protocol_sha256": protocol_sha256}
+           "protocol_sha256": protocol_sha256,
+           "protocol_version": res["protocol"].get("version", 2)}
+    out["arms"] = treatment(res)
+    out["primary"] = primary(res, out["sea_effect"])
     blind = [r for r in base if "blind" in r]
     if blind:
         out["blind_final"] = _mean_answers(blind, lambda r: r["blind"]["zero"])
@@ -112,13 +167,14 @@ def machine_summary(res: dict, protocol_sha256: str | None) -> dict:
     return out
 
 
-def baseline_check(summary: dict, colour: float = 0.8, background: float = 0.9,
-                   blind_margin: float = 0.05) -> dict:
-    """Protocol v2's precondition: the lambda = 0 model sees (colour >= 0.8, background >=
-    0.9 in the training format) and the blind controls stay within 0.05 of the majority."""
+def baseline_check(summary: dict, background: float = 0.9, blind_margin: float = 0.05) -> dict:
+    """The precondition: the lambda = 0 model sees (background >= 0.9 after stage 2 in the
+    training format) and the blind controls stay within 0.05 of the majority answer. Protocol
+    v2's colour >= 0.8 is withdrawn in v3: the world's CLIP does not carry an object's shape in
+    a single patch (docs/evidence-notes.md), so colour-of-a-shape questions have a ceiling."""
     b, maj = summary.get("baseline_final") or {}, summary.get("majority") or {}
     out = {"colour": b.get("color"), "background": b.get("background"),
-           "sees": bool(b) and b.get("color", 0) >= colour and b.get("background", 0) >= background}
+           "sees": bool(b) and b.get("background", 0) >= background}
     for name in ("blind_final", "blind_swap_final"):
         bl = summary.get(name) or {}
         gaps = {t: bl[t] - maj[t] for t in bl if t in maj}
