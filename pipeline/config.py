@@ -30,7 +30,10 @@ class EncoderConfig:
 
 @dataclasses.dataclass
 class LabelConfig:
-    mode: str = doc("sea", "sea (raw tokens, -cos, the paper) | vanilla (+cos) | surgery")
+    # the default stays the paper's literal formula (reproduction, and every tower has it);
+    # configs/extract.yaml follows the evidence: surgery labelled best in the world (EVIDENCE.md)
+    mode: str = doc("sea", "sea (raw tokens, -cos, the paper) | vanilla (+cos) | surgery (the "
+                           "most precise in the ground-truth world; CLIP-style towers)")
     top_n: int = doc(10, "labels kept per patch")
     min_score: float = doc(0.0, "scores below this are dropped (paper: 0)")
     templates: list[str] = doc([], "prompt templates; [] = the bare word; several = ensemble")

@@ -472,8 +472,10 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         f"batch {c['spec']['batch_size']}, final loss {_f(c['final_loss'])}, {c['train_seconds']:.0f} s). "
         f"Zero-shot on held-out scenes (best word of the family present in the scene): {zs}.",
         f"- LM: Llama architecture, {res['lm']['spec']['hidden']} wide, {res['lm']['spec']['layers']} "
-        f"layers, trained on {res['lm']['sentences']} world sentences ({res['lm']['spec']['steps']} "
-        f"steps, final loss {_f(res['lm']['final_loss'])})"
+        f"layers, trained on {res['lm']['sentences']} world texts"
+        + (" (its sentences and one document per scene: the caption, then its questions with "
+           "their answers)" if res['lm']['spec'].get('scene_documents') else "")
+        + f" ({res['lm']['spec']['steps']} steps, final loss {_f(res['lm']['final_loss'])})"
         + (f"; the small LM: {res['lm_small']['spec']['hidden']} wide, "
            f"{res['lm_small']['spec']['layers']} layers, final loss {_f(res['lm_small']['final_loss'])}."
            if res.get("lm_small") else "."),
@@ -487,8 +489,13 @@ def markdown(res: dict, command: str, figures_dir: str) -> str:
         f"**`{res['best_mode']}`**"
         + (f" (on the full list: `{res['best_mode_by_list']['full']}`)." if res.get("best_mode_by_list") else "."),
         "", "![precision](evidence/precision.png)", "",
-        "## SEA's effect (mean ± sd over seeds " + ", ".join(map(str, p["seeds"])) + ")", "",
-        f"Stage 1: {p['stage1_epochs']} epochs, lr {p['stage1_lr']}, global batch {p['global_batch']}; "
+        "## SEA's effect (mean ± sd over seeds " + ", ".join(map(str, p["seeds"]))
+        + (f"; secondary arms: seeds {', '.join(map(str, p['secondary_seeds']))}" if p.get("secondary_seeds") else "")
+        + ")", "",
+        f"Stage 1: {p['stage1_epochs']} epochs, lr {p['stage1_lr']}, global batch {p['global_batch']}"
+        + (f", the temperature at {p['tau_lr_scale']:g}x lr" if p.get("tau_lr_scale") else "")
+        + (f", each patch's top {p['train_top_k']} label(s) unless the arm says otherwise"
+           if p.get("train_top_k") else "") + "; "
         f"stage 2 from {_stage2_arms(res)}: {p['stage2_epochs']} epochs, lr {p['stage2_lr']}, "
         "LLM + adapter. "
         "Truth match: share of held-out visual tokens whose nearest word (Eq. 8 features, cosine) "
