@@ -209,6 +209,8 @@ def test_quick_evidence_writes_everything(quick_evidence):
     ends = {e["endpoint"] for e in summ["primary"]}
     assert {"truth_match_balanced", "answers_from_tokens.all", "curve_area.all", "curve_area.color"} <= ends
     assert all({"endpoint", "arm", "mean_diff", "ci_low", "ci_high"} <= set(e) for e in summ["primary"])
+    roles = {e["endpoint"]: e["role"] for e in summ["primary"]}
+    assert roles["truth_match_balanced"] == "primary" and roles["answers_from_tokens.all"].startswith("secondary")
     assert set(summ["baseline_final"]) == set(summ["majority"]) and "all" in summ["majority"]
     assert all({"arm", "metric", "mean_diff", "ci_low", "ci_high"} <= set(e) for e in summ["sea_effect"])
     assert "Can this comparison tell?" in md and "Did SEA's objective train?" in md
@@ -672,3 +674,33 @@ def test_balanced_truth_match_is_not_won_by_a_hub(tmp_path):
     assert got["truth_match_world"] == pytest.approx(plain) and got["truth_match_balanced"] == pytest.approx(balanced)
     assert got["hub_word"] == hub and got["hub_share"] == 1.0 and got["nearest_words"] == 1
     assert got["truth_match_balanced"] < got["truth_match_world"]  # the hub wins plain, not balanced
+
+
+@pytest.mark.slow
+def test_context_answers_equal_transformers_generate(quick_evidence):
+    """The LM's answers after a caption (and the MLLM's after its visual tokens) come from a
+    batched, left-padded greedy loop: each equals transformers' own ``generate`` on the same
+    prompt, one at a time, cut to the true answer's word count."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from world.metrics import context_answers, questions
+
+    res = json.loads((quick_evidence / "ev" / "results.json").read_text())
+    test = Path(res["world"]["ground_truth"]).parent
+    lm = next(Path(p) for p in (quick_evidence / "cache").glob("lm-*"))
+    tok = AutoTokenizer.from_pretrained(lm)
+    llm = AutoModelForCausalLM.from_pretrained(lm).eval()
+    rows = questions(test)[:10]
+    caps = {c["image"]: c["conversations"][1]["value"] for c in json.loads((test / "captions.json").read_text())}
+    got = context_answers(llm, tok, rows, "caption", test)
+    for r, g in zip(rows, got, strict=True):
+        ids = torch.tensor([[tok.bos_token_id] + tok(caps[r["image"]] + " " + r["question"],
+                                                     add_special_tokens=False)["input_ids"]])
+        out = llm.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
+        want = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split()
+        assert g == " ".join(want[:len(r["answer"].split())])
+    assert len(context_answers(llm, tok, rows, "none", test)) == 10
+    with pytest.raises(ValueError, match="context"):
+        context_answers(llm, tok, rows, "picture", test)

@@ -384,9 +384,9 @@ def primary_lines(res: dict) -> list[str]:
                 "endpoint is reported.", ""]
     rows = [f"Primary endpoints, `{arm}` minus lambda = 0, paired by seed (mean difference, "
             "95 % t interval; no correction for multiplicity):", "",
-            "| endpoint | difference | seeds |", "|---|---|---|"]
+            "| endpoint | difference | seeds | role |", "|---|---|---|---|"]
     for e in prim:
-        rows.append(f"| {e['endpoint']} | {_diff(e)} | {e['seeds']} |")
+        rows.append(f"| {e['endpoint']} | {_diff(e)} | {e['seeds']} | {e.get('role', 'primary')} |")
     return rows + [""]
 
 

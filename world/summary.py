@@ -102,6 +102,9 @@ def _mean_answers(runs: list[dict], key) -> dict:
 # win, (b) the questions answered from the visual tokens after stage 1 (the LM frozen),
 # (c) the area under the stage-2 learning curve, all questions and per type
 PRIMARY_ENDPOINTS = ("truth_match_balanced", "answers_from_tokens.all", "curve_area.all")
+# endpoints a protocol file demoted, with its reason (v3: evidence/protocol-v3.json, "analysis")
+DEMOTED = {3: {"answers_from_tokens.all": "secondary: the world's LM does not answer from a "
+                                          "text context (sizing), so it cannot read the tokens"}}
 
 
 def treatment(res: dict) -> list[dict]:
@@ -140,8 +143,10 @@ def primary(res: dict, effects: list[dict]) -> list[dict]:
     arms = {r["arm"] for r in res["runs"] if r.get("primary") and r["weight"] > 0 and r.get("lm", "main") == "main"}
     types = [t for t in res.get("answer_chance", {}) if t != "all"]
     want = set(PRIMARY_ENDPOINTS) | {f"curve_area.{t}" for t in types}
+    demoted = DEMOTED.get(res["protocol"].get("version", 2), {})
     return [{"endpoint": e["metric"], "arm": e["arm"], "mean_diff": e["mean_diff"],
-             "ci_low": e["ci_low"], "ci_high": e["ci_high"], "seeds": e["seeds"]}
+             "ci_low": e["ci_low"], "ci_high": e["ci_high"], "seeds": e["seeds"],
+             "role": demoted.get(e["metric"], "primary")}
             for e in effects if e["arm"] in arms and e["metric"] in want]
 
 
