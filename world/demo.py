@@ -62,15 +62,17 @@ def print_summary(res: dict, out: Path) -> None:
     sea_runs = [r for r in res["runs"] if r["weight"] > 0]
     if base and sea_runs:
         s1, b1 = sea_runs[0], base[0]
-        d = s1["alignment_truth"]["truth_match_balanced"] - b1["alignment_truth"]["truth_match_balanced"]
+        d = s1["alignment_truth"]["truth_match_world"] - b1["alignment_truth"]["truth_match_world"]
+        db = s1["alignment_truth"]["truth_match_balanced"] - b1["alignment_truth"]["truth_match_balanced"]
         key = next(iter(s1.get("heldout_align", {})), None)
         la = (b1["heldout_align"][key]["loss"] - s1["heldout_align"][key]["loss"]
               if key and key in b1.get("heldout_align", {}) else None)
         trained = la is not None and la > 0 and not s1.get("align_at_chance")
         if trained:
             print(f"In words: SEA's objective trained (held-out L_a {la:.2f} below lambda = 0's, "
-                  f"the chance watcher silent), and it moved the balanced share of visual tokens "
-                  f"nearest a true word by {d:+.3f} against lambda = 0 "
+                  f"the chance watcher silent), and it moved the share of visual tokens nearest a "
+                  f"true word by {d:+.3f} against lambda = 0 ({db:+.3f} averaged per dominant "
+                  f"word, which weighs a word with few patches as much as the sky) "
                   f"({len(res['protocol']['seeds'])} seed: a demo, not evidence; make evidence "
                   f"runs the seeds and intervals).")
         else:

@@ -124,11 +124,12 @@ def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | 
     world's vocabulary; chance = mean |true words| / |words searched|.
 
     Over the world's vocabulary also: ``truth_match_balanced``, the truth match of the patches
-    of each dominant word, averaged over the dominant words (a model whose tokens all sit
-    nearest one hub word scores that word's share of patches, not more: plain truth match
-    rewards a hub that is true at many patches, ``sky`` or ``big``), its chance level, and
-    ``hub_share``, the share of tokens nearest the most frequent nearest word (with
-    ``nearest_words``, how many distinct words are someone's nearest)."""
+    of each dominant word, averaged over the dominant words, so each word weighs the same
+    however many patches it covers (plain truth match lets a hub win by frequency: tokens all
+    nearest a background word score every patch of that background; balanced, they score only
+    in the groups where that word is true; with few patches per group it is noisy), its
+    chance level, and ``hub_share``, the share of tokens nearest the most frequent nearest
+    word (with ``nearest_words``, how many distinct words are someone's nearest)."""
     root = Path(world_dir)
     truth = read_truth(root / "ground_truth.jsonl")
     embed = mllm.llm.get_input_embeddings().weight.detach().float()
