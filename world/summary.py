@@ -99,8 +99,8 @@ def _mean_answers(runs: list[dict], key) -> dict:
 
 
 # Protocol v3's primary endpoints: (a) token alignment after stage 1 that a hub word cannot
-# win, (b) the questions answered from the visual tokens after stage 1 (the LM frozen),
-# (c) the area under the stage-2 learning curve, all questions and per type
+# win by frequency alone, (b) the questions answered from the visual tokens after stage 1
+# (the LM frozen), (c) the area under the stage-2 learning curve, all questions and per type
 PRIMARY_ENDPOINTS = ("truth_match_balanced", "answers_from_tokens.all", "curve_area.all")
 # endpoints a protocol file demoted, with its reason (v3: evidence/protocol-v3.json, "analysis")
 DEMOTED = {3: {"answers_from_tokens.all": "secondary: the world's LM does not answer from a "
