@@ -228,3 +228,24 @@ def _check_llava_stage2(run, out, capsys):
         torch.testing.assert_close(saved[f"model.mm_projector.{k}"], t)
     assert json.loads((out / "config.json").read_text())["tune_mm_mlp_adapter"] is False
     assert AutoTokenizer.from_pretrained(out)("a red cube")["input_ids"] == tok("a red cube")["input_ids"]
+
+
+def test_the_export_resamples_as_the_transform_or_refuses():
+    """Export's image processor takes the tower transform's interpolation to its PIL code
+    (every mode PIL has); one PIL lacks (nearest-exact) is refused by name, not exported as
+    bicubic."""
+    import pytest
+    from torchvision import transforms as T
+
+    from trainer.export import image_processor
+
+    def tf(mode):
+        return T.Compose([T.Resize(32, interpolation=mode), T.CenterCrop(32), T.ToTensor(),
+                          T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+    M = T.InterpolationMode
+    got = {m: image_processor(tf(m)).resample for m in (M.NEAREST, M.LANCZOS, M.BILINEAR,
+                                                        M.BICUBIC, M.BOX, M.HAMMING)}
+    assert got == {M.NEAREST: 0, M.LANCZOS: 1, M.BILINEAR: 2, M.BICUBIC: 3, M.BOX: 4, M.HAMMING: 5}
+    with pytest.raises(ValueError, match="nearest-exact"):
+        image_processor(tf(M.NEAREST_EXACT))

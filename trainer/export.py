@@ -60,6 +60,10 @@ def export(run: str | Path, fmt: str, out: str | Path) -> dict:
 # --- the image processor --------------------------------------------------------------------
 
 
+# torchvision's interpolation names -> PIL's resampling codes, which CLIPImageProcessor takes
+PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
 def image_processor(preprocess):
     """``CLIPImageProcessor`` doing what our transform does: shortest-side resize, centre
     crop, mean/std."""
@@ -73,7 +77,11 @@ def image_processor(preprocess):
     if not isinstance(geo["resize"], int) or geo["center_crop"] is None or norm is None:
         raise ValueError(f"the tower's transform ({geo}) is not a shortest-side resize, centre crop "
                          f"and normalisation, which CLIPImageProcessor does")
-    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(geo["interpolation"], 3)
+    resample = PIL_RESAMPLE.get(geo["interpolation"])
+    if resample is None:
+        raise ValueError(f"the tower's transform resizes with {geo['interpolation']!r}, which "
+                         f"CLIPImageProcessor (PIL) cannot do; export a tower whose transform uses "
+                         f"one of {sorted(PIL_RESAMPLE)}")
     h, w = geo["center_crop"]
     return CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": geo["resize"]}, resample=resample,
