@@ -503,7 +503,7 @@ class Evidence:
         from the visual tokens alone (the LM frozen, endpoint b) and the caption loss."""
         from PIL import Image
 
-        from trainer.align_eval import evaluate_alignment, heldout_align_loss
+        from trainer.align_eval import evaluate_alignment
         from trainer.sea_loss import load_word_tokens
         from wordlist import load_wordlist
 
@@ -521,23 +521,39 @@ class Evidence:
         out[f"eval_align_{_mode_name(arm['mode'])}_{arm['list']}"] = evaluate_alignment(
             mllm, parts.word_tokens, rows, lambda r: r)
         if p.criterion_tau is not None:
-            out["heldout_align"] = {}
-            for mode, lst, top_k in self._label_sets(arm):
-                labels = self._test_labels(mode, lst)
-                keys = sorted(labels)
-                batches = ({"pixel": torch.stack([pixel(k) for k in keys[i:i + p.micro_batch]]),
-                            "label_ids": np.stack([labels[k][0] for k in keys[i:i + p.micro_batch]]),
-                            "label_scores": np.stack([labels[k][1] for k in keys[i:i + p.micro_batch]])}
-                           for i in range(0, len(keys), p.micro_batch))
-                wt = load_word_tokens(parts.tokenizer, load_wordlist(self._wordlist(lst)), rule)
-                out["heldout_align"][_label_key(mode, lst, top_k)] = heldout_align_loss(
-                    mllm, wt, batches, mllm.grid, p.criterion_tau, parts.cfg.sea.window, top_k)
+            out["heldout_align"] = {_label_key(*ls): self.heldout_align(parts, *ls, pixel)
+                                    for ls in self._label_sets(arm)}
         rows = metrics.questions(self.test_dir)
         out["answers_from_tokens"] = metrics.answer_accuracy(metrics.context_answers(
             mllm.llm, parts.tokenizer, rows, "image", self.test_dir, mllm, parts.encoder.preprocess), rows)
         out["caption_loss"] = metrics.caption_loss(mllm, parts.tokenizer, parts.encoder.preprocess,
                                                    self.test_dir)
         return out
+
+    def heldout_align(self, parts, mode: tuple[str, str], lst: str, top_k: int, pixel=None) -> dict:
+        """Held-out L_a at ``criterion_tau`` on the test scenes' labels (``mode``, ``lst``,
+        each patch's first ``top_k``), in micro-batches of the training's size: the
+        treatment-delivered measure. ``pixel``: image name -> tensor (decoded here if None)."""
+        from PIL import Image
+
+        from trainer.align_eval import heldout_align_loss
+        from trainer.sea_loss import load_word_tokens
+        from wordlist import load_wordlist
+
+        if pixel is None:
+            root = self.test_dir / "images"
+            pixel = functools.cache(lambda k: parts.encoder.preprocess(Image.open(root / k).convert("RGB")))
+        mb, labels = self.p.micro_batch, self._test_labels(mode, lst)
+        keys = sorted(labels)
+        batches = ({"pixel": torch.stack([pixel(k) for k in keys[i:i + mb]]),
+                    "label_ids": np.stack([labels[k][0] for k in keys[i:i + mb]]),
+                    "label_scores": np.stack([labels[k][1] for k in keys[i:i + mb]])}
+                   for i in range(0, len(keys), mb))
+        wt = load_word_tokens(parts.tokenizer, load_wordlist(self._wordlist(lst)),
+                              parts.cfg.sea.label_tokenization)
+        mllm = parts.task.mllm
+        return heldout_align_loss(mllm, wt, batches, mllm.grid, self.p.criterion_tau,
+                                  parts.cfg.sea.window, top_k)
 
     # --- driver ------------------------------------------------------------------------------
     def run(self) -> dict:

@@ -210,11 +210,7 @@ def conversation_turns(world_dir: str | Path) -> list[dict]:
     trained on: the turns before it, with their true answers, then the question. One record
     per question: ``image``, ``type``, ``answer``, ``messages`` (the prompt's turns), ``turn``."""
     root = Path(world_dir)
-    types = {}
-    for line in (root / "questions.jsonl").read_text().splitlines():
-        if line:
-            q = json.loads(line)
-            types[(q["image"], q["question"])] = q["type"]
+    types = {(q["image"], q["question"]): q["type"] for q in questions(root)}
     out = []
     for it in json.loads((root / "instruct.json").read_text()):
         conv = it["conversations"]

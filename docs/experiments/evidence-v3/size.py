@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from seacore.config import load_config
 from trainer.config import PretrainConfig
@@ -74,7 +73,7 @@ def main(out: str, lm_steps: int, epochs: int, taus: list[float]) -> None:
             row["chance_curve"] = _every(tr, "align_chance")
             row["tau_curve"] = _every(tr, "tau")
         parts.task.mllm.eval()
-        row["heldout_align"] = _heldout(ev, parts, arm)
+        row["heldout_align"] = ev.heldout_align(parts, arm["mode"], arm["list"], arm["top_k"])
         row["caption_loss_heldout"] = metrics.caption_loss(parts.task.mllm, parts.tokenizer,
                                                            parts.encoder.preprocess, ev.test_dir)
         runs[name] = row
@@ -89,27 +88,6 @@ def _every(rows: list[dict], key: str, points: int = 20) -> list[list[float]]:
     edges = np.linspace(0, n, points + 1).astype(int)
     return [[rows[b - 1]["step"], float(np.mean([r[key] for r in rows[a:b] if key in r] or [np.nan]))]
             for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-
-def _heldout(ev, parts, arm) -> dict:
-    from PIL import Image
-
-    from trainer.align_eval import heldout_align_loss
-    from trainer.sea_loss import load_word_tokens
-    from wordlist import load_wordlist
-
-    labels = ev._test_labels(arm["mode"], arm["list"])
-    keys = sorted(labels)
-    root = ev.test_dir / "images"
-    px = {k: parts.encoder.preprocess(Image.open(root / k).convert("RGB")) for k in keys}
-    mb = ev.p.micro_batch
-    batches = [{"pixel": torch.stack([px[k] for k in keys[i:i + mb]]),
-                "label_ids": np.stack([labels[k][0] for k in keys[i:i + mb]]),
-                "label_scores": np.stack([labels[k][1] for k in keys[i:i + mb]])}
-               for i in range(0, len(keys), mb)]
-    wt = load_word_tokens(parts.tokenizer, load_wordlist(ev._wordlist(arm["list"])), "space")
-    return heldout_align_loss(parts.task.mllm, wt, batches, parts.task.mllm.grid, ev.p.criterion_tau,
-                              2, arm["top_k"])
 
 
 if __name__ == "__main__":
