@@ -26,13 +26,13 @@ def test_a_crafted_pickle_is_never_loaded(tmp_path):
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in good.iterdir())
     target = tmp_path / "pwned"
     (good / "state.pt").write_bytes(pickle.dumps({"x": _Boom(target)}))
-    with pytest.raises(checkpoint.CheckpointError, match="pickled"):
+    with pytest.raises(checkpoint.CheckpointError, match="older format"):
         checkpoint.load(good)
     assert not target.exists()
 
 
 def test_state_round_trips_without_pickle(tmp_path):
-    from trainer.train import rng_state
+    from trainer.manager import rng_state
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -68,7 +68,7 @@ def test_a_corrupted_latest_is_reported_and_the_previous_used(tmp_path):
     w = {"a": torch.arange(1000, dtype=torch.float32)}
     prev = checkpoint.save(tmp_path, 2, w, {"x": 1}, {})
     last = checkpoint.save(tmp_path, 4, w, {"x": 2}, {})
-    f = last / "trainable.safetensors"
+    f = next((last / checkpoint.SHARDS).iterdir())
     data = bytearray(f.read_bytes())
     data[-10] ^= 0x01  # same size: only the checksum can tell
     f.write_bytes(bytes(data))
@@ -87,4 +87,5 @@ def test_stale_temporary_folders_are_removed(tmp_path):
     checkpoint.save(tmp_path, 6, {"a": torch.ones(1)}, {}, {})
     assert not stale.exists()
     marker = json.loads((tmp_path / "checkpoints" / "step-00000006" / checkpoint.MARKER).read_text())
-    assert set(marker["sha256"]) == set(checkpoint.FILES)
+    shards = {f"{checkpoint.SHARDS}/{f.name}" for f in (tmp_path / "checkpoints" / "step-00000006" / checkpoint.SHARDS).iterdir()}
+    assert shards and set(marker["sha256"]) == set(checkpoint.FILES) | shards

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.data import SampleSource, StreamDataset, resume_skips, round_robin_order
+from trainer.data import SampleSource, StreamDataset
 
 
 @pytest.fixture
@@ -26,15 +26,44 @@ def _rows(ds, workers=0):
 
 
 def test_shuffle_is_deterministic_from_seed_and_epoch(source):
-    a = _rows(StreamDataset(source, 3, seed=1, holdout=4))
-    b = _rows(StreamDataset(source, 3, seed=1, holdout=4))
+    a = _rows(StreamDataset(source, 4, seed=1, holdout=4))
+    b = _rows(StreamDataset(source, 4, seed=1, holdout=4))
     assert a == b
-    ds = StreamDataset(source, 3, seed=1, holdout=4)
+    ds = StreamDataset(source, 4, seed=1, holdout=4)
     ds.set_position(1, 0)
     assert _rows(ds) != a
     flat = sum(a, [])
     assert sorted(flat) == list(range(4, 24))  # every training row once, holdout excluded
     assert flat != sorted(flat)
+
+
+def _steps(source, world, workers, global_batch=4, micro=2, seed=0, epoch=0, start=0):
+    """The sorted rows of each optimizer step, ranks and loader workers together."""
+    accum = global_batch // (micro * world)
+    per_rank = []
+    for rank in range(world):
+        ds = StreamDataset(source, micro, seed=seed, rank=rank, world=world, num_workers=workers,
+                           holdout=4, global_batch=global_batch)
+        ds.set_position(epoch, start)
+        per_rank.append(_rows(ds, workers))
+    n = len(per_rank[0]) // accum
+    assert all(len(r) == n * accum for r in per_rank)
+    return [sorted(sum((sum(r[t * accum:(t + 1) * accum], []) for r in per_rank), []))
+            for t in range(n)]
+
+
+def test_a_steps_samples_depend_on_neither_world_size_nor_loader_workers(source):
+    """Issue 34: the order is a function of (seed, epoch, position): 1 rank x 0 workers,
+    1 x 2, 2 x 0 and 2 x 2 see the same samples at every step, each row once per epoch."""
+    one = _steps(source, 1, 0)
+    assert len(one) == 20 // 4
+    flat = sum(one, [])
+    assert len(set(flat)) == len(flat) and set(flat) <= set(range(4, 24))
+    for world, workers in ((1, 2), (2, 0), (2, 2)):
+        assert _steps(source, world, workers) == one, (world, workers)
+    # and a resume mid-epoch on another world size continues the same steps
+    assert _steps(source, 2, 2, start=2) == one[2:]
+    assert _steps(source, 1, 0, epoch=1) != one
 
 
 def test_ranks_and_workers_read_disjoint_parts(source):
@@ -57,31 +86,34 @@ def test_resume_skips_exactly_what_was_consumed(source):
 @pytest.mark.parametrize("objective", ["sampled", "multi"])
 def test_sea_draws_are_keyed_by_the_data_position(source, objective):
     """Each labelled micro-batch carries its SEA pairs, drawn in the loader worker from (seed,
-    epoch, global worker, the worker's batch number): equal to sampling that batch's labels
-    with that key by hand, the same again after a resume, and different per batch."""
+    epoch, global micro-batch index): equal to sampling that batch's labels with that key by
+    hand, the same again after a resume and on another world size, and different per batch."""
     from trainer.sea_loss import Draws, sample_pairs
 
     draws = Draws((8, 8), 2, objective, seed=3)
 
-    def stream(ds):
+    def stream(ds, workers=2):
         return [(b["rows"], b["label_ids"], b["label_scores"], b["sea"])
-                for b in DataLoader(ds, batch_size=None, num_workers=2)]
+                for b in DataLoader(ds, batch_size=None, num_workers=workers)]
 
     full = stream(StreamDataset(source, 2, seed=3, num_workers=2, holdout=4, draws=draws))
-    ds = StreamDataset(source, 2, seed=3, num_workers=2, holdout=4, draws=draws)
-    order = round_robin_order(ds.batches_per_worker())
-    for k, (_, ids, scores, got) in enumerate(full):
-        worker, number = order[k], order[:k].count(order[k])
+    for j, (_, ids, scores, got) in enumerate(full):
         want = sample_pairs([(ids, scores)], (8, 8), 2, [torch.Generator().manual_seed(
-            ((3 * 1_000_003 + 0) * 7_919 + worker) * 100_003 + number)], objective)[0]
+            (3 * 1_000_003 + 0) * 100_003 + j)], objective)[0]
         for f in ("token", "words", "q", "r", "ids", "weights"):
             a, b = getattr(got, f), getattr(want, f)
-            assert (a is None and b is None) or torch.equal(a, b), (k, f)
+            assert (a is None and b is None) or torch.equal(a, b), (j, f)
     assert len({tuple(b[3].token.tolist()) for b in full}) == len(full)
+    ds = StreamDataset(source, 2, seed=3, num_workers=2, holdout=4, draws=draws)
     ds.set_position(0, 3)
     resumed = stream(ds)
     assert [r for r, *_ in resumed] == [r for r, *_ in full[3:]]
     for (_, _, _, a), (_, _, _, b) in zip(resumed, full[3:], strict=True):
+        assert torch.equal(a.token, b.token) and torch.equal(a.words, b.words)
+    # rank 1 of 2 draws for global micro-batches 1, 3, ...: the same pairs as one rank did
+    odd = stream(StreamDataset(source, 2, seed=3, rank=1, world=2, holdout=4, draws=draws), 0)
+    assert [r for r, *_ in odd] == [r for r, *_ in full[1::2]]
+    for (_, _, _, a), (_, _, _, b) in zip(odd, full[1::2], strict=True):
         assert torch.equal(a.token, b.token) and torch.equal(a.words, b.words)
 
 
@@ -95,11 +127,6 @@ def test_labelled_batch_without_draws_is_refused(pretrain_cfg):
     del batch["sea"]
     with pytest.raises(ValueError, match="no SEA draws"):
         step_sample(p, [batch])
-
-
-def test_round_robin_model():
-    assert round_robin_order([2, 1, 3]) == [0, 1, 2, 0, 2, 2]
-    assert resume_skips([2, 1, 3], 4) == [2, 1, 1]
 
 
 def test_batches_carry_labels_and_plain_prompt(source, tiny_llm):

@@ -96,12 +96,6 @@ def test_kill_and_resume_gives_the_same_losses(stage, pretrain_cfg, finetune_cfg
     # a resume with another config is refused, naming the key
     with pytest.raises(ValueError, match="optim.lr"):
         train(make(*common, f"log.output={out}", "optim.lr=0.5", "resume=latest"), stage)
-    # and so is a resume with another world size
-    weights, state = checkpoint.load(checkpoint.latest(out))
-    state["world"] = 2
-    checkpoint.save(out, 99, weights, state, {})
-    with pytest.raises(ValueError, match="written by 2 processes"):
-        train(make(*common, f"log.output={out}", "log.save_every=4", "resume=latest"), stage)
 
 
 def test_half_written_or_corrupted_checkpoint_is_never_latest(tmp_path):
@@ -113,8 +107,9 @@ def test_half_written_or_corrupted_checkpoint_is_never_latest(tmp_path):
     (bad / checkpoint.MARKER).unlink()
     # a later save whose weights were truncated afterwards
     trunc = checkpoint.save(tmp_path, 6, w, {"x": 3}, {})
-    data = (trunc / "trainable.safetensors").read_bytes()
-    (trunc / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    shard = next((trunc / checkpoint.SHARDS).iterdir())
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
     # a temporary folder of a save in progress
     (tmp_path / "checkpoints" / ".tmp-step-00000008-1").mkdir()
     assert checkpoint.latest(tmp_path) == good

@@ -36,7 +36,7 @@ def test_sea_draws_are_pinned_by_the_loader_and_moved_to_the_gpu():
 
     g = torch.Generator().manual_seed(0)
     ids, scores = torch.randint(0, 50, (2, 16, 3), generator=g), torch.rand(2, 16, 3, generator=g)
-    mp = Draws((4, 4), 2, "multi", 0)(ids, scores, 0, 0, 0)
+    mp = Draws((4, 4), 2, "multi", 0)(ids, scores, 0, 0)
     pinned = pin_memory({"sea": mp})["sea"]
     assert pinned.token.is_pinned() and pinned.q.is_pinned() and pinned.weights.is_pinned()
     dev = pinned.to(torch.device("cuda"), non_blocking=True)

@@ -85,13 +85,18 @@ def test_empty_or_broken_json_is_refused_naming_the_file(pretrain_cfg, tmp_path)
         build(pretrain_cfg(f"data.json={js}"), "pretrain")
 
 
-def test_one_row_group_for_two_ranks_names_the_extraction_fix(pretrain_cfg, label_run):
-    from trainer.data import data_problem
+def test_fewer_row_groups_than_ranks_feed_every_rank(pretrain_cfg, label_run):
+    """Ranks take strides of one global stream, not whole row groups: the test label set's
+    6 row groups feed 8 ranks (such a run used to be refused, naming run.row_group_size)."""
+    from trainer.data import StreamDataset
 
     p = build(pretrain_cfg(), "pretrain")
-    msg = data_problem(p.source.report, [5, 0], accum=1, world=2, blocks=1,
-                       global_batch=4, holdout=4)
-    assert "run.row_group_size" in msg and "1 block" in msg
+    assert len(p.source.blocks) < 8
+    ranks = [StreamDataset(p.source, 1, 0, rank=r, world=8, holdout=4) for r in range(8)]
+    rows = [[b["rows"] for b in ds] for ds in ranks]
+    assert all(len(r) == ranks[0].steps_per_epoch() == 20 // 8 for r in rows)
+    flat = sum(sum(rows, []), [])
+    assert len(flat) == len(set(flat)) == 8 * (20 // 8)
 
 
 def test_cli_refuses_a_run_with_no_data(pretrain_cfg, tmp_path, capsys):

@@ -51,7 +51,7 @@ def test_top_k_draws_only_the_best_k_labels():
     for batch in range(40):
         for k, seen in ((0, seen_all), (1, seen_top)):
             m = Draws(grid, 2, "sampled", 0, k)(torch.from_numpy(ids), torch.from_numpy(scores.copy()),
-                                                0, 0, batch)
+                                                0, batch)
             for t, w in zip(m.token.tolist(), m.words.tolist(), strict=True):
                 seen.add((t, w))
     first = {(i * 16 + p, int(ids[i, p, 0])) for i in range(b) for p in range(16) if ids[i, p, 0] != SENTINEL}

@@ -177,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             result.pop("losses", None)
         else:
             from trainer import checkpoint
+            from trainer.manager import load_weights
 
             parts = build(cfg, stage)
             if path is None:
                 path = checkpoint.latest(cfg.log.output)
                 if path is None:
                     raise FileNotFoundError(f"no complete checkpoint under {cfg.log.output}")
-            weights, _ = checkpoint.load(path)
-            parts.task.load_state_dict(weights, strict=False)
+            load_weights(parts.task, path)
             result = {"checkpoint": str(path), "stage": stage, "align": eval_alignment(parts)}
     except Preempted as e:  # 128 + the signal, as a process the signal had ended
         if distributed.from_env().is_main():

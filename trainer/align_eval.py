@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pipeline.shards import SENTINEL
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 cannot gather parameters into inference tensors
 def evaluate_alignment(mllm, word_tokens, rows, preprocess_batch, batch_size: int = 16,
                        device="cpu") -> dict:
     """``rows``: iterable of dicts with 'pixel' (3,H,W), 'label_ids' (P, n)."""
@@ -74,7 +74,7 @@ def heldout_align_loss(mllm, word_tokens, batches, grid: tuple[int, int], tau: f
     log_tau = torch.tensor(math.log(tau), device=device)
     losses, chances = [], []
     for i, b in enumerate(batches):
-        pairs = draws(torch.as_tensor(b["label_ids"]), torch.as_tensor(b["label_scores"]), 0, 0, i)
+        pairs = draws(torch.as_tensor(b["label_ids"]), torch.as_tensor(b["label_scores"]), 0, i)
         if pairs is None or pairs.words.numel() < 2:
             continue
         tokens = mllm.visual_tokens(b["pixel"].to(device)).float()

@@ -1,12 +1,12 @@
 """Streaming training data: label shards joined with images and LLaVA conversations.
 
 Blocks are the shards' Parquet row groups (or, without labels, fixed slices of the JSON
-list). Per epoch the block order is shuffled from (seed, epoch); global worker g of G
-(G = ranks x loader workers) takes blocks g, g+G, ...; within a window of
-``shuffle_window`` blocks the rows are shuffled again. Memory is one window of rows, never
-the shard set. Each worker cuts its own stream into micro-batches, so the number of
-batches per worker follows from the metadata alone: that is what makes the data position
-(``batches consumed``) resumable exactly (``resume_skips``).
+list). Per epoch the block order is shuffled from (seed, epoch) and the rows again within
+windows of ``shuffle_window`` blocks: one global stream, the same for any number of ranks
+and loader workers, which take its micro-batches in strides (``StreamDataset``). The
+stream's layout follows from the metadata alone, so the data position is one number (the
+optimizer steps done in the epoch) and a resume, on any world size, is exact. A worker holds
+at most two windows of decoded rows, never the shard set.
 
 Samples whose image cannot be read are dropped from their batch and counted (``bad``).
 The first ``holdout_images`` labelled rows (manifest order) are kept out of training and
@@ -233,11 +233,10 @@ def format_report(report: dict) -> str:
     return "; ".join(parts) + f"; dropped: {drops}"
 
 
-def data_problem(report: dict, rank_batches: list[int], accum: int, world: int, blocks: int,
-                 global_batch: int, holdout: int) -> str | None:
+def data_problem(report: dict, train_rows: int, global_batch: int, holdout: int) -> str | None:
     """Why the data cannot make one optimizer step (None when it can), naming the cause and
-    the setting that fixes it. ``rank_batches``: micro-batches per rank and epoch."""
-    if min(rank_batches) // accum > 0:
+    the setting that fixes it."""
+    if train_rows >= global_batch:
         return None
     rows = report["trainable"]
     if rows == 0:
@@ -246,51 +245,27 @@ def data_problem(report: dict, rank_batches: list[int], accum: int, world: int, 
     elif holdout and rows - holdout < global_batch:
         cause = (f"data.holdout_images={holdout} leaves {max(rows - holdout, 0)} of {rows} rows "
                  f"for training; lower it")
-    elif world > 1 and min(rank_batches) == 0:
-        cause = (f"the data has {blocks} block(s) (Parquet row groups) for {world} ranks x loader "
-                 f"workers, so some rank gets none: rerun the extraction with a smaller "
-                 f"run.row_group_size, or use fewer ranks or data.num_workers")
     else:
         cause = f"lower optim.global_batch_size ({global_batch})"
     return (f"{rows} rows can train, fewer than one optimizer step needs (global batch "
             f"{global_batch}): {cause}. Join report: {format_report(report)}")
 
 
-def worker_batch_counts(blocks: list[Block], micro: int, global_workers: int) -> list[int]:
-    """Micro-batches each global worker yields in one epoch (independent of the shuffle)."""
-    counts = []
-    for g in range(global_workers):
-        rows = sum(b.rows for b in blocks[g::global_workers])
-        counts.append(-(-rows // micro))
-    return counts
-
-
-def round_robin_order(counts: list[int]) -> list[int]:
-    """Which worker each successive batch comes from (torch's DataLoader skips exhausted ones)."""
-    left = list(counts)
-    order = []
-    while any(left):
-        for w in range(len(left)):
-            if left[w]:
-                order.append(w)
-                left[w] -= 1
-    return order
-
-
-def resume_skips(counts: list[int], consumed: int) -> list[int]:
-    """Batches each worker has already delivered after ``consumed`` batches in the epoch."""
-    skips = [0] * len(counts)
-    for w in round_robin_order(counts)[:consumed]:
-        skips[w] += 1
-    return skips
-
-
 class StreamDataset(IterableDataset):
-    """Yields micro-batches (already collated) for one rank; see the module docstring."""
+    """Yields micro-batches (already collated) for one rank; see the module docstring.
+
+    The epoch's sample order is one global stream, a function of (seed, epoch) and the data
+    alone: the training blocks shuffled from (seed, epoch), cut into windows of
+    ``shuffle_window`` blocks, each window's rows shuffled from (seed, epoch, window). Global
+    micro-batch j is rows [j * micro, (j + 1) * micro) of that stream; rank r of W takes
+    j = r, r + W, ... (its stride) and its loader worker k of K every K-th of those. So which
+    samples an optimizer step sees depends neither on the world size nor on the number of
+    loader workers (MosaicML streaming's canonical order is the model), and a resumed run, on
+    any world size, starts at the global micro-batch where the interrupted one stopped."""
 
     def __init__(self, source: SampleSource, micro_batch: int, seed: int, rank: int = 0,
                  world: int = 1, num_workers: int = 0, shuffle_window: int = 8,
-                 holdout: int = 0, draws=None):
+                 holdout: int = 0, draws=None, global_batch: int | None = None):
         self.source = source
         self.micro = micro_batch
         self.seed = seed
@@ -300,9 +275,12 @@ class StreamDataset(IterableDataset):
         self.window = max(shuffle_window, 1)
         self.holdout = holdout
         self.draws = draws  # SEA's pair sampler (trainer.sea_loss.Draws), None without L_a
+        self.global_batch = global_batch or micro_batch * world
+        if self.global_batch % (micro_batch * world):
+            raise ValueError(f"global batch {self.global_batch} is not micro {micro_batch} x "
+                             f"world {world} x an integer accumulation")
         self.epoch = 0
-        self.skip = [0] * max(self.num_workers, 1)
-        self.rotate = 0
+        self.start = 0  # this rank's first micro-batch (local index) in the epoch
 
     @property
     def train_blocks(self) -> list[Block]:
@@ -316,59 +294,61 @@ class StreamDataset(IterableDataset):
             out.append(b)
         return out
 
-    def _epoch_blocks(self) -> list[Block]:
+    def train_rows(self) -> int:
+        return sum(b.rows for b in self.train_blocks)
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch: whole global batches only (a short tail is dropped)."""
+        return self.train_rows() // self.global_batch
+
+    def local_batches(self) -> int:
+        """Micro-batches this rank takes in one epoch (the same on every rank)."""
+        return self.steps_per_epoch() * self.global_batch // (self.micro * self.world)
+
+    def set_position(self, epoch: int, steps_done: int) -> None:
+        """Start ``epoch`` after ``steps_done`` of its optimizer steps."""
+        self.epoch = epoch
+        self.start = steps_done * self.global_batch // (self.micro * self.world)
+
+    def _windows(self) -> tuple[list[list[Block]], np.ndarray, list[np.ndarray]]:
+        """The epoch's windows, their first positions in the stream, and each window's row
+        order (indices into its rows, blocks in window order). Metadata only: no reading."""
         blocks = self.train_blocks
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(blocks)
-        return blocks
-
-    def global_workers(self) -> int:
-        return self.world * max(self.num_workers, 1)
-
-    def batches_per_worker(self) -> list[int]:
-        """This rank's loader workers' batch counts, in worker order."""
-        counts = worker_batch_counts(self._epoch_blocks(), self.micro, self.global_workers())
-        w = max(self.num_workers, 1)
-        return counts[self.rank * w:(self.rank + 1) * w]
-
-    def set_position(self, epoch: int, consumed_batches: int) -> None:
-        """Resume inside an epoch: each worker skips what it delivered, and since a new
-        DataLoader polls worker 0 first, loader workers are rotated so that the worker due
-        next in the interrupted run's round robin comes first."""
-        self.epoch = epoch
-        counts = self.batches_per_worker()
-        self.skip = resume_skips(counts, consumed_batches)
-        order = round_robin_order(counts)
-        self.rotate = order[consumed_batches] if consumed_batches < len(order) else 0
+        windows = [blocks[i:i + self.window] for i in range(0, len(blocks), self.window)]
+        sizes = [sum(b.rows for b in w) for w in windows]
+        perms = [np.random.default_rng([self.seed, self.epoch, k]).permutation(n)
+                 for k, n in enumerate(sizes)]
+        return windows, np.cumsum([0] + sizes), perms
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        n = max(self.num_workers, 1)
-        w = ((info.id if info is not None else 0) + self.rotate) % n
-        g = self.rank * max(self.num_workers, 1) + w
-        mine = self._epoch_blocks()[g::self.global_workers()]
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 7919 + g)
-        skip_rows = self.skip[w] * self.micro
-        number = self.skip[w]  # this worker's batch number in the epoch (keys SEA's draws)
-        pending: list[dict] = []
-        for start in range(0, len(mine), self.window):
-            rows = []
-            for b in mine[start:start + self.window]:
-                rows.extend(self.source.rows(b))
-            rng.shuffle(rows)
-            if skip_rows >= len(rows):  # already trained on: no decoding needed
-                skip_rows -= len(rows)
-                continue
-            rows, skip_rows = rows[skip_rows:], 0
-            for row in rows:
-                pending.append(row)
-                if len(pending) == self.micro:
-                    yield self._batch(pending, g, number)
-                    pending = []
-                    number += 1
-        if pending:
-            yield self._batch(pending, g, number)
+        k, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        windows, starts, perms = self._windows()
+        cache: dict[tuple[int, int], list[dict]] = {}  # decoded blocks, oldest first
 
-    def _batch(self, rows: list[dict], worker: int = 0, number: int = 0) -> dict:
+        def row_at(pos: int) -> dict:
+            w = int(np.searchsorted(starts, pos, side="right")) - 1
+            at = int(perms[w][pos - starts[w]])
+            for b in windows[w]:
+                if at < b.rows:
+                    key = (b.shard, b.group)
+                    if key not in cache:
+                        if len(cache) >= 2 * self.window:  # a batch spans at most two windows
+                            cache.pop(next(iter(cache)))
+                        cache[key] = self.source.rows(b)
+                    return cache[key][at]
+                at -= b.rows
+            raise AssertionError(f"stream position {pos} beyond its window")
+
+        # a new DataLoader asks worker 0 first, then 1, ...: worker k yields local batches
+        # start + k, start + k + K, ..., so the loader's round robin is the stream's order
+        for i in range(self.start + k, self.local_batches(), n_workers):
+            j = i * self.world + self.rank  # the global micro-batch
+            rows = [row_at(q) for q in range(j * self.micro, (j + 1) * self.micro)]
+            yield self._batch(rows, j)
+
+    def _batch(self, rows: list[dict], number: int = 0) -> dict:
         samples, unreadable = [], []
         for r in rows:
             s, why = self.source.try_sample(r)
@@ -380,8 +360,7 @@ class StreamDataset(IterableDataset):
         batch["bad"] = len(rows) - len(samples)
         batch["unreadable"] = unreadable
         if self.draws is not None and batch.get("label_ids") is not None:
-            batch["sea"] = self.draws(batch["label_ids"], batch["label_scores"], self.epoch,
-                                      worker, number)
+            batch["sea"] = self.draws(batch["label_ids"], batch["label_scores"], self.epoch, number)
         return batch
 
 

@@ -3,6 +3,7 @@ a world of one. Nothing here runs at import."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -108,23 +109,71 @@ def gather_pairs(x: torch.Tensor, *targets: torch.Tensor):
     return (_GatherWithGrad.apply(x), *(_GatherWithGrad.apply(t.detach()) for t in targets))
 
 
+def mp_policy(device: torch.device):
+    """FSDP2's mixed precision on a GPU: parameters gathered in bf16 (half the traffic of fp32
+    gathers), gradients reduced in fp32 (torchtitan's default); the fp32 masters stay sharded.
+    On CPU (gloo, tests) everything stays fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def llm_sharder(device: torch.device):
+    """What ``trainer.llm.load_llm`` applies to the LLM built on the meta device: each decoder
+    layer its own FSDP2 unit, and the input embedding and the output head too when they are
+    not tied (a tied pair stays in the root unit: one parameter cannot live in two units).
+    The rest (the final norm, a tied table) joins the root unit in ``wrap``."""
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mp_policy(device)
+
+    def shard(llm: torch.nn.Module) -> None:
+        for layer in _decoder_layers(llm):
+            fully_shard(layer, mp_policy=mp)
+        embed, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+        if head is not None and head.weight is not embed.weight:
+            fully_shard(embed, mp_policy=mp)
+            fully_shard(head, mp_policy=mp)
+
+    return shard
+
+
 def wrap(task: torch.nn.Module, d: Dist, strategy: str, device: torch.device,
          find_unused: bool) -> torch.nn.Module:
-    """DDP (replicated weights, gradients averaged) or FSDP2 (each LLM decoder layer and the
-    rest sharded across ranks). A world of one gets the module itself."""
+    """DDP (replicated weights, gradients averaged) or FSDP2 (the LLM's units, sharded when it
+    was loaded by ``llm_sharder``, and the root unit here: tower, adapter, temperature and the
+    LLM's remaining parameters). A world of one gets the module itself."""
     if not d.enabled:
         return task
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        for layer in _decoder_layers(task.mllm.llm):
-            fully_shard(layer)
-        fully_shard(task)
+        if not isinstance(_decoder_layers(task.mllm.llm)[0], FSDPModule):
+            llm_sharder(device)(task.mllm.llm)
+        fully_shard(task, mp_policy=mp_policy(device))
         return task
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(task, device_ids=ids, find_unused_parameters=find_unused)
+
+
+@contextlib.contextmanager
+def unsharded(module: torch.nn.Module):
+    """``module``'s full parameters for code that reads them outside its forward (SEA's label
+    features read the embedding table); a no-op unless it is an FSDP2 unit of its own."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def _decoder_layers(llm) -> list[torch.nn.Module]:
@@ -137,6 +186,16 @@ def _decoder_layers(llm) -> list[torch.nn.Module]:
         except AttributeError:
             continue
     raise ValueError(f"cannot find the decoder layers of {type(llm).__name__} to shard")
+
+
+def mean_over_ranks(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    """Each value averaged over the ranks (one tiny all-reduce): a step's loss is the global
+    batch's, whatever the world size (rank 0 alone saw only its micro-batches)."""
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / d.world).tolist()
 
 
 def gather_objects(obj, d: Dist) -> list:

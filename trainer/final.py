@@ -24,32 +24,90 @@ from trainer import distributed as D
 LLAVA_PROJECTOR_KEYS = ("0.weight", "0.bias", "2.weight", "2.bias")
 
 
+def _full(v: torch.Tensor) -> torch.Tensor:
+    """A parameter whole (collective for a DTensor: every rank calls it, in the same order)."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def _gather_to_main(p, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``named`` whole on rank 0's CPU ({} elsewhere), one tensor gathered at a time."""
+    out = {}
+    for name, v in named:
+        t = _full(v.detach())
+        if p.dist.is_main():
+            out[name] = t.cpu().contiguous()
+        del t
+    return out
+
+
+def save_llm_streamed(p, out: Path, max_file_bytes: int = 2 << 30) -> None:
+    """The (trained) LLM as a Hugging Face folder of safetensors files of at most
+    ``max_file_bytes``, gathered file by file: rank 0 holds one file's tensors at a time, never
+    the whole model (13B in fp32 is 52 GB). Names and layout are ``save_pretrained``'s."""
+    from safetensors.torch import save_file
+
+    llm = p.task.mllm.llm
+    state = llm.state_dict()  # sharded under FSDP: DTensors, nothing gathered yet
+    names = {n for n, _ in llm.named_parameters()} | {n for n, _ in llm.named_buffers()}
+    keys = [k for k in state if k in names]  # a tied head appears once, as save_pretrained writes
+    files, size = [[]], 0
+    for k in keys:
+        n = state[k].numel() * state[k].element_size()
+        if files[-1] and size + n > max_file_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(k)
+        size += n
+    if p.dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, group in enumerate(files, 1):
+        name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        tensors = _gather_to_main(p, [(k, state[k]) for k in group])
+        if p.dist.is_main():
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(group, name))
+        del tensors
+    if p.dist.is_main():
+        if len(files) > 1:
+            total = sum(state[k].numel() * state[k].element_size() for k in keys)
+            (out / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        llm.config.save_pretrained(out)
+        if getattr(llm, "generation_config", None) is not None:
+            llm.generation_config.save_pretrained(out)
+        p.tokenizer.save_pretrained(out)
+
+
 def write_final(p, out: Path) -> None:
     """What inference needs: adapter (+ temperature), the LLM (stage 2: the trained one;
-    stage 1: a reference to the frozen one), the vision tower's reference and the config."""
+    stage 1: a reference to the frozen one), the vision tower's reference and the config.
+    Collective under torchrun; no rank gathers more than the adapter and one LLM file."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from trainer.llm import llm_identity
 
-    full = get_model_state_dict(p.task, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    task = p.task
+    small = [(f"mllm.{k}", v) for k, v in task.mllm.adapter.state_dict(prefix="adapter.").items()]
+    if task.align is not None and task.align.log_tau.requires_grad:
+        small.append(("align.log_tau", task.align.log_tau))
+    if task.train_vision:
+        small += [(f"mllm.vision.visual.{k}", v) for k, v in task.mllm.vision.visual.state_dict().items()]
+    full = _gather_to_main(p, small)
+    llm_ref = p.cfg.llm.path
+    if p.stage == "finetune":
+        save_llm_streamed(p, out / "llm")
+        llm_ref = "llm"
     if not p.dist.is_main():
         D.barrier(p.dist)
         return
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k[len("mllm."):]: v.contiguous() for k, v in full.items() if k.startswith("mllm.adapter.")}
+    tensors = {k[len("mllm."):]: v for k, v in full.items() if k.startswith("mllm.adapter.")}
     if "align.log_tau" in full:
         tensors["log_tau"] = full["align.log_tau"].reshape(1)
     save_file(tensors, str(out / "adapter.safetensors"))
-    llm_ref = p.cfg.llm.path
-    if p.stage == "finetune":
-        llm_state = {k[len("mllm.llm."):]: v for k, v in full.items() if k.startswith("mllm.llm.")}
-        p.task.mllm.llm.save_pretrained(out / "llm", state_dict=llm_state, safe_serialization=True)
-        p.tokenizer.save_pretrained(out / "llm")
-        llm_ref = "llm"
     if p.task.train_vision:
-        vis = {k[len("mllm.vision.visual."):]: v.contiguous() for k, v in full.items()
+        vis = {k[len("mllm.vision.visual."):]: v for k, v in full.items()
                if k.startswith("mllm.vision.visual.")}
         save_file(vis, str(out / "vision.safetensors"))
     enc = p.encoder

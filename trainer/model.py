@@ -91,11 +91,15 @@ def splice(embed: nn.Embedding, input_ids: list[torch.Tensor], labels: list[torc
     ``image_feats`` is (num_images, P, H) for the samples with ``has_image`` in order.
     """
     device = embed.weight.device
+    ids_on = [ids.to(device) for ids in input_ids]
+    # one embedding call for the whole micro-batch: under FSDP the table is its own unit,
+    # gathered on each call, and every rank must make the same calls whatever its samples
+    text = [ids[ids != IMAGE_TOKEN_INDEX] for ids in ids_on]
+    embedded = embed(torch.cat(text)).split([len(t) for t in text])
     seqs, labs, starts, keep = [], [], [], []
     img_i = 0
     P = image_feats.shape[1] if image_feats is not None else 0
-    for ids, lab, img in zip(input_ids, labels, has_image, strict=True):
-        ids = ids.to(device)
+    for ids, e, lab, img in zip(ids_on, embedded, labels, has_image, strict=True):
         lab = lab.to(device)
         pos = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
         if img:
@@ -112,22 +116,22 @@ def splice(embed: nn.Embedding, input_ids: list[torch.Tensor], labels: list[torc
                 starts.append(-1)
                 keep.append(False)
                 continue
-            emb = torch.cat([embed(ids[:p]), feats.to(embed.weight.dtype), embed(ids[p + 1:])])
+            emb = torch.cat([e[:p], feats.to(e.dtype), e[p:]])
             lab = torch.cat([lab[:p], lab.new_full((P,), IGNORE_INDEX), lab[p + 1:]])
             starts.append(p)
         else:
             if len(pos):
                 raise ValueError("a text-only sample contains <image>")
-            emb = embed(ids)
+            emb = e
             starts.append(-1)
         seqs.append(emb[:max_length])
         labs.append(lab[:max_length])
         keep.append(True)
     kept = [i for i, k in enumerate(keep) if k]
     T = max((seqs[i].shape[0] for i in kept), default=1)
-    H = embed.weight.shape[1]
+    H = embedded[0].shape[-1]
     B = len(kept)
-    out = torch.zeros(B, T, H, dtype=embed.weight.dtype, device=device)
+    out = torch.zeros(B, T, H, dtype=embedded[0].dtype, device=device)
     mask = torch.zeros(B, T, dtype=torch.long, device=device)
     lab_out = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=device)
     for row, i in enumerate(kept):

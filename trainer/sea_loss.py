@@ -234,9 +234,9 @@ class StepSample:
 class Draws:
     """What the data loader needs to draw SEA's pairs for each micro-batch it builds: the grid,
     the window, the objective and the run's seed. A micro-batch's randomness comes from its
-    place in the data stream (epoch, global loader worker, the worker's batch number), so the
-    draws are fixed by the data position (nothing to save; a resumed run draws the same) and
-    belong to the batch, as the data order does. Why in the loader and not in the training
+    place in the data stream (epoch, global micro-batch index), so the
+    draws are fixed by the data position (nothing to save; a resumed run draws the same, on
+    any world size) and belong to the batch, as the data order does. Why in the loader and not in the training
     step: with loader workers this host work overlaps the step instead of delaying it."""
 
     grid: tuple[int, int]
@@ -245,15 +245,15 @@ class Draws:
     seed: int
     top_k: int = 0  # each patch's first k kept labels only (0: all)
 
-    def generator(self, epoch: int, worker: int, batch: int) -> torch.Generator:
-        key = ((self.seed * 1_000_003 + epoch) * 7_919 + worker) * 100_003 + batch
+    def generator(self, epoch: int, batch: int) -> torch.Generator:
+        key = (self.seed * 1_000_003 + epoch) * 100_003 + batch
         return torch.Generator().manual_seed(key % (1 << 63))
 
-    def __call__(self, ids, scores, epoch: int, worker: int, batch: int) -> MicroPairs | None:
+    def __call__(self, ids, scores, epoch: int, batch: int) -> MicroPairs | None:
         if self.top_k:  # the shards keep each patch's labels best first
             ids, scores = ids[..., :self.top_k], scores[..., :self.top_k]
         return sample_pairs([(ids, scores)], self.grid, self.window,
-                            [self.generator(epoch, worker, batch)], self.objective)[0]
+                            [self.generator(epoch, batch)], self.objective)[0]
 
 
 def draw_uniforms(gen: torch.Generator, batch: int, windows: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from trainer.distributed import unsharded
 from trainer.model import IGNORE_INDEX, MLLM, splice, supervised_lm_loss
 from trainer.sea_loss import AlignmentLoss
 
@@ -38,16 +39,23 @@ class SEATask(nn.Module):
         if sp.keep.any() and (sp.labels[:, 1:] != IGNORE_INDEX).any():
             # the output head only where a caption / answer token is predicted
             lm_loss = supervised_lm_loss(m.llm, sp.inputs_embeds, sp.attention_mask, sp.labels)
-        else:  # nothing to predict (all dropped or masked): 0, still attached to the adapter
+        else:  # nothing to predict (all dropped or masked): 0, through the LLM and its head all
+            # the same (FSDP: every rank gathers each unit the same number of times), attached
+            # to the adapter
             anchor = tokens if tokens is not None else m.adapter[0].weight
-            lm_loss = anchor.sum() * 0.0
+            x = sp.inputs_embeds[:1, :1] if len(sp.inputs_embeds) else sp.inputs_embeds.new_zeros(
+                1, 1, sp.inputs_embeds.shape[-1])
+            logits = m.llm(inputs_embeds=x, use_cache=False).logits
+            lm_loss = (anchor.sum() + logits.sum()) * 0.0
         losses = {"lm_loss": lm_loss, "dropped": int((~sp.keep).sum())}
         align_loss = lm_loss.new_zeros(())
         pairs = 0
         if self.align is not None and self.weight > 0:
             # without labels the loss is 0 but keeps the temperature in the graph, so DDP sees
             # every trainable parameter and gathered negatives stay collective
-            align_loss, pairs = self.align(tokens, embed.weight, sample, micro, gather, shared_gen)
+            with unsharded(embed):  # the label features read the table outside its forward
+                align_loss, pairs = self.align(tokens, embed.weight, sample, micro, gather,
+                                               shared_gen)
         losses.update(align_loss=align_loss, pairs=pairs,
                       loss=lm_loss + self.weight * align_loss)
         return losses
@@ -62,11 +70,15 @@ class SEATask(nn.Module):
         device = m.adapter[0].weight.device
         blank = torch.zeros(1, 3, *image_size_of(m.vision.visual), device=device)
         tokens = m.visual_tokens(blank, self.train_vision)
+        # the embedding too: a real micro-batch calls it once (splice)
+        e = m.llm.get_input_embeddings()(torch.zeros(1, dtype=torch.long, device=device))
         logits = m.llm(inputs_embeds=tokens[:, :1], use_cache=False).logits
-        zero = (tokens.sum() + logits.sum()) * 0.0
+        zero = (tokens.sum() + e.sum() + logits.sum()) * 0.0
         align_loss, pairs = zero * 0.0, 0
         if self.align is not None and self.weight > 0:
-            align_loss, pairs = self.align(None, m.llm.get_input_embeddings().weight, sample,
-                                           micro, gather, shared_gen)
+            embed = m.llm.get_input_embeddings()
+            with unsharded(embed):
+                align_loss, pairs = self.align(None, embed.weight, sample, micro, gather,
+                                               shared_gen)
         return {"lm_loss": zero, "dropped": 0, "align_loss": align_loss, "pairs": pairs,
                 "loss": zero + self.weight * align_loss}

@@ -1,10 +1,11 @@
 """The training loop, shared by stage 1 (pretrain) and stage 2 (finetune).
 
 ``build`` assembles the parts from a config; ``train`` runs epochs of micro-batches and calls
-``train_step`` per optimizer step; everything resumable is in ``TrainState`` and the
-checkpoint (trainable weights, optimizer, scheduler, every rank's RNG, data position). The
-data loader workers need no RNG state: their shuffles derive from (seed, epoch, worker), and
-SEA's sampling from (seed, step, micro-batch): both come back from the data position alone.
+``train_step`` per optimizer step; everything resumable is behind ``CheckpointManager``
+(trainable weights, optimizer, scheduler, every rank's RNG, the data position). The data
+loader workers need no RNG state: the order derives from (seed, epoch) and SEA's draws from
+(seed, epoch, global micro-batch): both come back from the data position alone, on any world
+size.
 """
 
 from __future__ import annotations
@@ -12,18 +13,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from seacore.config import to_dict
 from seacore.device import pick_device
 from trainer import checkpoint
 from trainer import distributed as D
@@ -32,26 +30,13 @@ from trainer.data import SampleSource, StreamDataset, data_problem, format_repor
 from trainer.faults import Preempted, Signals, all_counts, stop_requested
 from trainer.final import init_adapter, write_final
 from trainer.llm import load_llm
+from trainer.manager import CheckpointManager, TrainState
 from trainer.model import MLLM
 from trainer.runlog import Logger
 from trainer.s2 import tower_transform
 from trainer.sea_loss import AlignmentLoss, StepSample, load_word_tokens
 from trainer.task import SEATask
 from trainer.watch import ChanceWatch, DropWatch
-
-# config keys that may change between a run and its resume (nothing that moves the data
-# order, e.g. data.num_workers, or the schedule, e.g. optim.max_steps)
-RESUME_FREE = ("resume", "log.progress", "log.every", "log.eval_every", "log.save_every",
-               "log.keep_last", "log.report_to", "log.wandb_project", "log.run_name",
-               "log.overwrite", "dist.timeout_s", "data.max_error_rate")
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
-    samples: int = 0
 
 
 @dataclass
@@ -70,9 +55,11 @@ class Parts:
     dataset: StreamDataset
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    ckpt: CheckpointManager
     accum: int
-    per_epoch: int  # optimizer steps per epoch: the same on every rank
+    per_epoch: int  # optimizer steps per epoch
     total_steps: int
+    num_workers: int  # loader workers per rank (data.num_workers, -1 resolved)
 
 
 def expected_label_metadata(encoder, wordlist) -> dict:
@@ -100,12 +87,15 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     d = D.from_env()
     device = pick_device(cfg.device, d.local_rank if d.enabled else None)
     d = D.init(device, cfg.dist.timeout_s)
-    if cfg.data.num_workers < 0:  # resolved once and kept in the run's config: it fixes the order
-        cfg.data.num_workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    workers = cfg.data.num_workers  # decoding parallelism only: the order does not depend on it
+    if workers < 0:
+        workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.manual_seed(cfg.optim.seed)
     enc = load_encoder(cfg.vision.model, cfg.vision.pretrained, False, cfg.vision.cache_dir, device,
                        section="vision")
-    tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device, trained=stage == "finetune")
+    sharded = d.enabled and cfg.dist.strategy == "fsdp"
+    tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device, trained=stage == "finetune",
+                        shard=D.llm_sharder(device) if sharded else None)
     if cfg.llm.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); 4.x has only the old one
         enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
@@ -137,19 +127,16 @@ def build(cfg, stage: str = "pretrain") -> Parts:
         raise ValueError(f"global batch {o.global_batch_size} is not micro {o.micro_batch_size} "
                          f"x world {d.world} x an integer accumulation")
     holdout = cfg.data.holdout_images if cfg.data.shards else 0
-    dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world,
-                            cfg.data.num_workers, cfg.data.shuffle_window, holdout,
-                            align.draws(o.seed) if align is not None else None)
+    dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world, workers,
+                            cfg.data.shuffle_window, holdout,
+                            align.draws(o.seed) if align is not None else None,
+                            o.global_batch_size)
     if d.is_main():
         print(f"data ({stage}): {format_report(source.report)}", file=sys.stderr)
-    # ranks may hold a few more batches than others: every rank stops the epoch at the
-    # smallest count, so all change epoch together and rank 0's data position is everyone's
-    counts = D.gather_objects(sum(dataset.batches_per_worker()), d)
-    problem = data_problem(source.report, counts, accum, d.world, len(source.blocks),
-                           o.global_batch_size, holdout)
+    problem = data_problem(source.report, dataset.train_rows(), o.global_batch_size, holdout)
     if problem:
         raise ValueError(problem)
-    per_epoch = min(counts) // accum
+    per_epoch = dataset.steps_per_epoch()
     total = per_epoch * o.epochs
     if o.max_steps:
         total = min(total, o.max_steps)
@@ -158,8 +145,9 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     optimizer = torch.optim.AdamW(param_groups(task, cfg), lr=o.lr, betas=tuple(o.betas),
                                   weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, o.warmup_ratio))
+    ckpt = CheckpointManager(cfg, stage, d, task, optimizer, scheduler)
     return Parts(cfg, stage, d, device, enc, tok, wl, word_tokens, task, model, source, dataset,
-                 optimizer, scheduler, accum, per_epoch, total)
+                 optimizer, scheduler, ckpt, accum, per_epoch, total, workers)
 
 
 def auto_workers(ranks_here: int) -> int:
@@ -242,6 +230,9 @@ def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None
         # L_a of tokens that match no label better than another: ln(pairs), averaged as L_a is
         sums["align_chance"] += math.log(out["pairs"]) / n if out["pairs"] > 1 else 0.0
         sums["dropped"] += out["dropped"]
+    keys = ("loss", "lm_loss", "align_loss", "align_chance")
+    for k, v in zip(keys, D.mean_over_ranks([sums[k] for k in keys], p.dist, p.device), strict=True):
+        sums[k] = v
     if p.task.align is not None:  # once per step (it changes only at the optimizer step)
         sums["tau"] = float(p.task.align.tau.detach())
     return sums
@@ -272,119 +263,27 @@ def eval_alignment(p: Parts, max_images: int | None = None) -> dict | None:
 
     was = p.task.training
     p.task.eval()
+    # under FSDP every rank evaluates (the parameters are gathered from all): the root unit and
+    # the embedding table, whose forwards evaluation does not go through
+    embed = p.task.mllm.llm.get_input_embeddings()
     try:
-        return evaluate_alignment(p.task.mllm, p.word_tokens, rows(), lambda r: r, device=p.device)
+        with D.unsharded(p.task), D.unsharded(embed):
+            return evaluate_alignment(p.task.mllm, p.word_tokens, rows(), lambda r: r,
+                                      device=p.device)
     finally:
         if was:
             set_train_mode(p)
+
+
+def evaluates(p: Parts) -> bool:
+    """Whether this rank runs the alignment evaluation: rank 0, or every rank under FSDP."""
+    return p.dist.is_main() or (p.dist.enabled and p.cfg.dist.strategy == "fsdp")
 
 
 def set_train_mode(p: Parts) -> None:
     """Train mode for what trains; frozen parts stay in eval mode (no dropout on them)."""
     p.task.train()
     p.task.mllm.set_trainable(adapter=True, llm=p.stage == "finetune", vision=p.task.train_vision)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _same_path(v):
-    """A config value as compared on resume: a path that exists, resolved (a trailing '/',
-    './' or a symlink is the same place); anything else as it is."""
-    if not isinstance(v, str) or not v:
-        return v
-    prefix = "local-dir:" if v.startswith("local-dir:") else ""
-    raw = os.path.expanduser(v[len(prefix):])
-    return prefix + str(Path(raw).resolve()) if os.path.exists(raw) else v
-
-
-def resume_identity(cfg) -> dict:
-    flat = {}
-
-    def walk(prefix, d):
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                walk(key + ".", v)
-            elif key not in RESUME_FREE:
-                flat[key] = v
-
-    walk("", to_dict(cfg))
-    return flat
-
-
-def save_checkpoint(p: Parts, st: TrainState) -> Path | None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    # trainable weights only, gathered whole (FSDP shards included) onto the CPU
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(p.task, options=full)
-    optim = get_optimizer_state_dict(p.task, p.optimizer, options=full)
-    rngs = D.gather_objects(rng_state(), p.dist)  # every rank's, restored rank by rank
-    state = {"train_state": asdict(st), "optimizer": optim, "scheduler": p.scheduler.state_dict(),
-             "world": p.dist.world, "rng": rngs, "stage": p.stage,
-             "identity": resume_identity(p.cfg)}
-    path = None
-    if p.dist.is_main():
-        path = checkpoint.save(p.cfg.log.output, st.step, weights, state, to_dict(p.cfg),
-                               keep=p.cfg.log.keep_last)
-    D.barrier(p.dist)
-    return path
-
-
-def resume(p: Parts) -> TrainState:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    where = p.cfg.resume
-    if where == "latest":
-        found = checkpoint.load_latest(p.cfg.log.output,
-                                       warn=lambda m: print(m, file=sys.stderr) if p.dist.is_main() else None)
-        if found is None:
-            return TrainState()  # 'latest' with nothing saved yet: a fresh start
-        path, weights, state = found
-    else:
-        path = Path(where)
-        weights, state = checkpoint.load(path)  # an explicit path is verified, never skipped
-    if state["world"] != p.dist.world:
-        raise ValueError(f"checkpoint {path} was written by {state['world']} processes, this run "
-                         f"has {p.dist.world}: the data position would not line up; resume with "
-                         f"the same world size")
-    if state.get("stage", p.stage) != p.stage:
-        raise ValueError(f"checkpoint {path} is from stage '{state['stage']}', not '{p.stage}'")
-    now = resume_identity(p.cfg)
-    for k in sorted(set(now) | set(state["identity"])):
-        if _same_path(now.get(k)) != _same_path(state["identity"].get(k)):
-            raise ValueError(f"checkpoint {path} was made with {k}={state['identity'].get(k)!r}, "
-                             f"this run has {now.get(k)!r}; resume with the same config "
-                             f"(only {', '.join(RESUME_FREE)} may change)")
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(p.task, weights, options=opts)
-    set_optimizer_state_dict(p.task, p.optimizer, state["optimizer"], options=opts)
-    p.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][p.dist.rank])
-    st = TrainState(**state["train_state"])
-    if p.dist.is_main():
-        print(f"resumed from {path} (step {st.step} of {p.total_steps})", file=sys.stderr)
-    return st
 
 
 def check_output(cfg, main: bool) -> None:
@@ -410,134 +309,154 @@ def train(cfg, stage: str = "pretrain", parts: Parts | None = None,
     what a killed job leaves behind (tests resume from the last periodic checkpoint).
     ``on_step(step)`` is called after every optimizer step (a learning curve's evaluations);
     the train mode of what trains is restored after it.
-    Rank 0 holds ``log.output``'s writer lock for the whole job (``pipeline.lock``)."""
+    Rank 0 holds ``log.output``'s writer lock for the whole job (``pipeline.lock``); the lock,
+    the signal handlers, the logger and the progress bar are released on every exit."""
     from pipeline.lock import OutputLock
 
     main = D.from_env().is_main()
-    lock = OutputLock(cfg.log.output, key="log.output").acquire() if main else None
-    signals = Signals()
-    try:
-        return _train(cfg, stage, parts, stop_after, signals, on_step)
-    finally:
-        signals.restore()
-        if lock is not None:
-            lock.release()
+    with contextlib.ExitStack() as stack:
+        if main:
+            stack.enter_context(OutputLock(cfg.log.output, key="log.output"))
+        signals = Signals()
+        stack.callback(signals.restore)
+        check_output(cfg, main)
+        p = parts or build(cfg, stage)
+        st = p.ckpt.resume() if cfg.resume else TrainState()
+        final_dir = Path(cfg.log.output) / "final"
+        if cfg.resume and st.step >= p.total_steps and (final_dir / "sea_model.json").is_file():
+            # a finished run: nothing to train, log or save again
+            if main:
+                print(f"{cfg.log.output} already finished at step {st.step}: nothing to do",
+                      file=sys.stderr)
+            return {"step": st.step, "samples": st.samples, "checkpoint": None, "align": None,
+                    "losses": [], "final": str(final_dir)}
+        return _Loop(p, st, stack, signals, stop_after, on_step).run()
 
 
-def _train(cfg, stage: str, parts: Parts | None, stop_after: int | None, signals: Signals,
-           on_step=None) -> dict:
-    from tqdm.auto import tqdm
+class _Loop:
+    """One stage's optimizer steps, from ``st`` to the end (or ``stop_after``), then the
+    final checkpoint, evaluation and ``final/``."""
 
-    check_output(cfg, D.from_env().is_main())
-    p = parts or build(cfg, stage)
-    st = resume(p) if cfg.resume else TrainState()
-    final_dir = Path(cfg.log.output) / "final"
-    if cfg.resume and st.step >= p.total_steps and (final_dir / "sea_model.json").is_file():
-        # a finished run: nothing to train, log or save again
+    def __init__(self, p: Parts, st: TrainState, stack: contextlib.ExitStack, signals: Signals,
+                 stop_after: int | None, on_step):
+        from tqdm.auto import tqdm
+
+        cfg = p.cfg
+        self.p, self.st, self.signals = p, st, signals
+        self.stop_after, self.on_step = stop_after, on_step
+        self.gather = D.gather_pairs if (p.dist.enabled and cfg.sea.gather_negatives) else None
+        self.logger = Logger(cfg, p.dist.is_main(), from_step=st.step)
+        stack.callback(self.logger.close)
+        # tqdm's own columns give the ETA; the postfix adds loss, L_a (lambda > 0) and samples/s
+        self.bar = tqdm(total=p.total_steps, initial=st.step, desc=p.stage, unit="step",
+                        dynamic_ncols=True, disable=not (cfg.log.progress and p.dist.is_main()))
+        stack.callback(self.bar.close)
+        self.sea_on = p.task.align is not None and p.task.weight > 0
+        self.watch = (ChanceWatch(p.total_steps, cfg.sea.log_tau_init)
+                      if self.sea_on and p.stage == "pretrain" else None)
+        self.drops = DropWatch(cfg.data.max_error_rate)
+        self.last_eval = None
+        self.history: list[float] = []
+        self.t_last, self.samples_last = time.perf_counter(), st.samples
+
+    def run(self) -> dict:
+        p, st = self.p, self.st
+        set_train_mode(p)
+        while st.step < p.total_steps:
+            if st.steps_in_epoch >= p.per_epoch:
+                st.epoch += 1
+                st.steps_in_epoch = 0
+            p.dataset.set_position(st.epoch, st.steps_in_epoch)
+            loader = DataLoader(p.dataset, batch_size=None, num_workers=p.num_workers,
+                                pin_memory=p.device.type == "cuda")
+            micro: list[dict] = []
+            for batch in loader:
+                micro.append(batch)
+                if len(micro) == p.accum:
+                    self.step(micro)
+                    micro = []
+                    if st.step >= p.total_steps or st.steps_in_epoch >= p.per_epoch or self.stopping():
+                        break
+            if self.stopping():
+                return {"step": st.step, "stopped_early": True, "losses": self.history}
+            st.steps_in_epoch = p.per_epoch  # the epoch is over
+        return self.finish()
+
+    def stopping(self) -> bool:
+        return self.stop_after is not None and self.stop_after <= self.st.step < self.p.total_steps
+
+    def step(self, micro: list[dict]) -> None:
+        p, st, cfg = self.p, self.st, self.p.cfg
+        self.drops.add(micro)  # judged before the step: a batch of unreadable images trains nothing
+        problem = self.drops.problem(*all_counts(p, self.drops.seen, self.drops.bad), st.step,
+                                     cfg.data.json)
+        if problem:
+            raise ValueError(problem)
+        metrics = train_step(p, micro, st.step, self.gather)
+        self.drops.truncated += metrics["dropped"]
+        st.samples += sum(len(b["input_ids"]) for b in micro) * p.dist.world
+        metrics["bad_images"] = sum(b.get("bad", 0) for b in micro)
+        st.step += 1
+        st.steps_in_epoch += 1
+        self.history.append(metrics["loss"])
+        if self.watch is not None:
+            line = self.watch.update(st.step, metrics["align_loss"], metrics["align_chance"],
+                                     metrics.get("tau"))
+            if line and p.dist.is_main():
+                self.bar.write(f"warning: {line}", file=sys.stderr)
+            metrics["align_at_chance"] = int(self.watch.fired)
+        self.bar.update(1)
+        if st.step % cfg.log.every == 0 or st.step == p.total_steps:
+            self.log(metrics)
+        # the last step's evaluation is the final one (logged once, in finish)
+        if cfg.log.eval_every and st.step % cfg.log.eval_every == 0 and st.step < p.total_steps \
+                and evaluates(p):
+            self.last_eval = eval_alignment(p)
+            self.logger.log(st.step, self.last_eval or {}, kind="eval")
+        if self.on_step is not None:
+            self.on_step(st.step)
+            set_train_mode(p)
+        got = stop_requested(self.signals.got, p) if st.step < p.total_steps else None
+        if got is not None:
+            path = p.ckpt.save(st)
+            raise Preempted(got, st.step, path)
+        if st.step % cfg.log.save_every == 0 and st.step < p.total_steps:
+            p.ckpt.save(st)
+
+    def log(self, metrics: dict) -> None:
+        now = time.perf_counter()
+        metrics["samples_per_s"] = (self.st.samples - self.samples_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.samples_last = now, self.st.samples
+        self.logger.log(self.st.step, {**metrics, "epoch": self.st.epoch})
+        shown = {"loss": f"{metrics['loss']:.3f}"}
+        if self.sea_on:
+            shown["L_a"] = f"{metrics['align_loss']:.3f}"
+            if self.watch is not None and self.watch.fired:
+                shown["L_a"] += " (at chance)"
+        shown["samples/s"] = f"{metrics['samples_per_s']:.1f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def finish(self) -> dict:
+        p, st, cfg = self.p, self.st, self.p.cfg
+        self.bar.close()
+        if st.samples == 0:  # every image failed to decode: never "succeed" having learnt nothing
+            raise ValueError(f"trained on 0 samples in {st.step} steps: every sample was dropped "
+                             f"(unreadable images; see the bad_images metric in "
+                             f"{cfg.log.output}/metrics.jsonl)")
+        problem = self.drops.problem(*all_counts(p, self.drops.seen, self.drops.bad), st.step,
+                                     cfg.data.json, final=True)
+        if problem:
+            raise ValueError(problem)
+        final = p.ckpt.save(st)
         if p.dist.is_main():
-            print(f"{cfg.log.output} already finished at step {st.step}: nothing to do",
-                  file=sys.stderr)
-        return {"step": st.step, "samples": st.samples, "checkpoint": None, "align": None,
-                "losses": [], "final": str(final_dir)}
-    gather = D.gather_pairs if (p.dist.enabled and cfg.sea.gather_negatives) else None
-    logger = Logger(cfg, p.dist.is_main(), from_step=st.step)
-    # tqdm's own columns give the ETA; the postfix adds loss, L_a (lambda > 0) and samples/s
-    bar = tqdm(total=p.total_steps, initial=st.step, desc=stage, unit="step", dynamic_ncols=True,
-               disable=not (cfg.log.progress and p.dist.is_main()))
-    set_train_mode(p)
-    sea_on = p.task.align is not None and p.task.weight > 0
-    watch = ChanceWatch(p.total_steps, cfg.sea.log_tau_init) if sea_on and stage == "pretrain" else None
-    drops = DropWatch(cfg.data.max_error_rate)
-    last_eval = None
-    history = []
-    t_last, samples_last = time.perf_counter(), st.samples
-    epoch_batches = p.per_epoch * p.accum
-    while st.step < p.total_steps:
-        if st.batches_in_epoch >= epoch_batches:
-            st.epoch += 1
-            st.batches_in_epoch = 0
-        p.dataset.set_position(st.epoch, st.batches_in_epoch)
-        loader = DataLoader(p.dataset, batch_size=None, num_workers=p.cfg.data.num_workers,
-                            pin_memory=p.device.type == "cuda")
-        micro: list[dict] = []
-        for batch in loader:
-            st.batches_in_epoch += 1
-            micro.append(batch)
-            if len(micro) < p.accum:
-                continue
-            drops.add(micro)  # judged before the step: a batch of unreadable images trains nothing
-            problem = drops.problem(*all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json)
-            if problem:
-                bar.close()
-                logger.close()
-                raise ValueError(problem)
-            metrics = train_step(p, micro, st.step, gather)
-            drops.truncated += metrics["dropped"]
-            st.samples += sum(len(b["input_ids"]) for b in micro) * p.dist.world
-            metrics["bad_images"] = sum(b.get("bad", 0) for b in micro)
-            micro = []
-            st.step += 1
-            history.append(metrics["loss"])
-            if watch is not None:
-                line = watch.update(st.step, metrics["align_loss"], metrics["align_chance"],
-                                    metrics.get("tau"))
-                if line and p.dist.is_main():
-                    bar.write(f"warning: {line}", file=sys.stderr)
-                metrics["align_at_chance"] = int(watch.fired)
-            bar.update(1)
-            if st.step % cfg.log.every == 0 or st.step == p.total_steps:
-                now = time.perf_counter()
-                metrics["samples_per_s"] = (st.samples - samples_last) / max(now - t_last, 1e-9)
-                t_last, samples_last = now, st.samples
-                logger.log(st.step, {**metrics, "epoch": st.epoch})
-                shown = {"loss": f"{metrics['loss']:.3f}"}
-                if sea_on:
-                    shown["L_a"] = f"{metrics['align_loss']:.3f}"
-                    if watch is not None and watch.fired:
-                        shown["L_a"] += " (at chance)"
-                shown["samples/s"] = f"{metrics['samples_per_s']:.1f}"
-                bar.set_postfix(shown, refresh=False)
-            # the last step's evaluation is the final one, below (logged once)
-            if (cfg.log.eval_every and st.step % cfg.log.eval_every == 0
-                    and st.step < p.total_steps and p.dist.is_main()):
-                last_eval = eval_alignment(p)
-                logger.log(st.step, last_eval or {}, kind="eval")
-            if on_step is not None:
-                on_step(st.step)
-                set_train_mode(p)
-            got = stop_requested(signals.got, p) if st.step < p.total_steps else None
-            if got is not None:
-                bar.close()
-                path = save_checkpoint(p, st)
-                logger.close()
-                raise Preempted(got, st.step, path or Path(cfg.log.output) / "checkpoints")
-            if st.step % cfg.log.save_every == 0 and st.step < p.total_steps:
-                save_checkpoint(p, st)
-            if (st.step >= p.total_steps or st.batches_in_epoch >= epoch_batches
-                    or (stop_after is not None and st.step >= stop_after)):
-                break
-        if stop_after is not None and st.step >= stop_after and st.step < p.total_steps:
-            bar.close()
-            logger.close()
-            return {"step": st.step, "stopped_early": True, "losses": history}
-        st.batches_in_epoch = epoch_batches  # the epoch is over (a short tail is dropped)
-    bar.close()
-    if st.samples == 0:  # every image failed to decode: never "succeed" having learnt nothing
-        raise ValueError(f"trained on 0 samples in {st.step} steps: every sample was dropped "
-                         f"(unreadable images; see the bad_images metric in {cfg.log.output}/metrics.jsonl)")
-    problem = drops.problem(*all_counts(p, drops.seen, drops.bad), st.step, cfg.data.json, final=True)
-    if problem:
-        logger.close()
-        raise ValueError(problem)
-    final = save_checkpoint(p, st)
-    if p.dist.is_main():
-        print(drops.summary(st.samples), file=sys.stderr)
-        last_eval = eval_alignment(p)
-        logger.log(st.step, last_eval or {}, kind="eval")
-    write_final(p, Path(cfg.log.output) / "final")
-    logger.close()
-    return {"step": st.step, "samples": st.samples, "checkpoint": str(final), "align": last_eval,
-            "align_at_chance": bool(watch is not None and watch.fired),
-            "tau": float(p.task.align.tau.detach()) if p.task.align is not None else None,
-            "dropped": {"unreadable": drops.bad, "truncated": drops.truncated},
-            "losses": history, "final": str(Path(cfg.log.output) / "final")}
+            print(self.drops.summary(st.samples), file=sys.stderr)
+        if evaluates(p):
+            self.last_eval = eval_alignment(p)
+            self.logger.log(st.step, self.last_eval or {}, kind="eval")
+        write_final(p, Path(cfg.log.output) / "final")
+        watch = self.watch
+        return {"step": st.step, "samples": st.samples, "checkpoint": str(final),
+                "align": self.last_eval, "align_at_chance": bool(watch is not None and watch.fired),
+                "tau": float(p.task.align.tau.detach()) if p.task.align is not None else None,
+                "dropped": {"unreadable": self.drops.bad, "truncated": self.drops.truncated},
+                "losses": self.history, "final": str(Path(cfg.log.output) / "final")}
