@@ -27,6 +27,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from fsdp import bench_fsdp  # noqa: E402  (bench/ is not a package)
 
 
 def stat(values: list[float]) -> dict:
@@ -566,8 +569,33 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
               "## Memory (peak RSS of the whole process, MiB)", ""]
     for k, v in m.items():
         lines.append(f"- {k}: {v:.2f}" if "ratio" in k else f"- {k}: {v:.0f}")
+    lines += _fsdp_lines(res, ci)
     lines += ["", "## Reading the figures", "", *res.get("notes", [])]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _fsdp_lines(res: dict, ci) -> list[str]:
+    fs = res.get("fsdp")
+    if not fs:
+        return []
+    one, two, m = fs["one_rank"], fs["two_ranks"], res["memory"]
+    gib = 2 ** 30
+    rows = [f"| 1 process | {one['load_peak_mib'] / 1024:.2f} | {one['step_peak_mib'] / 1024:.2f} | "
+            f"{one['ckpt_bytes'] / gib:.2f} | {one['ckpt_save_s']:.1f} | {sum(one['step_s']) / 2:.1f} |"]
+    rows += [f"| 2 FSDP ranks, rank {i} | {r['load_peak_mib'] / 1024:.2f} | {r['step_peak_mib'] / 1024:.2f} | "
+             f"{r['ckpt_bytes'] / gib:.2f} | {r['ckpt_save_s']:.1f} | {sum(r['step_s']) / 2:.1f} |"
+             for i, r in enumerate(two)]
+    return ["", "## Training at scale (" + fs["config"] + ")", "",
+            "Peak resident memory of each rank's whole process (GiB), its checkpoint part and the "
+            "seconds to save it (sha256 and fsync included), mean step time:", "",
+            "| run | load peak | step peak | checkpoint GiB | save s | step s |", "|---|---|---|---|---|---|",
+            *rows, "",
+            f"- 2-rank peak per rank / 1-process peak: load {m['fsdp_load_peak_ratio']:.2f}, step "
+            f"{m['fsdp_step_peak_ratio']:.2f} (target <= 0.6 each)",
+            f"- SEA's step overhead at this shape, stage 1 (frozen LLM), lambda 1 / lambda 0 paired on "
+            f"one model ({res['training']['sea_overhead_ratio_1b']['n']} pairs): "
+            f"{ci(res['training']['sea_overhead_ratio_1b'])} (target <= 1.03); lambda 0 step "
+            f"{fs['overhead_step_s']['lambda0']:.1f} s"]
 
 
 def _logits_lines(lg: dict | None, f, ci) -> list[str]:
@@ -664,6 +692,9 @@ def main() -> int:
                     help="only the supervised-logits step comparison; prints it, writes nothing")
     ap.add_argument("--only-extraction", action="store_true",
                     help="only the extraction rounds (bare, in-process, Ray); prints them, writes nothing")
+    ap.add_argument("--only-fsdp", action="store_true",
+                    help="only training at scale (1B Llama: FSDP memory, checkpoints, SEA's "
+                         "overhead); merges its figures into --json and rewrites the markdown")
     ap.add_argument("--only-training", action="store_true",
                     help="only SEA's training overhead; prints its figures, writes nothing")
     args = ap.parse_args()
@@ -703,6 +734,15 @@ def main() -> int:
         t = res["training"]
         print(json.dumps({k: t[k] for k in t if k.startswith(("sea_", "step_"))}, indent=1))
         return 0
+    if args.only_fsdp:
+        res = json.loads(Path(args.json).read_text())
+        work = Path(tempfile.mkdtemp(prefix="sea-bench-"))
+        try:
+            bench_fsdp(work, res, median_ci)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        args.render = True
     if args.render:
         res = json.loads(Path(args.json).read_text())
         notes = Path(args.notes)
@@ -725,6 +765,7 @@ def main() -> int:
         bench_logits(work, 20 * args.repeats, res)
         bench_memory(work, spec, res, n_small=16)
         bench_stats_memory(work, res)
+        bench_fsdp(work / "fsdp", res, median_ci)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["total_seconds"] = time.perf_counter() - t0

@@ -89,3 +89,17 @@ def test_stale_temporary_folders_are_removed(tmp_path):
     marker = json.loads((tmp_path / "checkpoints" / "step-00000006" / checkpoint.MARKER).read_text())
     shards = {f"{checkpoint.SHARDS}/{f.name}" for f in (tmp_path / "checkpoints" / "step-00000006" / checkpoint.SHARDS).iterdir()}
     assert shards and set(marker["sha256"]) == set(checkpoint.FILES) | shards
+
+
+def test_a_rank_part_is_split_into_files_that_load_back(tmp_path, monkeypatch):
+    """DCP's safetensors writer builds each file in memory: a save writes files of about
+    FILE_BYTES each (a 1B model's AdamW state was 11 GB in one file, twice in memory), and
+    they load back to the same tensors."""
+    monkeypatch.setattr(checkpoint, "FILE_BYTES", 3000)
+    w = {f"t{i}": torch.randn(250) for i in range(8)}  # 1,000 bytes each
+    path = checkpoint.save(tmp_path, 1, w, {"x": 1}, {})
+    files = sorted((path / checkpoint.SHARDS).iterdir())
+    assert len(files) == 3 and all(f.stat().st_size < 4000 for f in files)
+    back, state = checkpoint.load(path)
+    assert state == {"x": 1} and back.keys() == w.keys()
+    assert all(torch.equal(back[k], w[k]) for k in w)

@@ -148,8 +148,16 @@ def test_a_stopped_or_killed_torchrun_job_resumes_to_identical_losses(runs, how)
         _wait_for(lambda: checkpoint.latest(out) is not None, proc, "a complete checkpoint")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
+        # and what a kill in the middle of a save leaves: a temporary folder holding one
+        # rank's part, no marker (whichever save the kill above interrupted, if any)
+        last = checkpoint.latest(out)
+        torn = out / "checkpoints" / ".tmp-step-99999998-1"
+        (torn / checkpoint.SHARDS).mkdir(parents=True)
+        shard = sorted((last / checkpoint.SHARDS).iterdir())[0]
+        (torn / checkpoint.SHARDS / shard.name).write_bytes(shard.read_bytes()[:1000])
     _run(2, args(out) + ["resume=latest"])
     assert _losses(out) == _losses(root / "two")
+    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_final_of_sharded_ranks_generates_and_exports_to_transformers(runs, sample, capsys):

@@ -59,3 +59,44 @@ def test_world_baseline_picks_the_gpu(tmp_path):
     logs = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/train_log.json")]
     assert len(logs) == 2 and all(g["device"] == "cuda" for g in logs)  # the CLIP and the LM
     assert res["final"]["answers"]["all"]["questions"] > 0 and set(res["final"]["blind"]) == {"zero", "swap"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_fsdp_bf16_step_matches_fp32(tiny_llm, monkeypatch):
+    """Issue 34: FSDP2 on a GPU gathers bf16 parameters and reduces fp32 gradients
+    (``trainer.distributed.mp_policy``): one step of the LLM sharded by ``llm_sharder`` on a
+    one-rank NCCL group against the same LLM unsharded in fp32: the loss within bf16's
+    resolution, the gradients pointing the same way, the masters still fp32."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from trainer import distributed as D
+    from trainer.llm import load_llm
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                 "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    dev = torch.device("cuda")
+    dist.init_process_group("nccl")
+    try:
+        _, ref = load_llm(tiny_llm, "float32", dev)
+        _, sharded = load_llm(tiny_llm, "float32", dev, shard=D.llm_sharder(dev))
+        fully_shard(sharded, mp_policy=D.mp_policy(dev))
+        ids = torch.randint(5, 200, (2, 32), device=dev)
+        losses, grads = [], []
+        for m in (ref, sharded):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(float(loss))
+            g = m.model.layers[0].mlp.up_proj.weight.grad
+            grads.append((g.full_tensor() if hasattr(g, "full_tensor") else g).float().flatten())
+        assert abs(losses[1] - losses[0]) / losses[0] < 2e-2
+        assert float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)) > 0.99
+        assert sharded.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    finally:
+        dist.destroy_process_group()

@@ -33,6 +33,9 @@ from trainer import distributed as D
 from wordlist import sha256_file
 
 MARKER = "COMPLETE"
+# DCP's safetensors writer builds each file in memory before writing it: files of about this
+# many bytes (per rank) bound what a save adds to a rank's memory
+FILE_BYTES = 1 << 30
 FILES = ("state.safetensors", "state.json", "config.json")  # beside shards/
 SHARDS = "shards"
 
@@ -136,6 +139,20 @@ def remove_stale(output: str | Path, keep: Path | None = None) -> list[Path]:
     return stale
 
 
+def file_groups(tensors: dict[str, torch.Tensor], world: int, limit: int | None = None) -> dict[str, int]:
+    """Each tensor's file number (from 1), so that a rank's files hold about ``limit`` bytes
+    each; the same on every rank (from global shapes: a DTensor's part is its 1/world)."""
+    limit = FILE_BYTES if limit is None else limit
+    groups, size, index = {}, 0, 1
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size() // (world if hasattr(v, "device_mesh") else 1)
+        if size and size + n > limit:
+            index, size = index + 1, 0
+        groups[k] = index
+        size += n
+    return groups
+
+
 def _hash_share(folder: Path, names: list[str], d: D.Dist) -> dict[str, tuple[int, str]]:
     """(size, sha256) of every file in ``names``, each hashed by one rank (round robin), on
     every rank."""
@@ -167,10 +184,10 @@ def save(output: str | Path, step: int, tensors: dict[str, torch.Tensor], state:
         remove_stale(output)
         tmp.mkdir()
     tmp = Path(D.gather_objects(str(tmp), d)[0])  # rank 0's name, on every rank
+    writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True,
+                                      fqn_to_index_mapping=file_groups(tensors, d.world))
     with _dcp_quiet():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS),
-                                                                  save_distributed=True),
-                 no_dist=not d.enabled)
+        dcp.save(tensors, storage_writer=writer, no_dist=not d.enabled)
     D.barrier(d)
     names = sorted(f"{SHARDS}/{f.name}" for f in (tmp / SHARDS).iterdir())
     for i, n in enumerate(names):

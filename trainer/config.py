@@ -34,10 +34,11 @@ class DataConfig:
     max_length: int = doc(2048, "tokens per sample, image tokens included")
     truncation: str = doc("drop", "when image tokens would not fit: drop (skip, counted) | error")
     num_workers: int = doc(-1, "decode worker processes per rank; -1: from the machine (its cores "
-                               "per rank minus one, at most 8), resolved at the start and "
-                               "recorded in the run's config")
+                               "per rank minus one, at most 8). Speed only: the sample order does "
+                               "not depend on it, and a resume may change it")
     shuffle_block: int = doc(256, "rows per shuffle block; blocks are shuffled, then rows within a window")
-    shuffle_window: int = doc(8, "blocks mixed together (bounds memory)")
+    shuffle_window: int = doc(8, "blocks whose rows are mixed together (each loader worker holds "
+                                 "at most two windows of decoded rows)")
     holdout_images: int = doc(256, "first N labelled images kept out of training for alignment eval")
     max_error_rate: float = doc(0.05, "largest share of unreadable images (missing, corrupt) a run "
                                       "may meet; more stops it, naming the first files (as "
