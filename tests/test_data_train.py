@@ -204,6 +204,10 @@ def test_cli_pretrain_then_eval_align(pretrain_cfg, tmp_path, capsys):
     assert main(["eval-align", "--checkpoint", "latest", *args]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["align"] == out["align"]  # the saved checkpoint reproduces the final eval
+    # a checkpoint that does not fit the model built from the config (here: it has SEA's
+    # temperature, the config has no SEA loss) is refused, never evaluated half-loaded
+    assert main(["eval-align", "--checkpoint", str(tmp_path / "cli"), *args, "sea.weight=0"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
     assert main(["pretrain", *args]) == 2  # a rerun into the finished run's folder
     assert "already holds a run" in capsys.readouterr().err
     fresh = f"log.output={tmp_path / 'cli2'}"

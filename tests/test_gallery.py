@@ -112,7 +112,8 @@ def test_gallery_in_a_real_browser(page_factory, label_run, tmp_path):
 
 def test_alignment_page_and_curves_in_a_real_browser(page_factory, pretrain_cfg, label_run, tmp_path):
     """Two stage-1 runs side by side: each patch's nearest word in the page is the one an
-    independent computation (Eq. 8 table built word by word, numpy argmax) gives; the page has
+    independent computation (Eq. 8 table built word by word with the run's label tokenization,
+    numpy argmax) gives; the page has
     no console errors; ``trainer plot`` draws the runs' curves from metrics.jsonl."""
     import json
 
@@ -123,8 +124,9 @@ def test_alignment_page_and_curves_in_a_real_browser(page_factory, pretrain_cfg,
     from trainer.train import train
 
     runs = []
-    for w in (0.0, 1.0):
-        cfg = pretrain_cfg(f"sea.weight={w}", f"log.output={tmp_path / f'run{w:g}'}")
+    for w, tokenization in ((0.0, "space"), (1.0, "bare")):  # the page follows each run's own
+        cfg = pretrain_cfg(f"sea.weight={w}", f"log.output={tmp_path / f'run{w:g}'}",
+                           f"sea.label_tokenization={tokenization}")
         train(cfg, "pretrain")
         runs.append(cfg.log.output)
     summary = alignment_page(runs, label_run, tmp_path / "align", images=4, names=["lambda0", "lambda1"])
@@ -134,7 +136,7 @@ def test_alignment_page_and_curves_in_a_real_browser(page_factory, pretrain_cfg,
     ls = LabelSet(label_run)
     words = ls.wordlist.words
     mllm, tok, pre, _ = load_final(runs[1])
-    wt = load_word_tokens(tok, ls.wordlist, "space")
+    wt = load_word_tokens(tok, ls.wordlist, "bare")
     emb = mllm.llm.get_input_embeddings().weight.detach().numpy()
     flat, offs = wt.flat_ids.numpy(), wt.offsets.numpy()
     ends = list(offs[1:]) + [len(flat)]
@@ -178,3 +180,22 @@ def test_gallery_with_nothing_to_show_is_an_error(label_run, tmp_path):
     with pytest.raises(ValueError, match="no labelled image"):
         build_gallery(label_run, tmp_path / "empty", limit=0)
     assert not (tmp_path / "empty" / "index.html").exists()
+
+
+def test_the_alignment_page_never_guesses_a_runs_label_tokenization(pretrain_cfg, label_run,
+                                                                      tmp_path):
+    """Issue 36: a final/ without ``label_tokenization`` (written before the field) is refused
+    with the fix, not tokenized one fixed way."""
+    import json
+
+    from trainer.report import alignment_page
+    from trainer.train import train
+
+    run = train(pretrain_cfg("optim.max_steps=1", f"log.output={tmp_path / 'r'}"), "pretrain")
+    meta_path = Path(run["final"]) / "sea_model.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["label_tokenization"] == "space"
+    del meta["label_tokenization"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='add "label_tokenization": "space"'):
+        alignment_page([run["final"]], label_run, tmp_path / "page", images=2)

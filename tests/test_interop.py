@@ -166,6 +166,19 @@ def test_stage2_refuses_a_stage1_run_for_another_tower_or_llm(pretrain_cfg, fine
         build(finetune_cfg(f"init_from={s1['final']}", f"llm.path={wider}"), "finetune")
 
 
+def test_stage2_refuses_a_stage1_run_whose_tower_hash_is_missing(pretrain_cfg, finetune_cfg,
+                                                                 tmp_path):
+    """Issue 36: a weights hash on one side only used to skip the check (a stage 2 on another
+    tower passed); now it is refused, naming the side without one."""
+    s1 = train(pretrain_cfg(f"log.output={tmp_path / 's1'}", "optim.max_steps=1"))
+    meta_path = Path(s1["final"]) / "sea_model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["vision"]["weights_sha256"] = None
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="vision weights: stage 1 recorded no weights hash"):
+        build(finetune_cfg(f"init_from={s1['final']}"), "finetune")
+
+
 def test_siglip_tower_export_is_refused_with_the_reason(tiny_siglip, tiny_llm, sample, tmp_path,
                                                         capsys):
     from seacore.config import load_config

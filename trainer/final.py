@@ -120,6 +120,7 @@ def write_final(p, out: Path) -> None:
                    "image_size": list(enc.image_size), "grid": list(enc.grid),
                    "tuned_weights": "vision.safetensors" if p.task.train_vision else None},
         "adapter": "mlp2x_gelu", "max_length": p.cfg.data.max_length,
+        "label_tokenization": p.cfg.sea.label_tokenization,  # how Eq. 8 tokenized the words
         "config_hash": config_hash(p.cfg)}, indent=2))
     D.barrier(p.dist)
 
@@ -224,9 +225,18 @@ def check_stage1(meta: dict, where: Path, cfg, encoder, llm) -> None:
 
     v = meta.get("vision", {})
     problems = []
-    if v.get("weights_sha256") and encoder.weights_sha256 and v["weights_sha256"] != encoder.weights_sha256:
-        problems.append(f"vision weights: stage 1 used sha256 {v['weights_sha256'][:12]}..., this "
-                        f"run's vision.model/vision.pretrained give {encoder.weights_sha256[:12]}...")
+    was, now_sha = v.get("weights_sha256"), encoder.weights_sha256
+    if was and now_sha and was != now_sha:
+        problems.append(f"vision weights: stage 1 used sha256 {was[:12]}..., this "
+                        f"run's vision.model/vision.pretrained give {now_sha[:12]}...")
+    elif bool(was) != bool(now_sha):  # one side unhashed: the weights cannot be shown equal
+        problems.append(
+            "vision weights: " + (f"stage 1 used sha256 {was[:12]}..., this run's tower has no "
+                                  f"weights file to hash (random weights, or an hf-hub: model)"
+                                  if was else
+                                  f"stage 1 recorded no weights hash (random weights, or an hf-hub: "
+                                  f"model), this run's tower has sha256 {now_sha[:12]}...")
+            + "; use the same vision.model and vision.pretrained as stage 1")
     stage1_name = v.get("encoder") or v.get("model")
     if stage1_name and stage1_name not in (encoder.name, cfg.vision.model):
         problems.append(f"vision.model: stage 1 used '{v.get('model')}', this run has "

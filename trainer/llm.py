@@ -96,8 +96,6 @@ def _weight_files(folder: str) -> dict[str, str]:
     """parameter name -> safetensors file holding it (one file, or a sharded index)."""
     import json
 
-    from safetensors import safe_open
-
     index = Path(folder) / "model.safetensors.index.json"
     if index.is_file():
         return {k: str(Path(folder) / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -106,15 +104,48 @@ def _weight_files(folder: str) -> dict[str, str]:
         raise LLMNotFound(f"{folder} has no model.safetensors nor model.safetensors.index.json: "
                           f"FSDP loads each rank's part from safetensors files (convert .bin "
                           f"weights with save_pretrained(safe_serialization=True))")
-    with safe_open(str(single), framework="pt") as f:
-        return dict.fromkeys(f.keys(), str(single))
+    return dict.fromkeys(_header(str(single))[0], str(single))
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(path: str) -> tuple[dict, int]:
+    """A safetensors file's tensor table and where its data starts (the format: an 8-byte
+    little-endian length, that many bytes of JSON, the data)."""
+    import json
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        table = json.loads(f.read(n))
+    table.pop("__metadata__", None)
+    return table, 8 + n
+
+
+def _read_rows(f, info: dict, data_start: int, first: int, out: torch.Tensor) -> None:
+    """Rows ``first .. first + len(out)`` of a stored tensor into ``out``, read with plain file
+    I/O: exactly those bytes, no memory map (a mapped file's touched pages count as the
+    process's memory until it is closed, as much again as the shard itself)."""
+    dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+    row = dtype.itemsize
+    for d in shape[1:]:
+        row *= d
+    f.seek(data_start + info["data_offsets"][0] + first * row)
+    direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+    buf = out if direct else torch.empty(out.shape, dtype=dtype)
+    view = buf.reshape(-1).view(torch.uint8).numpy()
+    if f.readinto(memoryview(view)) != view.nbytes:
+        raise LLMNotFound(f"{f.name}: ends inside tensor data (truncated file)")
+    if not direct:
+        out.copy_(buf)
 
 
 def load_sharded(model: torch.nn.Module, folder: str, device: torch.device) -> None:
     """Materialise a model built by ``params_on_meta`` (and sharded) on ``device``: every
-    parameter's local part (a DTensor's shard, or a plain tensor whole) is read as a slice of
-    its safetensors entry, so a rank reads and holds only its own rows."""
-    from safetensors import safe_open
+    parameter's local part (a DTensor's rows, FSDP2's dim-0 shard, or a plain tensor whole)
+    is read from its safetensors entry, so a rank reads and holds only its own rows."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -125,29 +156,35 @@ def load_sharded(model: torch.nn.Module, folder: str, device: torch.device) -> N
     for n, b in model.named_buffers():
         b.copy_(buffers[n])
     files = _weight_files(folder)
+    headers: dict[str, tuple[dict, int]] = {}
     handles: dict[str, object] = {}
     try:
         for name, param in model.named_parameters():
             if name not in files:
                 raise LLMNotFound(f"{folder}: the weights have no '{name}' (the model's config "
                                   f"and its safetensors disagree)")
-            f = handles.get(files[name])
-            if f is None:
-                f = handles[files[name]] = safe_open(files[name], framework="pt").__enter__()
-            local = param.to_local() if isinstance(param, DTensor) else param
+            path = files[name]
+            if path not in handles:
+                headers[path] = _header(path)
+                handles[path] = open(path, "rb")  # noqa: SIM115 (closed below)
+            table, start = headers[path]
+            if list(table[name]["shape"]) != list(param.shape):
+                raise LLMNotFound(f"{path}: '{name}' has shape {table[name]['shape']}, the model "
+                                  f"built from config.json {list(param.shape)}")
+            local, first = param, 0
             if isinstance(param, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(
+                local = param.to_local()
+                _, offset = compute_local_shape_and_global_offset(
                     param.shape, param.device_mesh, param.placements)
-            else:
-                shape, offset = tuple(param.shape), (0,) * param.dim()
-            if local.numel() == 0:
-                continue
-            part = f.get_slice(name)[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-            with torch.no_grad():
-                local.copy_(part.reshape(local.shape))
+                if any(offset[1:]):
+                    raise NotImplementedError(f"{name}: only dim-0 shards are read ({param.placements})")
+                first = offset[0] if param.dim() else 0
+            if local.numel():
+                with torch.no_grad():
+                    _read_rows(handles[path], table[name], start, first, local)
     finally:
         for f in handles.values():
-            f.__exit__(None, None, None)
+            f.close()
 
 
 IDENTITY_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")

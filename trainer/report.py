@@ -93,7 +93,11 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
     nearest, summary = [], {}
     for run, name in zip(runs, names, strict=True):
         mllm, tok, preprocess, meta = load_final(run)
-        wt = load_word_tokens(tok, ls.wordlist, "space")
+        if "label_tokenization" not in meta:  # written before the field existed: never guess
+            raise ValueError(f"{run}: sea_model.json does not say how the run tokenized the label "
+                             f"words; add \"label_tokenization\": \"space\" (or \"bare\": the run's "
+                             f"sea.label_tokenization, in its config) to it")
+        wt = load_word_tokens(tok, ls.wordlist, meta["label_tokenization"])
         near = nearest_words(mllm, wt, torch.stack([preprocess(p) for p in pics]))
         nearest.append(near)
         top1 = within = n = 0
