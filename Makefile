@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	$(PY) -m wordlist fetch
+	$(PY) -m wordlist check
 	touch $@
 
 demo: $(STAMP) ## the ground-truth world, short: labels scored against truth, stage 1 lambda 0 and 1 (demo_out/)

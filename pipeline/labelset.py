@@ -9,7 +9,7 @@
 
 Everything needed comes from the run's own files (manifest, shard metadata): ``top_n``, the
 grid, the word list's sha256 and size. The word list is looked for, by that hash, at the
-path given, ``$SEA_WORDLIST``, this checkout's ``wordlist/data/`` and the team's shared copy.
+path given, ``$SEA_WORDLIST`` and the package's ``wordlist/data/``.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import shards
-from wordlist import DATA_DIR, SHARED_COPY, WordList, WordListError, load_wordlist, sha256_file
+from wordlist import DATA_DIR, WordList, WordListError, load_wordlist, sha256_file
 
 
 def find_wordlist(meta: dict, given: str | os.PathLike | None = None,
                   run_dir: str | os.PathLike | None = None) -> WordList:
     """The word list a run was made with, found by the sha256 in its metadata: ``given``, the
     copy in the run's own folder (``wordlist.txt``, written for any list but 2of12),
-    ``$SEA_WORDLIST``, this checkout's ``wordlist/data/``, the team's shared copy."""
+    ``$SEA_WORDLIST``, the package's ``wordlist/data/``."""
     want = meta["wordlist_sha256"]
     if given:  # named on purpose: it must be the one
         got = sha256_file(given) if Path(given).is_file() else "missing"
@@ -42,7 +42,7 @@ def find_wordlist(meta: dict, given: str | os.PathLike | None = None,
         candidates.append(Path(run_dir) / "wordlist.txt")
     if os.environ.get("SEA_WORDLIST"):
         candidates.append(Path(os.environ["SEA_WORDLIST"]))
-    candidates += sorted(DATA_DIR.glob("*.txt")) + [SHARED_COPY]
+    candidates += sorted(DATA_DIR.glob("*.txt"))
     for c in candidates:
         if c.is_file() and sha256_file(c) == want:
             wl = load_wordlist(c, expect_sha256=want)

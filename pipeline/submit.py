@@ -11,7 +11,6 @@ Token authentication (Ray >= 2.52; on by default for local clusters from 2.59): 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -34,10 +33,7 @@ def submit_command(address: str, config: str | None, overrides: list[str], wait:
                              f"job's working dir carries it") from None
         entry += ["--config", str(rel)]
     entry += ["run.runner=ray", *overrides]
-    env = dict(env_vars or {})
-    wl = os.environ.get("SEA_WORDLIST") or str(REPO / "wordlist" / "data" / "2of12.txt")
-    # the word list is git-ignored, so the upload lacks it: point the job at a copy it can read
-    env.setdefault("SEA_WORDLIST", wl)
+    env = dict(env_vars or {})  # the word list ships in the uploaded package itself
     cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"env_vars": env})]
     if not wait:

@@ -32,17 +32,30 @@ def test_tampered_default_is_refused(tmp_path, monkeypatch):
         load_wordlist(bad, expect_sha256=DEFAULT_SHA256)
     got = hashlib.sha256(bad.read_bytes()).hexdigest()
     assert got in str(e.value) and DEFAULT_SHA256 in str(e.value)
-    # and ensure_default refuses a tampered SEA_WORDLIST source without installing it
-    monkeypatch.setenv("SEA_WORDLIST", str(bad))
+    # and the default itself, altered in place, is refused
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "2of12.txt").write_bytes(bad.read_bytes())
     with pytest.raises(WordListError, match=got):
         wordlist.ensure_default(tmp_path / "data")
-    assert not (tmp_path / "data" / "2of12.txt").exists()
 
 
-def test_ensure_default_copies_from_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEA_WORDLIST", load_wordlist().source)
-    path = wordlist.ensure_default(tmp_path / "data")
-    assert wordlist.sha256_file(path) == DEFAULT_SHA256
+def test_the_default_list_ships_in_the_package_and_nothing_fetches_it(monkeypatch):
+    """Issue 36: the list is the package's own file (tracked by git), read without network
+    or any folder outside the package (it used to look in ../shared, then download)."""
+    import subprocess
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise AssertionError("the word list must not be downloaded")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    path = wordlist.ensure_default()
+    assert path.parent == wordlist.DATA_DIR and path.is_relative_to(Path(wordlist.__file__).parent)
+    repo = Path(wordlist.__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=repo,
+                             capture_output=True)
+    assert tracked.returncode == 0, "wordlist/data/2of12.txt is not committed"
+    assert not hasattr(wordlist, "SHARED_COPY")
 
 
 def test_user_list_and_empty_list(tmp_path):

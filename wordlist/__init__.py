@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_NAME = "2of12.txt"
 DEFAULT_SHA256 = "39f915f416469c79aa1fda230584f840d11aa3343681073dd5e97c864985ecca"
 DEFAULT_LINES = 41_242
-# 12dicts 5.0 zip, the last release that still ships 2of12.txt under that name. Only used
-# when neither SEA_WORDLIST nor the team's shared copy exists; the hash check guards it.
-UPSTREAM_URL = "http://downloads.sourceforge.net/wordlist/12dicts-5.0.zip"
-UPSTREAM_MEMBER = "2of12.txt"
-
+# Shipped inside the package (12dicts' 2of12 is public domain): nothing downloads it and
+# nothing looks outside the installed package for it; the hash check still guards it.
 DATA_DIR = Path(__file__).resolve().parent / "data"
-SHARED_COPY = Path(__file__).resolve().parents[1].parent / "shared" / "wordlist" / DEFAULT_NAME
 
 
 class WordListError(ValueError):
@@ -106,50 +100,10 @@ def _check(path: Path) -> None:
 
 
 def ensure_default(dest_dir: Path = DATA_DIR) -> Path:
-    """Put the 2of12 list at ``dest_dir/2of12.txt`` (hash-checked) and return its path.
-
-    Sources, in order: ``$SEA_WORDLIST``; the team's shared copy beside the repo
-    (``../shared/wordlist/2of12.txt``); the 12dicts upstream zip. The file is never committed.
-    """
+    """The shipped 2of12 list (``wordlist/data/2of12.txt``), hash-checked."""
     dest = dest_dir / DEFAULT_NAME
-    if dest.is_file():
-        _check(dest)
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    env = os.environ.get("SEA_WORDLIST")
-    if env:
-        src = Path(env)
-        if not src.is_file():
-            raise WordListError(f"SEA_WORDLIST={env} is not a file")
-        _check(src)
-        shutil.copyfile(src, tmp)
-    elif SHARED_COPY.is_file():
-        _check(SHARED_COPY)
-        shutil.copyfile(SHARED_COPY, tmp)
-    else:
-        _download(tmp)
-    _check(tmp)
-    os.replace(tmp, dest)
+    if not dest.is_file():
+        raise WordListError(f"{dest} is missing: the 2of12 list ships with the package; "
+                            f"reinstall it (pip install -e .)")
+    _check(dest)
     return dest
-
-
-def _download(tmp: Path) -> None:
-    import io
-    import zipfile
-
-    try:
-        with urllib.request.urlopen(UPSTREAM_URL, timeout=60) as r:
-            blob = r.read()
-    except OSError as e:
-        raise WordListError(
-            f"could not download the 2of12 list from {UPSTREAM_URL}: {e}. Get 2of12.txt "
-            f"(sha256 {DEFAULT_SHA256}) and set SEA_WORDLIST=/path/to/2of12.txt"
-        ) from e
-    with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        member = next((n for n in z.namelist() if n.endswith(UPSTREAM_MEMBER)), None)
-        if member is None:
-            raise WordListError(f"{UPSTREAM_URL} has no {UPSTREAM_MEMBER}")
-        # 12dicts ships CRLF text; the pinned copy is LF, one word a line.
-        data = z.read(member).replace(b"\r\n", b"\n")
-    tmp.write_bytes(data)

@@ -1,4 +1,5 @@
-"""`python -m wordlist fetch`: put the hash-checked 2of12 list in place (run by `make setup`)."""
+"""`python -m wordlist check`: the shipped 2of12 list's path, size and hash, checked (run by
+`make setup`)."""
 
 import sys
 
@@ -7,8 +8,8 @@ from wordlist import ensure_default, load_wordlist
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["fetch"]:
-        print("usage: python -m wordlist fetch", file=sys.stderr)
+    if argv[:1] != ["check"]:
+        print("usage: python -m wordlist check", file=sys.stderr)
         return 2
     path = ensure_default()
     wl = load_wordlist()
