@@ -592,6 +592,8 @@ def _fsdp_lines(res: dict, ci) -> list[str]:
             *rows, "",
             f"- 2-rank peak per rank / 1-process peak: load {m['fsdp_load_peak_ratio']:.2f}, step "
             f"{m['fsdp_step_peak_ratio']:.2f} (target <= 0.6 each)",
+            f"- each process's base before any model (interpreter, torch, transformers, open_clip): "
+            f"{one.get('base_mib', 0) / 1024:.2f} GiB, in every peak above",
             f"- SEA's step overhead at this shape, stage 1 (frozen LLM), lambda 1 / lambda 0 paired on "
             f"one model ({res['training']['sea_overhead_ratio_1b']['n']} pairs): "
             f"{ci(res['training']['sea_overhead_ratio_1b'])} (target <= 1.03); lambda 0 step "

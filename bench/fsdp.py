@@ -1,5 +1,6 @@
 """Training at the paper's scale, measured on CPU (gloo): a random Llama of about 1B parameters
-(2048 wide, 14 layers, the tiny tokenizer's vocabulary) behind the demo's tiny CLIP.
+(2048 wide, 18 layers, MLP 5504: Llama-7B's proportions; the tiny tokenizer's vocabulary)
+behind the demo's tiny CLIP.
 
 - ``memory``: stage 2 (the LLM trains, AdamW, fp32) on 1 process and on 2 FSDP ranks: each
   rank's peak resident memory while loading (``build``) and while stepping (two optimizer
@@ -9,7 +10,8 @@
 
 Each measurement runs in its own processes (``python bench/fsdp.py worker ...``, under torchrun
 for 2 ranks) so that peaks are the run's alone; a rank reads its own ``VmHWM`` from
-``/proc/self/status`` (Linux), reset with ``clear_refs`` between load and steps.
+``/proc/self/status`` (Linux), reset with ``clear_refs`` between load and steps; the load
+peak is taken after every weight was read once (transformers maps safetensors lazily).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHAPE = {"hidden": 2048, "layers": 14, "heads": 16}
+# Llama's own proportions (Vicuna-7B: 4096 wide, MLP 11008 = 2.6875x), at about 1B parameters
+SHAPE = {"hidden": 2048, "layers": 18, "heads": 16, "intermediate": 5504}
 
 
 def _status(key: str) -> float:
@@ -65,7 +68,16 @@ def worker(kind: str, work: Path, result: Path) -> None:
     torch.manual_seed(0)
     if kind == "memory":
         world = int(os.environ.get("WORLD_SIZE", 1))
+        import open_clip  # noqa: F401  (in the base: what every process imports anyway)
+        import transformers  # noqa: F401
+
+        base = _status("VmRSS")  # the interpreter and its libraries, before any model
         p = build(_config(work, "finetune", work / "runs" / f"mem-{world}"), "finetune")
+        # every weight read once: from_pretrained maps the safetensors lazily, so an untouched
+        # weight would count only at the first forward
+        with torch.no_grad():
+            for q in p.task.parameters():
+                (q.to_local() if hasattr(q, "to_local") else q).sum()
         load_peak = _status("VmHWM")
         p.task.train()
         p.dataset.set_position(0, 0)
@@ -83,7 +95,7 @@ def worker(kind: str, work: Path, result: Path) -> None:
         from trainer import distributed as D
 
         mine = (path / "shards").glob(f"shard-{p.dist.rank + 1:05d}-*")  # this rank's files
-        me = {"load_peak_mib": load_peak, "step_peak_mib": step_peak, "step_s": steps,
+        me = {"base_mib": base, "load_peak_mib": load_peak, "step_peak_mib": step_peak, "step_s": steps,
               "ckpt_bytes": sum(f.stat().st_size for f in mine), "ckpt_save_s": save_s,
               "params": sum(q.numel() for q in p.task.mllm.llm.parameters())}
         ranks = D.gather_objects(me, p.dist)
@@ -102,7 +114,7 @@ def worker(kind: str, work: Path, result: Path) -> None:
         p.task.weight = w
         train_step(p, batches, 0)
     times = {0.0: [], 1.0: []}
-    for r in range(int(os.environ.get("SEA_BENCH_ROUNDS", 8))):
+    for r in range(int(os.environ.get("SEA_BENCH_ROUNDS", 16))):
         for w in ((0.0, 1.0) if r % 2 == 0 else (1.0, 0.0)):
             p.task.weight = w
             t = time.perf_counter()
@@ -154,7 +166,8 @@ def bench_fsdp(work: Path, res: dict, median_ci) -> None:
     ratios = [a / b for a, b in zip(over["lambda1_s"], over["lambda0_s"], strict=True)]
     res.setdefault("training", {})["sea_overhead_ratio_1b"] = median_ci(ratios)
     res["fsdp"] = {
-        "config": (f"stage 2, random Llama {SHAPE['hidden']} wide x {SHAPE['layers']} layers "
+        "config": (f"stage 2, random Llama {SHAPE['hidden']} wide x {SHAPE['layers']} layers, MLP "
+                   f"{SHAPE['intermediate']} "
                    f"({one['params'] / 1e9:.2f}B parameters, fp32, AdamW), tiny CLIP (64 visual "
                    f"tokens), micro-batch 1, global batch 2, CPU, gloo"),
         "params": one["params"], "one_rank": one, "two_ranks": two,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from pipeline.data import MAX_PIXELS
 from seacore.config import ConfigError, doc
 
 # --- the extraction stage's config ----------------------------------------------------------
@@ -15,7 +16,7 @@ class InputConfig:
                                  "null walks image_root instead")
     image_root: str = doc("data/images", "folder the JSON's image paths are relative to")
     limit: int | None = doc(None, "only the first N images (smoke runs)")
-    max_pixels: int = doc(89_478_485, "images larger than this are refused as decompression bombs")
+    max_pixels: int = doc(MAX_PIXELS, "images larger than this are refused as decompression bombs")
 
 
 @dataclasses.dataclass

@@ -20,6 +20,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# the one default image-size limit (PIL's own decompression-bomb threshold): extraction's
+# input.max_pixels, the trainer's reader, generate and the viewing tools all start from it
+MAX_PIXELS = 89_478_485
 
 
 class BadImage(Exception):

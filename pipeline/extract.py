@@ -25,6 +25,7 @@ from pipeline.data import IMAGE_EXTS, InputError, Record, records_from_folder, r
 from pipeline.lock import OutputLock
 from pipeline.stages import Decoder, Labeler, label_batches, write_chunk
 from seacore.config import config_hash
+from seacore.files import atomic_path
 
 RUN_FILE = "run.json"
 ERRORS_FILE = "errors.jsonl"
@@ -102,9 +103,8 @@ def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> Plan:
         stale.unlink()
     shards.write_json_atomic(run_file, ident)
     if cfg.labels.wordlist:  # small (the world's is 28 words); 2of12 is found by its hash
-        tmp = out / f".{WORDLIST_FILE}.tmp"
-        shutil.copyfile(cfg.labels.wordlist, tmp)
-        tmp.replace(out / WORDLIST_FILE)
+        with atomic_path(out / WORDLIST_FILE) as tmp:
+            shutil.copyfile(cfg.labels.wordlist, tmp)
     cs = cfg.run.chunk_size
     chunks = [(s, min(s + cs, len(records))) for s in range(0, len(records), cs)]
     done = shards.list_done(out, verify=True)  # reads every finished shard once
@@ -129,15 +129,13 @@ def finish_run(plan: Plan, metadata: dict) -> dict:
     """Manifest and errors.jsonl from the done markers (so a resumed run gets both whole)."""
     manifest = shards.write_manifest(plan.out_dir, plan.config_hash, metadata, len(plan.chunks))
     done = shards.list_done(plan.out_dir)
-    tmp = plan.out_dir / f".{ERRORS_FILE}.tmp"
     reasons: dict[str, int] = {}
-    with open(tmp, "w") as f:
+    with atomic_path(plan.out_dir / ERRORS_FILE) as tmp, open(tmp, "w") as f:
         for i in sorted(done):
             for err in done[i].get("error_list", []):
                 f.write(json.dumps({"chunk": i, **err}) + "\n")
                 kind = reason_kind(err["reason"])
                 reasons[kind] = reasons.get(kind, 0) + 1
-    tmp.replace(plan.out_dir / ERRORS_FILE)
     manifest["errors_by_reason"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     return manifest
 

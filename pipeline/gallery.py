@@ -85,7 +85,7 @@ def encoder_view(image, crop: dict):
     return T.Compose(steps)(image) if steps else image
 
 
-def _data_uri(img) -> str:
+def data_uri(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -95,7 +95,7 @@ def build_gallery(shard_dir: str | Path, out_dir: str | Path, image_root: str | 
                   limit: int | None = None, page_size: int = 48, px: int = 256,
                   wordlist: str | Path | None = None) -> list[Path]:
     """Write ``index.html`` (page 1) and ``page-N.html``; -> the page paths."""
-    from pipeline.data import load_rgb, resolve_inside
+    from pipeline.data import MAX_PIXELS, load_rgb, resolve_inside
 
     ls = LabelSet(shard_dir, wordlist)
     root, crop = ls.image_root(image_root), ls.crop
@@ -107,7 +107,7 @@ def build_gallery(shard_dir: str | Path, out_dir: str | Path, image_root: str | 
         for i, path in enumerate(rb.column("path").to_pylist()):
             if limit is not None and done >= limit:
                 break
-            view = encoder_view(load_rgb(resolve_inside(root, path), 1 << 30), crop)
+            view = encoder_view(load_rgb(resolve_inside(root, path), MAX_PIXELS), crop)
             kept = ids[i] != shards.SENTINEL
             labels = [[[int(w), round(float(sc), 4)] for w, sc, k in zip(ids[i][p], scores[i][p], kept[p], strict=True) if k]
                       for p in range(ids.shape[1])]
@@ -115,7 +115,7 @@ def build_gallery(shard_dir: str | Path, out_dir: str | Path, image_root: str | 
                 pages.append([])
             pages[-1].append({"path": path, "id": rb.column("image_id")[i].as_py(),
                               "grid": [int(rb.column("grid_h")[i].as_py()), int(rb.column("grid_w")[i].as_py())],
-                              "uri": _data_uri(view), "labels": labels})
+                              "uri": data_uri(view), "labels": labels})
             done += 1
     if done == 0:
         raise ValueError(f"{shard_dir}: no labelled image to show (limit {limit})")

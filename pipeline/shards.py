@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seacore.files import write_text_atomic
 from wordlist import sha256_file as file_sha256  # the one file-hash helper
 
 SCHEMA_VERSION = 2
@@ -217,10 +218,7 @@ def list_done(out_dir: str | Path, verify: bool = False) -> dict[int, dict]:
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def write_manifest(out_dir: str | Path, config_hash: str, metadata: dict, num_chunks: int) -> dict:

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -21,7 +20,7 @@ from pipeline import dense, search, shards
 from pipeline.config import ExtractConfig
 from pipeline.data import BadImage, Record, load_rgb, resolve_inside
 from pipeline.encoders import preprocess_geometry
-from seacore.device import pick_device
+from seacore.device import autocast, pick_device
 
 
 def package_version() -> str:
@@ -126,16 +125,11 @@ class Labeler:
             "package_version": package_version(),
         }
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     @torch.inference_mode()
     def encode(self, images: torch.Tensor):
         """(B, 3, H, W) -> (normalised patches (B, P, D) float32, normalised global or None)."""
         t0 = time.perf_counter()
-        with self._autocast():
+        with autocast(self.device):
             patches, glob = dense.patch_features(self.visual, images.to(self.device),
                                                  self.kind, self.cfg.labels.surgery_depth)
         patches = F.normalize(patches.float(), dim=-1)

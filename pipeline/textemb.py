@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from seacore.files import atomic_path
+
 CACHE_VERSION = 1
 
 
@@ -100,10 +102,8 @@ def load_or_encode(encoder, wordlist, templates=(), cache_dir: str | Path | None
     emb = encode_words(encoder.model, encoder.tokenizer, list(wordlist.words), templates,
                        batch_size=batch_size, device=device, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, emb)
-    os.replace(tmp, path)
     (cache_dir / f"words-{key}.json").write_text(json.dumps(
         {"encoder": ident, "wordlist_sha256": wordlist.sha256, "wordlist_size": len(wordlist),
          "templates": list(templates), "shape": list(emb.shape)}, indent=2))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from seacore.files import atomic_path
+
 TINY_TIMM_NAME = "sea_tiny_siglip_vit"
 
 _TEXT_SMALL = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
@@ -108,9 +110,8 @@ def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(weights)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
     return spec
 
 

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
+
+from wordlist import sha256_file
 
 
 class WeightsNotFound(RuntimeError):
@@ -15,13 +16,10 @@ _HASH_CACHE: dict[tuple, str] = {}
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a weight file, remembered per (path, size, mtime) within the process."""
+    """sha256 of a weight file (``wordlist.sha256_file``, the one hash helper), remembered per
+    (path, size, mtime) within the process: several loaders ask for the same file."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _HASH_CACHE[key] = h.hexdigest()
+        _HASH_CACHE[key] = sha256_file(path)
     return _HASH_CACHE[key]

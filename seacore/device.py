@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -20,3 +22,10 @@ def pick_device(name: str, local_rank: int | None = None, key: str = "device") -
     if name == "cuda" and local_rank is not None:
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (extraction's encoder, the trainer's step); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

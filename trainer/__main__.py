@@ -112,14 +112,14 @@ def _simple(args) -> int:
 
             print(json.dumps(export(args.run, args.format, args.out), indent=1))
         elif args.cmd == "generate":
-            from pipeline.data import BadImage, load_rgb
+            from pipeline.data import MAX_PIXELS, BadImage, load_rgb
             from seacore.device import pick_device
             from trainer.final import load_final
             from trainer.generate import answer
 
             if args.image is not None:  # before the model loads: a wrong path fails at once
                 try:
-                    load_rgb(Path(args.image), 89_478_485)
+                    load_rgb(Path(args.image), MAX_PIXELS)
                 except BadImage as e:
                     raise ValueError(f"--image {args.image}: {e}; give an image file") from None
             model = load_final(args.checkpoint, pick_device(args.device, key="--device"))

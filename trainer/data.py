@@ -26,7 +26,14 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data import BadImage, load_rgb, normalize_path, read_json_list, resolve_inside
+from pipeline.data import (
+    MAX_PIXELS,
+    BadImage,
+    load_rgb,
+    normalize_path,
+    read_json_list,
+    resolve_inside,
+)
 from pipeline.shards import SENTINEL, check_values, open_label_set
 from trainer.prompts import build_sample
 
@@ -73,7 +80,7 @@ class SampleSource:
     ``report`` (printed by the trainer before it starts)."""
 
     def __init__(self, cfg, tokenizer, preprocess, fmt: str, expect: dict | None = None,
-                 max_pixels: int = 89_478_485):
+                 max_pixels: int = MAX_PIXELS):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.preprocess = preprocess

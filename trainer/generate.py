@@ -12,7 +12,7 @@ import torch
 def answer_ids(mllm, tok, preprocess, meta, image_path: str | None, prompt: str,
                max_new_tokens: int = 64) -> list[int]:
     """The greedy reply's token ids."""
-    from pipeline.data import load_rgb
+    from pipeline.data import MAX_PIXELS, load_rgb
     from trainer.model import splice
     from trainer.prompts import generation_prompt, stop_token_ids
 
@@ -22,7 +22,7 @@ def answer_ids(mllm, tok, preprocess, meta, image_path: str | None, prompt: str,
     ids = generation_prompt(tok, prompt, fmt, has_image)
     tokens = None
     if has_image:
-        img = load_rgb(Path(image_path), 89_478_485)
+        img = load_rgb(Path(image_path), MAX_PIXELS)
         tokens = mllm.visual_tokens(preprocess(img)[None].to(device))
     sp = splice(mllm.llm.get_input_embeddings(), [ids], [ids.clone()], tokens, [has_image],
                 max_length=meta.get("max_length", 2048), truncation="error")

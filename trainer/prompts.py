@@ -206,7 +206,14 @@ def generation_prompt(tokenizer, prompt: str, fmt: str, has_image: bool = True) 
         ids += [IMAGE_TOKEN_INDEX] if has_image else []
         return torch.tensor(ids, dtype=torch.long)
     content = (IMAGE + "\n" + prompt) if has_image and IMAGE not in prompt else prompt
-    text = _render(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+    return torch.tensor(conversation_prompt(tokenizer, [{"role": "user", "content": content}]),
+                        dtype=torch.long)
+
+
+def conversation_prompt(tokenizer, msgs: list[dict]) -> list[int]:
+    """Input ids asking for the next assistant turn of ``msgs`` (role/content dicts, ``<image>``
+    in a turn's text), rendered and tokenized exactly as training renders a conversation."""
+    text = _render(tokenizer, msgs, add_generation_prompt=True)
     ids, _ = _tokens(tokenizer, text)
     _with_bos(tokenizer, text, ids)
-    return torch.tensor(ids, dtype=torch.long)
+    return ids

@@ -72,8 +72,8 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
                    wordlist: str | Path | None = None) -> dict:
     """Write ``out_dir/alignment.html``; -> the figures it shows (per run: share of shown
     patches whose nearest word is the top-1 label / among the kept labels)."""
-    from pipeline.data import load_rgb, resolve_inside
-    from pipeline.gallery import _data_uri, encoder_view
+    from pipeline.data import MAX_PIXELS, load_rgb, resolve_inside
+    from pipeline.gallery import data_uri, encoder_view
     from pipeline.labelset import LabelSet
     from trainer.final import load_final
     from trainer.sea_loss import load_word_tokens
@@ -88,7 +88,7 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
         if len(rows) >= images:
             break
     words = ls.wordlist.words
-    pics = [load_rgb(resolve_inside(root, p), 1 << 30) for p, _, _ in rows]
+    pics = [load_rgb(resolve_inside(root, p), MAX_PIXELS) for p, _, _ in rows]
     names = names or [Path(r).name for r in runs]
     nearest, summary = [], {}
     for run, name in zip(runs, names, strict=True):
@@ -114,7 +114,7 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
         labels = [[words[int(w)] for w in ids[p] if w != shards.SENTINEL] for p in range(ids.shape[0])]
         data["images"].append({"path": path, "grid": grid, "labels": labels,
                                "nearest": [[words[int(w)] for w in nr[i]] for nr in nearest]})
-        uri = _data_uri(encoder_view(pic, crop))
+        uri = data_uri(encoder_view(pic, crop))
         cols = [_panel(uri, i, grid, None, None, px)]
         for r, nr in enumerate(nearest):
             cls = ["top1" if labels[p] and words[int(nr[i][p])] == labels[p][0] else

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from seacore.config import to_dict
+from seacore.files import write_text_atomic
 
 
 def read_metrics(path: str | Path, warn=None) -> list[dict]:
@@ -54,9 +55,7 @@ class Logger:
         if metrics.is_file():
             keep = [r for r in read_metrics(metrics, lambda m: print(m, file=sys.stderr))
                     if r.get("step", 0) <= from_step]
-            tmp = metrics.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            tmp.replace(metrics)
+            write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in keep))
         name = cfg.log.run_name or self.out.resolve().name
         if "tensorboard" in cfg.log.report_to:
             try:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from pipeline.shards import SENTINEL
+from seacore.files import atomic_path
 from trainer.model import label_features_table
 
 
@@ -93,9 +93,8 @@ def load_word_tokens(tokenizer, wordlist, rule: str, cache_dir: str | Path | Non
         return WordTokens(torch.from_numpy(z["flat"]), torch.from_numpy(z["offsets"]))
     wt = tokenize_words(tokenizer, list(wordlist.words), rule)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, flat=wt.flat_ids.numpy(), offsets=wt.offsets.numpy())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # its name ends in .npz: savez adds no suffix
+        np.savez(tmp, flat=wt.flat_ids.numpy(), offsets=wt.offsets.numpy())
     return wt
 
 

@@ -20,7 +20,8 @@ CHAT_TEMPLATE = (
 
 def save_tiny_llm(out_dir: str | Path, words, seed: int = 0, vocab_size: int = 4096,
                   hidden: int = 64, layers: int = 2, heads: int = 4,
-                  extra_text: list[str] | None = None, arch: str = "llama") -> str:
+                  extra_text: list[str] | None = None, arch: str = "llama",
+                  intermediate: int | None = None) -> str:
     """Train a tokenizer on ``words`` (and ``extra_text``, the sentences the model will see,
     so their words become single tokens), build a random LM, save both; return the path.
     ``arch``: llama (Vicuna, Llama-3), gemma (tied embeddings, its own head size) or phi3
@@ -44,7 +45,7 @@ def save_tiny_llm(out_dir: str | Path, words, seed: int = 0, vocab_size: int = 4
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or hidden * 4,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                   max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

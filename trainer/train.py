@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from seacore.device import pick_device
+from seacore.device import autocast, pick_device
 from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
@@ -181,12 +181,6 @@ def param_groups(task: SEATask, cfg) -> list[dict]:
     return groups
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """The same on every rank (local micro-batch index): picks among gathered duplicates."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 100_003 + micro) ^ 0x5EA5EA5EA)
@@ -221,7 +215,7 @@ def forward_backward(p: Parts, micro_batches: list[dict], step: int, gather=None
         # DDP: only the last micro-batch all-reduces gradients
         sync = i == n - 1 or not hasattr(p.model, "no_sync")
         ctx = contextlib.nullcontext() if sync else p.model.no_sync()
-        with ctx, _autocast(p.device):
+        with ctx, autocast(p.device):
             out = p.model(mb, sample, i, gather, shared)
             (out["loss"] / n).backward()
         for k in ("loss", "lm_loss", "align_loss"):

@@ -45,9 +45,10 @@ class WordList:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The project's one file-hash helper (word lists, shards, checkpoints, weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
 

@@ -229,14 +229,9 @@ def conversation_answers(mllm, tok, preprocess, world_dir: str | Path, turns: li
                          max_new_tokens: int = 4, batch: int = 64, image: str = "real") -> list[str]:
     """Greedy answers to ``conversation_turns`` records: the prompt is the conversation so far
     rendered with the chat template exactly as training renders it, image in the first turn."""
-    from trainer.prompts import _render, _tokens, _with_bos
+    from trainer.prompts import conversation_prompt
 
-    ids = []
-    for t in turns:
-        text = _render(tok, t["messages"], add_generation_prompt=True)
-        x, _ = _tokens(tok, text)
-        _with_bos(tok, text, x)
-        ids.append(torch.tensor(x, dtype=torch.long))
+    ids = [torch.tensor(conversation_prompt(tok, t["messages"]), dtype=torch.long) for t in turns]
     return _decode(mllm, tok, preprocess, Path(world_dir), ids, [t["image"] for t in turns],
                    max_new_tokens, batch, image)
 
