@@ -47,6 +47,12 @@ def _vision(row: R.Row) -> dict:
     return {**R.TOWERS[row.tower], "feature_layer": -2, "s2_scales": list(row.s2_scales)}
 
 
+def _template(row: R.Row) -> dict:
+    """Vicuna-v1.5's tokenizer has no chat template: LLaVA-1.5 trains it with conv_vicuna_v1;
+    the instruct LLMs (Gemma, Phi-3, Llama-3) bring their own."""
+    return {"chat_template": "vicuna_v1"} if row.llm.startswith("vicuna") else {}
+
+
 def pretrain(row: R.Row, arm: R.Arm) -> dict:
     js, images = _data(row, "pretrain")
     return {
@@ -67,7 +73,8 @@ def finetune(row: R.Row, arm: R.Arm) -> dict:
     js, images = _data(row, "finetune")
     stage1 = arm.pretrain_from or arm.name
     return {
-        "vision": _vision(row), "llm": {"path": R.LLMS[row.llm], "gradient_checkpointing": True},
+        "vision": _vision(row), "llm": {"path": R.LLMS[row.llm], "gradient_checkpointing": True,
+                                        **_template(row)},
         "data": {"json": js, "image_root": images, "shards": None,
                  "max_length": 2048},
         "sea": {"weight": 0.0},

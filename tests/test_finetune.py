@@ -29,9 +29,11 @@ def _supervised_text(tok, ids, labels):
 
 @pytest.mark.parametrize("template", [True, False])
 def test_assistant_only_masking(tok, template):
-    if not template:  # the documented fallback layout
+    if not template:  # llm.chat_template=vicuna_v1: LLaVA-1.5's layout
+        from trainer.prompts import VICUNA_V1
+
         tok = type(tok).from_pretrained(tok.name_or_path)
-        tok.chat_template = None
+        tok.chat_template = VICUNA_V1
     item = {"conversations": [
         {"from": "human", "value": "Look at this.\n<image>"}, {"from": "gpt", "value": "A red circle."},
         {"from": "human", "value": "And the background?"}, {"from": "gpt", "value": "It is blue."}]}
@@ -207,3 +209,32 @@ def test_stage2_reads_labels_where_they_exist(finetune_cfg, label_run, tiny_llm)
     p.task.train()
     m = train_step(p, batches[: p.accum], 0)
     assert m["loss"] > 0
+
+
+def test_a_tokenizer_without_chat_template_is_refused_or_given_vicuna_v1_explicitly(
+        finetune_cfg, tiny_llm, tmp_path):
+    """Issue 36: stage 2 with a tokenizer that has no chat template (base Llama, Mistral,
+    Vicuna-v1.5) used to get Vicuna's format silently; now it stops naming the option, and
+    ``llm.chat_template=vicuna_v1`` trains with LLaVA-1.5's format, recorded in final/ so that
+    generate uses it too."""
+    import shutil
+
+    from trainer.final import load_final
+    from trainer.prompts import VICUNA_V1
+    from trainer.train import build, train
+
+    bare = tmp_path / "llm-no-template"
+    shutil.copytree(tiny_llm, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_file = bare / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="llm.chat_template=vicuna_v1"):
+        build(finetune_cfg(f"llm.path={bare}"), "finetune")
+    run = train(finetune_cfg(f"llm.path={bare}", "llm.chat_template=vicuna_v1", "sea.weight=0",
+                             "optim.max_steps=1", f"log.output={tmp_path / 'ft'}"), "finetune")
+    meta = json.loads((Path(run["final"]) / "sea_model.json").read_text())
+    assert meta["chat_template"] == "vicuna_v1"
+    _, tok, _, _ = load_final(run["final"])
+    assert tok.chat_template == VICUNA_V1

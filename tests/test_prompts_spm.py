@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from trainer.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from trainer.prompts import IMAGE, _messages, _render, build_sample, generation_prompt
+from trainer.prompts import IMAGE, VICUNA_V1, _messages, _render, build_sample, generation_prompt
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -72,7 +72,7 @@ def fast_tok(request, spm_model, tmp_path_factory):
 
 def _with_template(tok, template):
     tok = copy.deepcopy(tok)
-    tok.chat_template = LLAMA2_TEMPLATE if template else None
+    tok.chat_template = LLAMA2_TEMPLATE if template else VICUNA_V1  # llm.chat_template=vicuna_v1
     return tok
 
 
@@ -96,7 +96,7 @@ def tokenizer_image_token(prompt, tokenizer):
 def _ids(tok, text):
     """The reference tokenization: a rendered text tokenized at once. A template that writes
     BOS itself is tokenized as transformers' apply_chat_template(tokenize=True) does (no
-    special tokens added); the fallback, which writes none, as LLaVA does."""
+    special tokens added); LLaVA's conv_vicuna_v1, which writes none, as LLaVA does."""
     if text.startswith(tok.bos_token):
         chunks = [tok(c, add_special_tokens=False).input_ids for c in text.split(IMAGE)]
         return [i for k, c in enumerate(chunks) for i in ([IMAGE_TOKEN_INDEX] if k else []) + c]
@@ -119,7 +119,7 @@ def _reference(tok, item, has_image):
     return ids, labels
 
 
-@pytest.mark.parametrize("template", [False, True], ids=["fallback", "chat-template"])
+@pytest.mark.parametrize("template", [False, True], ids=["vicuna_v1", "chat-template"])
 @pytest.mark.parametrize("item,has_image", [(ITEM, True), (TEXT_ONLY, False)], ids=["image", "text"])
 def test_conversation_ids_are_the_whole_prompt_tokenized_at_once(fast_tok, template, item, has_image):
     tok = _with_template(fast_tok, template)
@@ -140,7 +140,7 @@ def test_conversation_ids_are_the_whole_prompt_tokenized_at_once(fast_tok, templ
     assert [g.strip() for g in got] == want
 
 
-@pytest.mark.parametrize("template", [False, True], ids=["fallback", "chat-template"])
+@pytest.mark.parametrize("template", [False, True], ids=["vicuna_v1", "chat-template"])
 def test_generation_prompt_is_the_training_prefix(fast_tok, template):
     """What generate feeds the model is token for token what training put before the answer."""
     tok = _with_template(fast_tok, template)
@@ -155,6 +155,26 @@ def test_slow_tokenizer_is_refused_with_the_fix(spm_model):
     from transformers.models.bert_generation import BertGenerationTokenizer
 
     slow = BertGenerationTokenizer(vocab_file=str(spm_model))  # a Python SentencePiece tokenizer
+    slow.chat_template = VICUNA_V1
     with pytest.raises(ValueError, match="needs a fast"):
         build_sample(ITEM, slow, "chat", has_image=True)
     assert torch.is_tensor(build_sample(ITEM, slow, "plain", has_image=True)[0])
+
+
+def test_vicuna_v1_renders_llavas_conv_vicuna_v1(fast_tok):
+    """``llm.chat_template=vicuna_v1`` is LLaVA-1.5's ``conv_vicuna_v1.get_prompt()``
+    (llava/conversation.py, SeparatorStyle.TWO, sep " ", sep2 "</s>"), transcribed here with
+    its system line literally; the template's own string once broke Jinja on "user's"."""
+    system = ("A chat between a curious user and an artificial intelligence assistant. "
+              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+    seps = [" ", "</s>"]
+    turns = [("USER", "<image>\nWhat is it?"), ("ASSISTANT", "A cube."), ("USER", "Colour?"),
+             ("ASSISTANT", None)]
+    want = system + seps[0]
+    for i, (role, message) in enumerate(turns):
+        want += role + ": " + message + seps[i % 2] if message else role + ":"
+    tok = copy.deepcopy(fast_tok)
+    tok.chat_template = VICUNA_V1
+    msgs = [{"role": "user" if r == "USER" else "assistant", "content": m} for r, m in turns[:3]]
+    assert tok.eos_token == "</s>"
+    assert _render(tok, msgs, add_generation_prompt=True) == want

@@ -100,11 +100,11 @@ def test_the_end_of_turn_token_is_found_from_the_template(family, chat_llms):
 def test_a_template_that_ends_turns_with_eos_adds_nothing(tiny_llm):
     from transformers import AutoTokenizer
 
-    from trainer.prompts import stop_token_ids
+    from trainer.prompts import VICUNA_V1, stop_token_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_llm, local_files_only=True)  # Vicuna's layout
     assert stop_token_ids(tok) == [tok.eos_token_id]
-    tok.chat_template = None  # LLaVA-1.5's conv_vicuna_v1 fallback
+    tok.chat_template = VICUNA_V1  # llm.chat_template=vicuna_v1
     assert stop_token_ids(tok) == [tok.eos_token_id]
 
 

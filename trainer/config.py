@@ -18,12 +18,18 @@ class VisionConfig:
                                    "[] = the plain tower. Labels stay the base tower's")
 
 
+CHAT_TEMPLATES = ("auto", "vicuna_v1")
+
+
 @dataclasses.dataclass
 class LLMConfig:
     path: str = doc("lmsys/vicuna-7b-v1.5", "Hugging Face model dir or hub id (from the local cache)")
     dtype: str = doc("auto", "auto (GPU: bf16 when frozen, fp32 masters when trained; CPU: fp32) "
                              "| float32 | bfloat16 | float16")
     gradient_checkpointing: bool = doc(False, "recompute LLM activations in backward")
+    chat_template: str = doc("auto", "stage 2's prompt format: auto (the tokenizer's own chat "
+                                     "template; an error if it has none) | vicuna_v1 (LLaVA-1.5's "
+                                     "conv_vicuna_v1, for Vicuna-v1.5, which ships none)")
 
 
 @dataclasses.dataclass
@@ -135,6 +141,9 @@ class PretrainConfig:
             raise ConfigError(f"data.max_error_rate must be in [0, 1], got {self.data.max_error_rate}")
         if self.data.truncation not in ("drop", "error"):
             raise ConfigError(f"data.truncation must be drop or error, got '{self.data.truncation}'")
+        if self.llm.chat_template not in CHAT_TEMPLATES:
+            raise ConfigError(f"llm.chat_template must be one of {', '.join(CHAT_TEMPLATES)}, "
+                              f"got '{self.llm.chat_template}'")
         if self.sea.label_tokenization not in ("space", "bare"):
             raise ConfigError("sea.label_tokenization must be space or bare")
         if self.optim.global_batch_size % self.optim.micro_batch_size:

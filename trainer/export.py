@@ -109,19 +109,6 @@ _FLATTEN = (
 )
 
 
-def _llava_v1_template() -> str:
-    """``trainer.prompts._render``'s fallback (LLaVA-1.5's conv_vicuna_v1) in Jinja."""
-    from trainer.prompts import LLAVA_V1_SYSTEM
-
-    return ("{%- if not (messages and messages[0]['role'] == 'system') -%}"
-            "{{ '" + LLAVA_V1_SYSTEM + " ' }}{%- endif -%}"
-            "{%- for m in messages -%}"
-            "{%- if m['role'] == 'system' -%}{{ m['content'] + ' ' }}"
-            "{%- elif m['role'] == 'user' -%}{{ 'USER: ' + m['content'] + ' ' }}"
-            "{%- else -%}{{ 'ASSISTANT: ' + m['content'] + (eos_token or '') }}{%- endif -%}"
-            "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
-
-
 def chat_template(tok, stage: str) -> str:
     """The processor's template: our training prompt, BOS included when the tokenizer does
     not add one itself (``_with_bos``)."""
@@ -131,7 +118,11 @@ def chat_template(tok, stage: str) -> str:
                 "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}<image>{%- endif -%}"
                 "{%- endfor -%}{%- endif -%}{%- endfor -%}")
         return ("" if adds_bos or tok.bos_token is None else "{{ bos_token }}") + body
-    body = tok.chat_template or _llava_v1_template()
+    if not tok.chat_template:  # load_final installed the run's choice; none: never guess
+        from trainer.prompts import no_template
+
+        raise ValueError(no_template(str(tok.name_or_path)))
+    body = tok.chat_template
     bos = "" if adds_bos or tok.bos_token is None or "bos_token" in body else "{{ bos_token }}"
     return _FLATTEN + bos + body
 

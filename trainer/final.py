@@ -121,6 +121,7 @@ def write_final(p, out: Path) -> None:
                    "tuned_weights": "vision.safetensors" if p.task.train_vision else None},
         "adapter": "mlp2x_gelu", "max_length": p.cfg.data.max_length,
         "label_tokenization": p.cfg.sea.label_tokenization,  # how Eq. 8 tokenized the words
+        "chat_template": p.cfg.llm.chat_template,  # vicuna_v1: installed on the tokenizer
         "config_hash": config_hash(p.cfg)}, indent=2))
     D.barrier(p.dist)
 
@@ -155,6 +156,10 @@ def load_final(path: str | Path, device: str | torch.device = "cpu"):
         enc.model.visual.load_state_dict(load_file(str(path / v["tuned_weights"])))
     llm_path = str(path / meta["llm"]) if (path / meta["llm"]).is_dir() else meta["llm"]
     tok, llm = load_llm(llm_path, "auto", device)
+    if meta.get("chat_template") == "vicuna_v1":  # stage 1's final/ names the original LLM
+        from trainer.prompts import VICUNA_V1
+
+        tok.chat_template = VICUNA_V1
     scales = v.get("s2_scales") or []
     mllm = MLLM(enc.model.visual, llm, v["feature_layer"], scales).to(device)
     mllm.adapter.load_state_dict(read_adapter(path / "adapter.safetensors")[0])

@@ -6,12 +6,16 @@
 - ``chat`` (stage 2): the conversation rendered with the tokenizer's chat template (roles:
   human -> user, gpt -> assistant, system -> system) and tokenized whole (split only at
   ``<image>``), so the ids are those of the prompt at inference; loss only on the tokens that
-  start inside an assistant turn (found by character offsets, hence a fast tokenizer). Without a chat template (Vicuna-v1.5 has none) the fallback is
-  LLaVA-1.5's ``conv_vicuna_v1``: its system line, then ``USER: ... ASSISTANT: ...</s>``.
-  ``<image>`` stays where it is in the first turn.
+  start inside an assistant turn (found by character offsets, hence a fast tokenizer). A
+  tokenizer without a chat template (Vicuna-v1.5 ships none) is an error naming the fix:
+  ``llm.chat_template=vicuna_v1`` installs LLaVA-1.5's ``conv_vicuna_v1`` (``VICUNA_V1``: its
+  system line, then ``USER: ... ASSISTANT: ...</s>``) as the tokenizer's template, recorded in
+  the run. ``<image>`` stays where it is in the first turn.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -20,6 +24,15 @@ from trainer.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 IMAGE = "<image>"
 LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# LLaVA-1.5's conv_vicuna_v1 as a chat template (llm.chat_template=vicuna_v1); the system line
+# double-quoted ("user's" holds a single quote)
+VICUNA_V1 = ("{%- if not (messages and messages[0]['role'] == 'system') -%}"
+             "{{ " + json.dumps(LLAVA_V1_SYSTEM + " ") + " }}{%- endif -%}"
+             "{%- for m in messages -%}"
+             "{%- if m['role'] == 'system' -%}{{ m['content'] + ' ' }}"
+             "{%- elif m['role'] == 'user' -%}{{ 'USER: ' + m['content'] + ' ' }}"
+             "{%- else -%}{{ 'ASSISTANT: ' + m['content'] + (eos_token or '') }}{%- endif -%}"
+             "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 
@@ -71,19 +84,26 @@ def _messages(item: dict, has_image: bool) -> list[dict]:
     return msgs
 
 
+def use_chat_template(tokenizer, choice: str, where: str = "") -> None:
+    """``llm.chat_template``: ``vicuna_v1`` installs LLaVA-1.5's format as the tokenizer's
+    template; ``auto`` keeps the tokenizer's own and refuses one without."""
+    if choice == "vicuna_v1":
+        tokenizer.chat_template = VICUNA_V1
+    elif not getattr(tokenizer, "chat_template", None):
+        raise ValueError(no_template(where))
+
+
+def no_template(where: str = "") -> str:
+    return (f"the tokenizer{' of ' + where if where else ''} has no chat template, so stage 2 "
+            f"does not know its prompt format: set llm.chat_template=vicuna_v1 (LLaVA-1.5's "
+            f"conv_vicuna_v1, as for Vicuna-v1.5) or use an LLM whose tokenizer has one")
+
+
 def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    text = "" if msgs and msgs[0]["role"] == "system" else LLAVA_V1_SYSTEM + " "
-    for m in msgs:
-        if m["role"] == "system":
-            text += m["content"] + " "
-        elif m["role"] == "user":
-            text += f"USER: {m['content']} "
-        else:
-            text += f"ASSISTANT: {m['content']}{tokenizer.eos_token or ''}"
-    return text + ("ASSISTANT:" if add_generation_prompt else "")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(no_template(getattr(tokenizer, "name_or_path", "")))
+    return tokenizer.apply_chat_template(msgs, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
 def _turn_spans(tokenizer, msgs: list[dict]) -> tuple[str, list[tuple[int, int, str]]]:

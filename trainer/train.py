@@ -32,6 +32,7 @@ from trainer.final import init_adapter, write_final
 from trainer.llm import load_llm
 from trainer.manager import CheckpointManager, TrainState
 from trainer.model import MLLM
+from trainer.prompts import use_chat_template
 from trainer.runlog import Logger
 from trainer.s2 import tower_transform
 from trainer.sea_loss import AlignmentLoss, StepSample, load_word_tokens
@@ -96,6 +97,8 @@ def build(cfg, stage: str = "pretrain") -> Parts:
     sharded = d.enabled and cfg.dist.strategy == "fsdp"
     tok, llm = load_llm(cfg.llm.path, cfg.llm.dtype, device, trained=stage == "finetune",
                         shard=D.llm_sharder(device) if sharded else None)
+    if stage == "finetune" or cfg.llm.chat_template != "auto":  # stage 1's plain format needs none
+        use_chat_template(tok, cfg.llm.chat_template, cfg.llm.path)
     if cfg.llm.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); 4.x has only the old one
         enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
