@@ -53,7 +53,8 @@ class RunConfig:
     output: str = doc("shards/default", "run directory for shards, manifest and errors")
     chunk_size: int = doc(5000, "images per shard; fixed per run (part of the run identity)")
     batch_size: int = doc(32, "images per vision-tower batch")
-    decode_workers: int = doc(2, "decode threads (local runner) or CPU tasks in flight per actor")
+    decode_workers: int = doc(2, "decode threads of the local runner (the Ray runner's decoding "
+                                 "is ray.max_tasks_in_flight tasks per actor)")
     device: str = doc("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
     row_group_size: int = doc(256, "rows per Parquet row group (bounds writer memory)")
     overwrite: bool = doc(False, "replace a run made with another config in the same output")

@@ -130,10 +130,10 @@ def latest(output: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def remove_stale(output: str | Path, keep: Path | None = None) -> list[Path]:
-    """Temporary folders left by saves that were killed (``keep``: the one in flight)."""
+def remove_stale(output: str | Path) -> list[Path]:
+    """Temporary folders left by saves that were killed (called before a save starts its own)."""
     root = ckpt_root(output)
-    stale = [d for d in root.glob(".tmp-step-*") if d != keep]
+    stale = list(root.glob(".tmp-step-*"))
     for d in stale:
         shutil.rmtree(d, ignore_errors=True)
     return stale
@@ -188,11 +188,8 @@ def save(output: str | Path, step: int, tensors: dict[str, torch.Tensor], state:
                                       fqn_to_index_mapping=file_groups(tensors, d.world))
     with _dcp_quiet():
         dcp.save(tensors, storage_writer=writer, no_dist=not d.enabled)
-    D.barrier(d)
+    D.barrier(d)  # DCP's writer fsyncs each file it writes (sync_files)
     names = sorted(f"{SHARDS}/{f.name}" for f in (tmp / SHARDS).iterdir())
-    for i, n in enumerate(names):
-        if i % d.world == d.rank:
-            _fsync(tmp / n)
     sums = _hash_share(tmp, names, d)
     if d.is_main():
         save_file(small, str(tmp / "state.safetensors"))

@@ -1,4 +1,5 @@
-"""``python -m world {evidence,demo,scenes}``: the ground-truth world's command line."""
+"""``python -m world {evidence,report,baseline,demo,scenes}``: the ground-truth world's command
+line."""
 
 from __future__ import annotations
 
