@@ -124,6 +124,29 @@ def _wait_for(cond, proc, what: str, timeout: float = 300) -> None:
     raise AssertionError(f"never saw {what} (exit {proc.poll()})")
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first, then the parent), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _kill_job(pid: int) -> None:
+    """SIGKILL torchrun and its workers at once, as a scheduler ending the job does. torchrun
+    starts each worker in a session of its own, so killing its process group misses them (they
+    trained on, orphaned, and finished the run)."""
+    workers = [int(p.name) for p in Path("/proc").iterdir()
+               if p.name.isdigit() and (_stat(p.name) or ["", ""])[1] == str(pid)]
+    assert workers, "torchrun has no worker processes"
+    for w in [*workers, pid]:
+        os.kill(w, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(
+            (st := _stat(w)) is not None and st[0] not in "ZX" for w in workers):
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("how", ["sigterm", "kill-9"])
 def test_a_stopped_or_killed_torchrun_job_resumes_to_identical_losses(runs, how):
     """SIGTERM to torchrun: every rank ends the same step, one checkpoint is saved, the job
@@ -146,7 +169,7 @@ def test_a_stopped_or_killed_torchrun_job_resumes_to_identical_losses(runs, how)
         assert f"after step {step}" in err and not (out / "final").exists()
     else:
         _wait_for(lambda: checkpoint.latest(out) is not None, proc, "a complete checkpoint")
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc.pid)
         proc.communicate(timeout=60)
         # and what a kill in the middle of a save leaves: a temporary folder holding one
         # rank's part, no marker (whichever save the kill above interrupted, if any)
