@@ -11,7 +11,7 @@ NPROC  ?= 1
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo evidence test lint labels submit ray-up ray-down train-pretrain train-finetune paper bench clean
+.PHONY: help setup demo evidence test test-fast lint labels submit ray-up ray-down train-pretrain train-finetune paper bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ endif
 
 test: $(STAMP) lint ## lint, then the whole test suite
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the inner loop (about 3 min on 2 cores): no torchrun, no Ray, no world training
+	$(PY) -m pytest -q -m "not slow and not ray"
 
 lint: $(STAMP) ## ruff (configured in pyproject.toml)
 	$(VENV)/bin/ruff check .

@@ -391,6 +391,7 @@ def test_paired_intervals_against_a_hand_computation():
     assert curve_area(curve) == pytest.approx(0.125 + 0.25)
 
 
+@pytest.mark.slow  # the quick evidence it reads trains the world's models (a minute)
 def test_demo_summary_says_what_it_found(quick_evidence, capsys, tmp_path):
     """The demo's printout, on a real (quick) evidence run's results: one sentence per section,
     the chance warning explained exactly when the lambda = 1 arm's L_a sat at chance."""
