@@ -311,9 +311,9 @@ def test_gathered_negatives_hold_each_word_once(tmp_path):
 
 
 def test_step_label_features_equal_eq8_table():
-    """The loss's padded, weighted embedding bag (one gather per step) gives the Eq. 8 mean of
-    each word's token embeddings, as the straightforward per-word table does."""
-    from trainer.model import label_features_table
+    """Eq. 8 has one implementation (``eq8``: a padded, weighted embedding bag): the loss's
+    step features and the word table used by evaluation both equal the mean of each word's
+    token embeddings computed word by word."""
     from trainer.sea_loss import AlignmentLoss, WordTokens
 
     g = torch.Generator().manual_seed(0)
@@ -325,7 +325,7 @@ def test_step_label_features_equal_eq8_table():
     words = torch.randint(0, 500, (77,), generator=g)
     ref = torch.stack([emb[flat[o:o + n]].mean(0) for o, n in zip(offs[words].tolist(), lens[words].tolist())])
     assert torch.allclose(mod._features(emb, words), ref, atol=1e-6)
-    assert torch.allclose(label_features_table(emb, flat, offs, words), ref, atol=1e-6)
+    assert torch.allclose(WordTokens(flat, offs).features(emb, words), ref, atol=1e-6)
 
 
 def _literal_step(labels, grid, k, gens, objective):

@@ -206,18 +206,3 @@ class MLLM(nn.Module):
         # frozen parts stay in eval mode (no dropout drift between identical steps)
         self.vision.train(vision)
         self.llm.train(llm)
-
-
-def label_features_table(embed_weight: torch.Tensor, flat_ids: torch.Tensor,
-                         offsets: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 8: mean of the input-embedding rows of each word's tokens (rows for ``words``)."""
-    if words is None:
-        return F.embedding_bag(flat_ids, embed_weight, offsets, mode="mean")
-    lengths = torch.diff(offsets, append=offsets.new_tensor([flat_ids.numel()]))
-    starts = offsets[words]
-    lens = lengths[words]
-    idx = torch.repeat_interleave(starts, lens) + (
-        torch.arange(int(lens.sum()), device=flat_ids.device)
-        - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
-    new_offsets = torch.cumsum(lens, 0) - lens
-    return F.embedding_bag(flat_ids[idx], embed_weight, new_offsets, mode="mean")

@@ -43,19 +43,44 @@ from torch.autograd.function import once_differentiable
 
 from pipeline.shards import SENTINEL
 from seacore.files import atomic_path
-from trainer.model import label_features_table
+
+
+def padded_tokens(flat: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each word's token ids padded to the longest word, and weights 1/len (0 on padding):
+    Eq. 8 for any set of words is then one gather and one weighted embedding bag."""
+    lengths = torch.diff(offsets, append=offsets.new_tensor([flat.numel()]))
+    pos = torch.arange(int(lengths.max()) if lengths.numel() else 1, device=flat.device)
+    mask = pos[None, :] < lengths[:, None]
+    pad = flat[(offsets[:, None] + pos[None, :]).clamp(max=max(0, flat.numel() - 1))]
+    return torch.where(mask, pad, 0), mask.float() / lengths[:, None].clamp(min=1)
+
+
+def eq8(embed_weight: torch.Tensor, pad_ids: torch.Tensor, pad_w: torch.Tensor,
+        words: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 8, the one implementation: each word's label feature is the mean of its tokens'
+    input embeddings (rows for ``words``, or every word)."""
+    ids, w = (pad_ids, pad_w) if words is None else (pad_ids[words], pad_w[words])
+    return F.embedding_bag(ids, embed_weight, mode="sum",
+                           per_sample_weights=w if w.dtype == embed_weight.dtype else w.to(embed_weight.dtype))
 
 
 @dataclass
 class WordTokens:
     flat_ids: torch.Tensor  # (total,) int64
     offsets: torch.Tensor  # (W,) int64 start of each word
+    pad_ids: torch.Tensor | None = None  # (W, longest) from ``padded_tokens``
+    pad_w: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.pad_ids is None:
+            self.pad_ids, self.pad_w = padded_tokens(self.flat_ids, self.offsets)
 
     def to(self, device) -> WordTokens:
-        return WordTokens(self.flat_ids.to(device), self.offsets.to(device))
+        return WordTokens(self.flat_ids.to(device), self.offsets.to(device),
+                          self.pad_ids.to(device), self.pad_w.to(device))
 
     def features(self, embed_weight: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
-        return label_features_table(embed_weight, self.flat_ids, self.offsets, words)
+        return eq8(embed_weight, self.pad_ids, self.pad_w, words)
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -477,15 +502,8 @@ class AlignmentLoss(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(float(log_tau_init)), requires_grad=learn_tau)
         self.register_buffer("flat_ids", word_tokens.flat_ids, persistent=False)
         self.register_buffer("offsets", word_tokens.offsets, persistent=False)
-        # each word's tokens padded to the longest word, with weights 1/len (0 on padding): a
-        # step's Eq. 8 features are then one gather and one weighted embedding bag
-        flat, offsets = word_tokens.flat_ids, word_tokens.offsets
-        lengths = torch.diff(offsets, append=offsets.new_tensor([flat.numel()]))
-        pos = torch.arange(int(lengths.max()) if lengths.numel() else 1)
-        mask = pos[None, :] < lengths[:, None]
-        pad = flat[(offsets[:, None] + pos[None, :]).clamp(max=max(0, flat.numel() - 1))]
-        self.register_buffer("pad_ids", torch.where(mask, pad, 0), persistent=False)
-        self.register_buffer("pad_w", mask.float() / lengths[:, None].clamp(min=1), persistent=False)
+        self.register_buffer("pad_ids", word_tokens.pad_ids, persistent=False)
+        self.register_buffer("pad_w", word_tokens.pad_w, persistent=False)
         self.grid = tuple(grid)
         self.window = window
         self.min_tau = min_tau
@@ -505,13 +523,9 @@ class AlignmentLoss(nn.Module):
         return Draws(self.grid, self.window, self.objective, seed, self.top_k)
 
     def _features(self, embed_weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        """Eq. 8 for ``words``: the mean of each word's token embeddings (as
-        ``label_features_table``). Targets: no gradient into the embedding table."""
+        """Eq. 8 for ``words`` (``eq8``). Targets: no gradient into the embedding table."""
         with torch.no_grad():
-            w = embed_weight.detach()
-            pw = self.pad_w[words]
-            return F.embedding_bag(self.pad_ids[words], w, mode="sum",
-                                   per_sample_weights=pw if pw.dtype == w.dtype else pw.to(w.dtype))
+            return eq8(embed_weight.detach(), self.pad_ids, self.pad_w, words)
 
     def _unit_features(self, embed_weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """``_features`` in at least fp32, L2-normalised (as F.normalize, in fewer operators)."""
