@@ -19,12 +19,34 @@ import torch.nn.functional as F
 from pipeline.shards import SENTINEL
 
 
+def word_table(mllm, word_tokens) -> torch.Tensor:
+    """Every word's Eq. 8 feature in the LLM's input-embedding space, L2-normalised, fp32."""
+    embed = mllm.llm.get_input_embeddings().weight.detach()
+    return F.normalize(word_tokens.to(embed.device).features(embed).float(), dim=-1)
+
+
+def nearest_words(mllm, table: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the normalised visual tokens (B, P, H), each token's nearest word by cosine (B, P))."""
+    tok = F.normalize(mllm.visual_tokens(pixels.to(table.device)).float(), dim=-1)
+    return tok, (tok @ table.T).argmax(dim=-1)
+
+
+def label_hits(nearest: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int]:
+    """The alignment metric's counts over patches that kept a label: (nearest word == the
+    patch's top-1 label, nearest word among its kept labels, such patches)."""
+    labels = torch.as_tensor(labels).long().to(nearest.device)
+    kept = labels != SENTINEL
+    has = kept.any(dim=-1)
+    top1 = int(((nearest == labels[..., 0]) & has).sum())
+    within = int(((labels == nearest[..., None]) & kept).any(dim=-1)[has].sum())
+    return top1, within, int(has.sum())
+
+
 @torch.no_grad()  # not inference_mode: FSDP2 cannot gather parameters into inference tensors
 def evaluate_alignment(mllm, word_tokens, rows, preprocess_batch, batch_size: int = 16,
                        device="cpu") -> dict:
     """``rows``: iterable of dicts with 'pixel' (3,H,W), 'label_ids' (P, n)."""
-    embed = mllm.llm.get_input_embeddings().weight.detach()
-    table = F.normalize(word_tokens.to(embed.device).features(embed).float(), dim=-1)
+    table = word_table(mllm, word_tokens)
     n_eval = top1 = within = 0
     cos_sum = 0.0
     images = 0
@@ -34,16 +56,13 @@ def evaluate_alignment(mllm, word_tokens, rows, preprocess_batch, batch_size: in
         nonlocal n_eval, top1, within, cos_sum, images
         pixels = torch.stack([b["pixel"] for b in buf]).to(device)
         labels = torch.stack([torch.as_tensor(b["label_ids"]).long() for b in buf]).to(device)
-        tok = F.normalize(mllm.visual_tokens(pixels).float(), dim=-1)  # (B, P, H)
-        nearest = (tok @ table.T).argmax(dim=-1)  # (B, P)
-        kept = labels != SENTINEL
-        has = kept.any(dim=-1)
+        tok, nearest = nearest_words(mllm, table, pixels)
+        t, w, n = label_hits(nearest, labels)
+        top1, within, n_eval = top1 + t, within + w, n_eval + n
+        has = (labels != SENTINEL).any(dim=-1)
         first = labels[..., 0]
-        top1 += int(((nearest == first) & has).sum())
-        within += int(((labels == nearest[..., None]) & kept).any(dim=-1)[has].sum())
         safe_first = torch.where(has, first, torch.zeros_like(first))
         cos_sum += float((tok * table[safe_first]).sum(-1)[has].sum())
-        n_eval += int(has.sum())
         images += len(buf)
         buf.clear()
 

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import shards
 from trainer.runlog import read_metrics
@@ -57,15 +56,6 @@ document.querySelectorAll('.cell').forEach(c => {
 """
 
 
-@torch.inference_mode()
-def nearest_words(mllm, word_tokens, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, P) index of each visual token's nearest word (cosine, Eq. 8 features)."""
-    embed = mllm.llm.get_input_embeddings().weight.detach()
-    table = F.normalize(word_tokens.to(embed.device).features(embed).float(), dim=-1)
-    tok = F.normalize(mllm.visual_tokens(pixels.to(embed.device)).float(), dim=-1)
-    return (tok @ table.T).argmax(-1).cpu()
-
-
 def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str | Path,
                    images: int = 16, image_root: str | Path | None = None,
                    names: list[str] | None = None, px: int = 224,
@@ -75,6 +65,7 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
     from pipeline.data import MAX_PIXELS, load_rgb, resolve_inside
     from pipeline.gallery import data_uri, encoder_view
     from pipeline.labelset import LabelSet
+    from trainer.align_eval import label_hits, nearest_words, word_table
     from trainer.final import load_final
     from trainer.sea_loss import load_word_tokens
 
@@ -98,15 +89,11 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
                              f"words; add \"label_tokenization\": \"space\" (or \"bare\": the run's "
                              f"sea.label_tokenization, in its config) to it")
         wt = load_word_tokens(tok, ls.wordlist, meta["label_tokenization"])
-        near = nearest_words(mllm, wt, torch.stack([preprocess(p) for p in pics]))
+        with torch.inference_mode():
+            near = nearest_words(mllm, word_table(mllm, wt),
+                                 torch.stack([preprocess(p) for p in pics]))[1].cpu()
         nearest.append(near)
-        top1 = within = n = 0
-        for (_, ids, _), nr in zip(rows, near, strict=True):
-            kept = ids != shards.SENTINEL
-            has = kept.any(-1)
-            top1 += int(((nr.numpy() == ids[:, 0]) & has).sum())
-            within += int(((ids == nr.numpy()[:, None]) & kept).any(-1)[has].sum())
-            n += int(has.sum())
+        top1, within, n = label_hits(near, torch.stack([torch.as_tensor(ids) for _, ids, _ in rows]))
         summary[name] = {"patches": n, "top1_match": top1 / max(1, n), "in_labels": within / max(1, n)}
     data = {"runs": names, "images": []}
     trs = []

@@ -130,10 +130,11 @@ def alignment_truth(mllm, word_tokens, words: tuple[str, ...], world_dir: str | 
     in the groups where that word is true; with few patches per group it is noisy), its
     chance level, and ``hub_share``, the share of tokens nearest the most frequent nearest
     word (with ``nearest_words``, how many distinct words are someone's nearest)."""
+    from trainer.align_eval import word_table
+
     root = Path(world_dir)
     truth = read_truth(root / "ground_truth.jsonl")
-    embed = mllm.llm.get_input_embeddings().weight.detach().float()
-    table = F.normalize(word_tokens.features(embed), dim=-1)
+    table = word_table(mllm, word_tokens)
     vocab_ids = torch.tensor([words.index(w) for w in vocab])
     keys = sorted(truth)
     hits = {"full": 0, "world": 0}
