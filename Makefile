@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# STAMP: the project and what its commands use (demo, labels, training: tensorboard logging);
+# DEV: that and the test tools (pytest, ruff, playwright, polars, wandb), for test and lint only
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev,tensorboard
+DEV    := $(VENV)/.installed-dev
+EXTRAS ?= tensorboard
 CONFIG ?= configs/extract.yaml
 TRAIN_CONFIG ?= configs/pretrain.yaml
 FT_CONFIG ?= configs/finetune.yaml
@@ -16,13 +19,17 @@ ARGS   ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## create .venv, install the project and fetch the hash-checked 2of12 list
+setup: $(STAMP) ## create .venv, install the project and check the shipped 2of12 list
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	$(PY) -m wordlist check
+	touch $@
+
+$(DEV): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,$(EXTRAS)]'
 	touch $@
 
 demo: $(STAMP) ## the ground-truth world, short: labels scored against truth, stage 1 lambda 0 and 1 (demo_out/)
@@ -35,13 +42,13 @@ else
 	$(PY) -m world evidence --out evidence --md EVIDENCE.md
 endif
 
-test: $(STAMP) lint ## lint, then the whole test suite
+test: $(DEV) lint ## lint, then the whole test suite
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP) ## the inner loop (about 3 min on 2 cores): no torchrun, no Ray, no world training
+test-fast: $(DEV) ## the inner loop (about 3 min on 2 cores): no torchrun, no Ray, no world training
 	$(PY) -m pytest -q -m "not slow and not ray"
 
-lint: $(STAMP) ## ruff (configured in pyproject.toml)
+lint: $(DEV) ## ruff (configured in pyproject.toml)
 	$(VENV)/bin/ruff check .
 
 labels: $(STAMP) ## label extraction: CONFIG=configs/extract.yaml ARGS='key=value ...'

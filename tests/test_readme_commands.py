@@ -84,3 +84,18 @@ def test_each_readme_subcommand_is_run_by_a_test():
         if not runs:
             missing.append(f"{module} {sub}")
     assert missing == [], f"README commands no test runs: {missing}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_installs_what_the_demo_needs_only():
+    """Issue 36: `make demo` installs the project (and tensorboard, the default logger), not
+    the test tools; `make test` adds them."""
+    def installs(target: str) -> list[str]:
+        r = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [x for x in r.stdout.splitlines() if "pip install" in x and " -e " in x]
+
+    demo, test = installs("demo"), installs("test")
+    assert demo and not any("dev" in x for x in demo), demo
+    assert any("dev" in x for x in test), test
