@@ -99,3 +99,34 @@ def test_make_demo_installs_what_the_demo_needs_only():
     demo, test = installs("demo"), installs("test")
     assert demo and not any("dev" in x for x in demo), demo
     assert any("dev" in x for x in test), test
+
+
+def _config_class(line: str):
+    from pipeline.config import ExtractConfig
+    from trainer.config import FinetuneConfig, PretrainConfig
+
+    for key, cls in (("pipeline extract", ExtractConfig), ("labels", ExtractConfig),
+                     ("trainer pretrain", PretrainConfig), ("train-pretrain", PretrainConfig),
+                     ("trainer finetune", FinetuneConfig), ("train-finetune", FinetuneConfig)):
+        if key in line:
+            return cls
+    return None
+
+
+@pytest.mark.parametrize("line", [c for c in readme_commands() if _config_class(c) is not None])
+def test_every_readme_key_is_a_real_config_key(line):
+    """Issue 36: each ``key=value`` of a README line (in ARGS='...' too) loads into the real
+    config of its command, so a misspelt key fails here (the parsers take any key=value)."""
+    from seacore.config import load_config
+
+    words = shlex.split(line)
+    pairs = []
+    for w in words:
+        if w.startswith("ARGS="):
+            pairs += shlex.split(w[len("ARGS="):])
+        elif "=" in w and not w.startswith("-") and w.split("=", 1)[0].islower():
+            pairs.append(w)
+    pairs = [p for p in pairs if "." in p.split("=", 1)[0] or p.split("=", 1)[0] in (
+        "resume", "init_from", "device")]
+    assert pairs or "--help" in line, line
+    load_config(_config_class(line), None, pairs)  # raises ConfigError naming an unknown key
