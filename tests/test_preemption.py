@@ -43,6 +43,7 @@ def uninterrupted(tiny_clip, tiny_llm, sample, label_run, tmp_path_factory):
         tiny_clip, tiny_llm, sample, label_run, out)))["losses"]
 
 
+@pytest.mark.slow  # two real CLI runs per signal (~13 s each): out of the fast lane
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_saves_the_step_and_resume_continues_exactly(sig, tiny_clip, tiny_llm, sample,
                                                               label_run, uninterrupted, tmp_path):
