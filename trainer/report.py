@@ -93,7 +93,8 @@ def alignment_page(runs: list[str | Path], shard_dir: str | Path, out_dir: str |
             near = nearest_words(mllm, word_table(mllm, wt),
                                  torch.stack([preprocess(p) for p in pics]))[1].cpu()
         nearest.append(near)
-        top1, within, n = label_hits(near, torch.stack([torch.as_tensor(ids) for _, ids, _ in rows]))
+        # torch.tensor copies: the label arrays are Arrow's read-only buffers
+        top1, within, n = label_hits(near, torch.stack([torch.tensor(ids) for _, ids, _ in rows]))
         summary[name] = {"patches": n, "top1_match": top1 / max(1, n), "in_labels": within / max(1, n)}
     data = {"runs": names, "images": []}
     trs = []
