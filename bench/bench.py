@@ -586,8 +586,10 @@ def _fsdp_lines(res: dict, ci) -> list[str]:
              f"{r['ckpt_bytes'] / gib:.2f} | {r['ckpt_save_s']:.1f} | {sum(r['step_s']) / 2:.1f} |"
              for i, r in enumerate(two)]
     return ["", "## Training at scale (" + fs["config"] + ")", "",
-            "Peak resident memory of each rank's whole process (GiB), its checkpoint part and the "
-            "seconds to save it (sha256 and fsync included), mean step time:", "",
+            "Part of `make bench`; alone: `python bench/bench.py --only-fsdp` (how these figures "
+            "were made, on the machine above). Peak resident memory of each rank's whole process "
+            "(GiB), its checkpoint part and the seconds to save it (sha256 and fsync included), "
+            "mean step time:", "",
             "| run | load peak | step peak | checkpoint GiB | save s | step s |", "|---|---|---|---|---|---|",
             *rows, "",
             f"- 2-rank peak per rank / 1-process peak: load {m['fsdp_load_peak_ratio']:.2f}, step "
