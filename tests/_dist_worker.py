@@ -21,7 +21,7 @@ def main():
     cfg = load_config(cls, None, overrides)
     p = build(cfg, stage)
     # the global batch is the single-process stream's first global_batch samples
-    ds = StreamDataset(p.source, cfg.optim.micro_batch_size, cfg.optim.seed, 0, 1, 0,
+    ds = StreamDataset(p.source, cfg.optim.micro_batch_size, cfg.optim.seed, 0, 1,
                        cfg.data.shuffle_window, p.dataset.holdout, p.dataset.draws)
     it = iter(ds)
     n_micro = cfg.optim.global_batch_size // cfg.optim.micro_batch_size

@@ -28,7 +28,7 @@ def main():
             time.sleep(60)
         D.barrier(p.dist)
         return
-    ds = StreamDataset(p.source, cfg.optim.micro_batch_size, cfg.optim.seed, 0, 1, 0,
+    ds = StreamDataset(p.source, cfg.optim.micro_batch_size, cfg.optim.seed, 0, 1,
                        cfg.data.shuffle_window, p.dataset.holdout, p.dataset.draws)
     good = next(iter(ds))
     empty = collate([])

@@ -42,7 +42,7 @@ def _steps(source, world, workers, global_batch=4, micro=2, seed=0, epoch=0, sta
     accum = global_batch // (micro * world)
     per_rank = []
     for rank in range(world):
-        ds = StreamDataset(source, micro, seed=seed, rank=rank, world=world, num_workers=workers,
+        ds = StreamDataset(source, micro, seed=seed, rank=rank, world=world,
                            holdout=4, global_batch=global_batch)
         ds.set_position(epoch, start)
         per_rank.append(_rows(ds, workers))
@@ -69,16 +69,16 @@ def test_a_steps_samples_depend_on_neither_world_size_nor_loader_workers(source)
 def test_ranks_and_workers_read_disjoint_parts(source):
     seen = []
     for rank in range(2):
-        ds = StreamDataset(source, 2, seed=0, rank=rank, world=2, num_workers=2, holdout=4)
+        ds = StreamDataset(source, 2, seed=0, rank=rank, world=2, holdout=4)
         seen.append(sum(_rows(ds, workers=2), []))
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(4, 24))
 
 
 def test_resume_skips_exactly_what_was_consumed(source):
-    full = _rows(StreamDataset(source, 2, seed=3, num_workers=2, holdout=4), workers=2)
+    full = _rows(StreamDataset(source, 2, seed=3, holdout=4), workers=2)
     for k in (1, 4, len(full) - 1):
-        ds = StreamDataset(source, 2, seed=3, num_workers=2, holdout=4)
+        ds = StreamDataset(source, 2, seed=3, holdout=4)
         ds.set_position(0, k)
         assert full[:k] + _rows(ds, workers=2) == full, k
 
@@ -96,7 +96,7 @@ def test_sea_draws_are_keyed_by_the_data_position(source, objective):
         return [(b["rows"], b["label_ids"], b["label_scores"], b["sea"])
                 for b in DataLoader(ds, batch_size=None, num_workers=workers)]
 
-    full = stream(StreamDataset(source, 2, seed=3, num_workers=2, holdout=4, draws=draws))
+    full = stream(StreamDataset(source, 2, seed=3, holdout=4, draws=draws))
     for j, (_, ids, scores, got) in enumerate(full):
         want = sample_pairs([(ids, scores)], (8, 8), 2, [torch.Generator().manual_seed(
             (3 * 1_000_003 + 0) * 100_003 + j)], objective)[0]
@@ -104,7 +104,7 @@ def test_sea_draws_are_keyed_by_the_data_position(source, objective):
             a, b = getattr(got, f), getattr(want, f)
             assert (a is None and b is None) or torch.equal(a, b), (j, f)
     assert len({tuple(b[3].token.tolist()) for b in full}) == len(full)
-    ds = StreamDataset(source, 2, seed=3, num_workers=2, holdout=4, draws=draws)
+    ds = StreamDataset(source, 2, seed=3, holdout=4, draws=draws)
     ds.set_position(0, 3)
     resumed = stream(ds)
     assert [r for r, *_ in resumed] == [r for r, *_ in full[3:]]

@@ -271,14 +271,13 @@ class StreamDataset(IterableDataset):
     any world size, starts at the global micro-batch where the interrupted one stopped."""
 
     def __init__(self, source: SampleSource, micro_batch: int, seed: int, rank: int = 0,
-                 world: int = 1, num_workers: int = 0, shuffle_window: int = 8,
+                 world: int = 1, shuffle_window: int = 8,
                  holdout: int = 0, draws=None, global_batch: int | None = None):
         self.source = source
         self.micro = micro_batch
         self.seed = seed
         self.rank = rank
         self.world = world
-        self.num_workers = max(num_workers, 0)
         self.window = max(shuffle_window, 1)
         self.holdout = holdout
         self.draws = draws  # SEA's pair sampler (trainer.sea_loss.Draws), None without L_a

@@ -130,7 +130,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
         raise ValueError(f"global batch {o.global_batch_size} is not micro {o.micro_batch_size} "
                          f"x world {d.world} x an integer accumulation")
     holdout = cfg.data.holdout_images if cfg.data.shards else 0
-    dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world, workers,
+    dataset = StreamDataset(source, o.micro_batch_size, o.seed, d.rank, d.world,
                             cfg.data.shuffle_window, holdout,
                             align.draws(o.seed) if align is not None else None,
                             o.global_batch_size)
