@@ -12,9 +12,13 @@ from seacore.config import ConfigError, doc
 
 @dataclasses.dataclass
 class InputConfig:
-    json: str | None = doc(None, "LLaVA-format JSON (list of {id, image, conversations}); "
-                                 "null walks image_root instead")
-    image_root: str = doc("data/images", "folder the JSON's image paths are relative to")
+    json: str | None = doc(None, "LLaVA-format JSON (list of {id, image, conversations}), a "
+                                 "path or URL (s3://, gs://); null walks image_root instead")
+    image_root: str = doc("data/images", "folder (or bucket prefix: s3://bucket/images) the "
+                                         "JSON's image paths are relative to")
+    tars: str | None = doc(None, "webdataset tars instead of json/image_root (img2dataset's "
+                                 "layout): a folder or bucket prefix of .tar files, one .tar, or "
+                                 "a pattern like s3://b/laion/{00000..00999}.tar; one shard per tar")
     limit: int | None = doc(None, "only the first N images (smoke runs)")
     max_pixels: int = doc(MAX_PIXELS, "images larger than this are refused as decompression bombs")
 
@@ -50,7 +54,16 @@ class LabelConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    output: str = doc("shards/default", "run directory for shards, manifest and errors")
+    output: str = doc("shards/default", "run directory for shards, manifest and errors: a path "
+                                        "or a bucket prefix (s3://bucket/labels/run)")
+    verify: str = doc("size", "what a restart checks of the shards already done: size (each "
+                              "present at its recorded size: a listing) | all (each re-read and "
+                              "its sha256 compared: reads the whole label set)")
+    staging_dir: str | None = doc(None, "local folder where shards are written before their "
+                                        "upload when run.output is a bucket (default: the "
+                                        "system temp folder)")
+    lease_ttl_s: float = doc(300.0, "bucket outputs: a driver's lease object not renewed for "
+                                    "this long is taken over by the next driver")
     chunk_size: int = doc(5000, "images per shard; fixed per run (part of the run identity)")
     batch_size: int = doc(32, "images per vision-tower batch")
     decode_workers: int = doc(2, "decode threads of the local runner (the Ray runner's decoding "
@@ -93,6 +106,11 @@ class ExtractConfig:
             raise ConfigError("run.chunk_size and run.batch_size must be >= 1")
         if not 0.0 <= self.run.max_error_rate <= 1.0:
             raise ConfigError(f"run.max_error_rate must be in [0, 1], got {self.run.max_error_rate}")
+        if self.run.verify not in ("size", "all"):
+            raise ConfigError(f"run.verify must be size or all, got '{self.run.verify}'")
+        if self.input.tars and self.input.json:
+            raise ConfigError("input.tars and input.json are two inputs: set one (tars carry "
+                              "their images; the JSON names files under input.image_root)")
         if self.run.runner not in ("local", "ray"):
             raise ConfigError(f"run.runner must be local or ray, got '{self.run.runner}'")
         if self.labels.surgery_weights not in ("token", "cls"):

@@ -11,13 +11,17 @@ them to white), transparency is composited on white, CMYK/palette/LA/grayscale c
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from seacore.storage import Location, resolve
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # the one default image-size limit (PIL's own decompression-bomb threshold): extraction's
@@ -38,6 +42,7 @@ class Record:
     image_id: str
     path: str  # relative to the image root, normalised (``normalize_path``): the join key
     error: str | None = None  # an input error (duplicate or null id): recorded, never read
+    data: bytes | None = None  # the encoded image itself (a webdataset tar member)
 
 
 def normalize_path(path: str) -> str:
@@ -47,12 +52,13 @@ def normalize_path(path: str) -> str:
     return os.path.normpath(str(path))
 
 
-def read_json_list(json_path: str | Path, key: str) -> list:
-    """A LLaVA-format JSON list, or an InputError naming ``key``, the file and what is wrong."""
-    p = Path(json_path)
+def read_json_list(json_path: str | Path | Location, key: str) -> list:
+    """A LLaVA-format JSON list (a path or a URL), or an InputError naming ``key``, the file
+    and what is wrong."""
+    p = resolve(json_path)
     if not p.is_file():
         raise InputError(f"{key}: {p} does not exist (set {key}=/path/to/data.json)")
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text()
     if not text.strip():
         raise InputError(f"{key}: {p} is empty; expected a JSON list of samples")
     try:
@@ -104,23 +110,26 @@ def records_from_json(json_path: str | Path) -> list[Record]:
     return out
 
 
-def records_from_folder(root: str | Path) -> list[Record]:
-    """Every image file under ``root`` (recursive, sorted, so the order is stable)."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() in IMAGE_EXTS:
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                found.append(Record(rel, rel))
-    return found
+def records_from_folder(root: str | Path | Location) -> list[Record]:
+    """Every image file under ``root`` (recursive, sorted, so the order is stable); a bucket
+    prefix is listed like a folder."""
+    return [Record(rel, rel) for rel in resolve(root).walk()
+            if os.path.splitext(rel)[1].lower() in IMAGE_EXTS]
 
 
-def resolve_inside(root: str | Path, rel: str) -> Path:
-    root_real = Path(os.path.realpath(root))
+def resolve_inside(root: str | Path | Location, rel: str) -> Path | Location:
+    """Where image ``rel`` lives under ``root``, or BadImage when the path leaves the root.
+    Local roots resolve symlinks (one pointing out is refused); an object store has none, so
+    its check is on the text (no absolute path, no ``..`` above the root)."""
     if os.path.isabs(rel):
         raise BadImage(f"path is absolute, must be relative to the image root: {rel}")
+    loc = resolve(root) if not isinstance(root, Path) else None
+    if loc is not None and not loc.local:
+        norm = posixpath.normpath(rel)
+        if norm == ".." or norm.startswith("../"):
+            raise BadImage(f"path escapes the image root: {rel}")
+        return loc.child(norm)
+    root_real = Path(os.path.realpath(loc.path if loc is not None else root))
     full = Path(os.path.realpath(root_real / rel))
     if full != root_real and root_real not in full.parents:
         raise BadImage(f"path escapes the image root: {rel}")
@@ -144,16 +153,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if mode != "RGB" else img
 
 
-def load_rgb(path: Path, max_pixels: int) -> Image.Image:
-    """Open, check, orient and convert one image; raise BadImage with the reason."""
+def load_rgb(path: Path | Location, max_pixels: int) -> Image.Image:
+    """Open, check, orient and convert one image (a local file, or an object read whole in
+    one request); raise BadImage with the reason."""
+    if isinstance(path, Location) and not path.local:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BadImage("file not found") from None
+        except OSError as e:
+            raise BadImage(f"cannot read: {e}") from None
+        return decode_bytes(data, max_pixels)
+    path = Path(path.path) if isinstance(path, Location) else path
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except FileNotFoundError:
         raise BadImage("file not found") from None
+    return _decode(path, max_pixels)
+
+
+def decode_bytes(data: bytes, max_pixels: int) -> Image.Image:
+    """``load_rgb`` for an image already in memory (a tar member, an object)."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(source, max_pixels: int) -> Image.Image:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not grey pixels
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImage(f"decompression bomb guard: {w}x{h} = {w * h} pixels > {max_pixels}")

@@ -2,30 +2,35 @@
 
 A run is identified by its shard metadata plus the chunking and a hash of the input list
 (``run.json`` in the output directory). Chunk i always holds input records
-[i*chunk_size, (i+1)*chunk_size), so a rerun with the same identity plans only the chunks
-without a done marker; a rerun with another identity is refused, naming what differs,
-unless ``run.overwrite`` is set.
+[i*chunk_size, (i+1)*chunk_size) (with webdataset tars: tar i), so a rerun with the same
+identity plans only the chunks without a done marker; a rerun with another identity is
+refused, naming what differs, unless ``run.overwrite`` is set.
+
+Inputs and the output are paths or URLs (``seacore.storage``). A restart trusts the done
+markers and checks each done shard's presence and size in one listing; it re-reads them
+(sha256) only with ``run.verify=all``: its cost does not grow with the label set's bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import shards
+from pipeline import shards, webdataset
 from pipeline.config import ExtractConfig
 from pipeline.data import IMAGE_EXTS, InputError, Record, records_from_folder, records_from_json
-from pipeline.lock import OutputLock
+from pipeline.lock import output_lock
 from pipeline.stages import Decoder, Labeler, label_batches, write_chunk
 from seacore.config import config_hash
-from seacore.files import atomic_path
+from seacore.storage import Location, is_url, resolve
 
 RUN_FILE = "run.json"
 ERRORS_FILE = "errors.jsonl"
@@ -36,10 +41,17 @@ class RunMismatch(ValueError):
     pass
 
 
-def load_records(cfg: ExtractConfig) -> list[Record]:
-    """The input list, or an InputError naming the key, the file and the fix: called before
-    anything starts (Ray included), so a wrong path costs nothing."""
-    root = Path(cfg.input.image_root)
+Tar = tuple[Location, int]  # a webdataset tar and its size
+
+
+def load_records(cfg: ExtractConfig) -> list[Record] | list[Tar]:
+    """The input list (records, or with ``input.tars`` the tars), or an InputError naming the
+    key, the file and the fix: called before anything starts (Ray included), so a wrong path
+    costs nothing."""
+    if cfg.input.tars:
+        tars = webdataset.list_tars(cfg.input.tars)
+        return tars[: cfg.input.limit] if cfg.input.limit is not None else tars
+    root = resolve(cfg.input.image_root)
     if not root.is_dir():
         raise InputError(f"input.image_root: {root} is not a folder (set "
                          f"input.image_root=/path/to/images, the folder image paths are relative to)")
@@ -53,42 +65,61 @@ def load_records(cfg: ExtractConfig) -> list[Record]:
     return recs[: cfg.input.limit] if cfg.input.limit is not None else recs
 
 
-def input_hash(records: list[Record]) -> str:
+def input_hash(records: list[Record] | list[Tar]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(r.image_id.encode() + b"\0" + r.path.encode()
-                 + (b"\0" + r.error.encode() if r.error else b"") + b"\n")
+        if isinstance(r, Record):
+            h.update(r.image_id.encode() + b"\0" + r.path.encode()
+                     + (b"\0" + r.error.encode() if r.error else b"") + b"\n")
+        else:
+            h.update(f"{r[0].name}\0{r[1]}\n".encode())
     return h.hexdigest()
 
 
 @dataclass
 class Plan:
-    out_dir: Path
-    records: list[Record]
+    out_dir: Location
+    records: list[Record] | list[Tar]
     chunks: list[tuple[int, int]]  # (start, end) per chunk index
     todo: list[int]
     identity: dict
     config_hash: str
 
-    def chunk_records(self, index: int) -> list[Record]:
+    @property
+    def tars(self) -> bool:
+        return bool(self.records) and not isinstance(self.records[0], Record)
+
+    def chunk_records(self, index: int) -> list[Record] | Location:
+        """A chunk's records, or (tars) the tar: its records are known once it is read."""
         s, e = self.chunks[index]
-        return self.records[s:e]
+        return self.records[s][0] if self.tars else self.records[s:e]
+
+    def chunk_images(self, index: int) -> int | None:
+        """Images in a chunk when known before reading it (None for a tar)."""
+        return None if self.tars else len(self.chunk_records(index))
 
 
-def run_identity(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> dict:
+def _where(text: str) -> str:
+    """An input location as the run's identity records it (paths normalised as before)."""
+    return text.rstrip("/") if is_url(text) else str(Path(text))
+
+
+def run_identity(cfg: ExtractConfig, metadata: dict, records: list[Record] | list[Tar]) -> dict:
     ident = {k: v for k, v in metadata.items() if k != "package_version"}
     ident.update({"chunk_size": cfg.run.chunk_size, "input_sha256": input_hash(records),
-                  "input_count": len(records), "image_root": str(Path(cfg.input.image_root))})
+                  "input_count": len(records), "image_root": _where(cfg.input.image_root)})
+    if cfg.input.tars:  # one chunk per tar: the chunk size plays no part
+        ident.update({"chunk_size": 1, "image_root": _where(cfg.input.tars), "tars": True})
     return ident
 
 
-def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> Plan:
-    out = Path(cfg.run.output)
+def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record] | list[Tar]) -> Plan:
+    out = resolve(cfg.run.output)
     ident = run_identity(cfg, metadata, records)
     chash = config_hash(ident)
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        old = json.loads(run_file.read_text())
+    run_file = out.child(RUN_FILE)
+    old = _read_json(run_file)
+    if old is not None:
         diffs = [k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)]
         if diffs and not cfg.run.overwrite:
             k = diffs[0]
@@ -98,31 +129,41 @@ def plan_run(cfg: ExtractConfig, metadata: dict, records: list[Record]) -> Plan:
                 f"another run.output, or run.overwrite=true to replace it")
         if diffs:
             clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tmp*"):  # leftovers of a killed writer
-        stale.unlink()
+    out.mkdir()
+    if out.local:
+        for stale in Path(out.path).glob(".shard-*.tmp*"):  # leftovers of a killed writer
+            stale.unlink()
     shards.write_json_atomic(run_file, ident)
     if cfg.labels.wordlist:  # small (the world's is 28 words); 2of12 is found by its hash
-        with atomic_path(out / WORDLIST_FILE) as tmp:
-            shutil.copyfile(cfg.labels.wordlist, tmp)
-    cs = cfg.run.chunk_size
+        out.child(WORDLIST_FILE).upload(cfg.labels.wordlist)
+    cs = 1 if cfg.input.tars else cfg.run.chunk_size
     chunks = [(s, min(s + cs, len(records))) for s in range(0, len(records), cs)]
-    done = shards.list_done(out, verify=True)  # reads every finished shard once
+    # presence and size from one listing; the bytes re-read only with run.verify=all
+    done = shards.list_done(out, verify=cfg.run.verify)
     todo = [i for i in range(len(chunks)) if i not in done]
+    present = set(out.names("shard-*"))
     for i in todo:  # a damaged shard or unreadable marker: redone from scratch
-        for stale in (out / shards.shard_name(i), out / shards.done_name(i)):
-            if stale.exists():
-                print(f"warning: {stale} is damaged or incomplete; chunk {i} is labelled again",
-                      file=sys.stderr)
-                stale.unlink()
+        for name in (shards.shard_name(i), shards.done_name(i)):
+            if name in present:
+                print(f"warning: {out.child(name)} is damaged or incomplete; chunk {i} is "
+                      f"labelled again", file=sys.stderr)
+                out.child(name).delete()
     return Plan(out, records, chunks, todo, ident, chash)
 
 
-def clear_run(out: Path) -> None:
+def _read_json(loc: Location) -> dict | None:
+    try:
+        return json.loads(loc.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def clear_run(out: Location | Path | str) -> None:
+    out = resolve(out)
     for pattern in ("shard-*.parquet", "shard-*.done", ".shard-*", shards.MANIFEST, ERRORS_FILE,
                     RUN_FILE, WORDLIST_FILE):
-        for p in out.glob(pattern):
-            p.unlink() if p.is_file() else shutil.rmtree(p)
+        for name in out.names(pattern):
+            out.child(name).delete()
 
 
 def finish_run(plan: Plan, metadata: dict) -> dict:
@@ -130,12 +171,13 @@ def finish_run(plan: Plan, metadata: dict) -> dict:
     manifest = shards.write_manifest(plan.out_dir, plan.config_hash, metadata, len(plan.chunks))
     done = shards.list_done(plan.out_dir)
     reasons: dict[str, int] = {}
-    with atomic_path(plan.out_dir / ERRORS_FILE) as tmp, open(tmp, "w") as f:
-        for i in sorted(done):
-            for err in done[i].get("error_list", []):
-                f.write(json.dumps({"chunk": i, **err}) + "\n")
-                kind = reason_kind(err["reason"])
-                reasons[kind] = reasons.get(kind, 0) + 1
+    lines = []
+    for i in sorted(done):
+        for err in done[i].get("error_list", []):
+            lines.append(json.dumps({"chunk": i, **err}) + "\n")
+            kind = reason_kind(err["reason"])
+            reasons[kind] = reasons.get(kind, 0) + 1
+    plan.out_dir.child(ERRORS_FILE).write_text("".join(lines))
     manifest["errors_by_reason"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     return manifest
 
@@ -162,17 +204,18 @@ def run_problem(summary: dict, max_error_rate: float) -> str | None:
     return None
 
 
-def prefetch_batches(decoder: Decoder, records: list[Record], batch_size: int, workers: int):
-    """Decode in threads, in input order, at most two batches ahead (bounded memory)."""
+def prefetch_batches(decoder: Decoder, records: Iterable[Record], batch_size: int, workers: int):
+    """Decode in threads, in input order, at most two batches ahead (bounded memory); the
+    records may be a lazy stream (a tar being read)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         window: deque = deque()
-        it = iter(range(0, len(records), batch_size))
+        it = iter(records)
 
         def submit_next() -> bool:
-            s = next(it, None)
-            if s is None:
+            batch = list(itertools.islice(it, batch_size))
+            if not batch:
                 return False
-            window.append([pool.submit(decoder, r) for r in records[s:s + batch_size]])
+            window.append([pool.submit(decoder, r) for r in batch])
             return True
 
         for _ in range(2):
@@ -194,6 +237,19 @@ def timeline(startup: float, done: list[tuple[int, float]]) -> dict:
         out["steady_images_per_second"] = round(
             sum(n for n, _ in done[1:]) / (done[-1][1] - done[0][1]), 3)
     return out
+
+
+def images_done(plan: Plan, manifest: dict) -> int:
+    """Images this run went through (labelled or failed): the chunks it had to do."""
+    todo = {shards.shard_name(i) for i in plan.todo}
+    return sum(s["rows"] + s["errors"] for s in manifest["shards"] if s["name"] in todo)
+
+
+def chunk_source(plan: Plan, index: int, errors: list[dict]) -> Iterable[Record]:
+    """The records of chunk ``index``; a tar's are read as they are decoded, its failures
+    (bad members, a damaged tar) appended to ``errors``."""
+    src = plan.chunk_records(index)
+    return webdataset.iter_records(src, errors) if isinstance(src, Location) else src
 
 
 def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
@@ -238,7 +294,7 @@ def summarize(plan: Plan, manifest: dict, seconds: float, images_this_run: int,
 def run_local(cfg: ExtractConfig, labeler: Labeler | None = None) -> dict:
     """Label every missing chunk in this process; returns the run summary."""
     records = load_records(cfg)
-    with OutputLock(cfg.run.output):  # one writer per folder, taken before any work
+    with output_lock(cfg.run.output, ttl=cfg.run.lease_ttl_s):  # one writer, before any work
         return _run_local(cfg, labeler, records)
 
 
@@ -247,15 +303,16 @@ def _run_local(cfg: ExtractConfig, labeler: Labeler | None, records: list[Record
     labeler = labeler or Labeler(cfg, progress=cfg.run.progress)  # fails fast without weights
     metadata = labeler.metadata()
     plan = plan_run(cfg, metadata, records)
-    decoder = Decoder(cfg.input.image_root, labeler.preprocess, cfg.input.max_pixels)
+    decoder = Decoder(None if cfg.input.tars else cfg.input.image_root, labeler.preprocess,
+                      cfg.input.max_pixels)
     from tqdm.auto import tqdm
 
-    todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)
-    bar = tqdm(total=todo_images, desc="labelling", unit="img", disable=not cfg.run.progress)
+    sizes = [plan.chunk_images(i) for i in plan.todo]
+    total = None if None in sizes else sum(sizes)
+    bar = tqdm(total=total, desc="labelling", unit="img", disable=not cfg.run.progress)
     t0 = time.perf_counter()
     done: list[tuple[int, float]] = []
     for index in plan.todo:
-        recs = plan.chunk_records(index)
         errors: list[dict] = []
 
         def counted(batches):
@@ -263,13 +320,15 @@ def _run_local(cfg: ExtractConfig, labeler: Labeler | None, records: list[Record
                 yield b
                 bar.update(len(b))
 
-        decoded = counted(prefetch_batches(decoder, recs, cfg.run.batch_size,
-                                           cfg.run.decode_workers))
-        write_chunk(plan.out_dir, index, metadata, label_batches(decoded, labeler, errors),
-                    errors=errors, row_group_size=cfg.run.row_group_size, timings=labeler.timings)
-        done.append((len(recs), time.perf_counter() - entry))
+        decoded = counted(prefetch_batches(decoder, chunk_source(plan, index, errors),
+                                           cfg.run.batch_size, cfg.run.decode_workers))
+        marker = write_chunk(plan.out_dir, index, metadata,
+                             label_batches(decoded, labeler, errors), errors=errors,
+                             row_group_size=cfg.run.row_group_size, timings=labeler.timings,
+                             staging_dir=cfg.run.staging_dir)
+        done.append((marker["rows"] + marker["errors"], time.perf_counter() - entry))
     bar.close()
     seconds = time.perf_counter() - t0
     manifest = finish_run(plan, metadata)
-    return summarize(plan, manifest, seconds, todo_images, [labeler.report()],
+    return summarize(plan, manifest, seconds, images_done(plan, manifest), [labeler.report()],
                      timeline(t0 - entry, done))

@@ -4,9 +4,12 @@
   actor ahead of the model: backpressure, so memory stays bounded on any input size.
 - ``encode`` + ``search`` + ``write`` run in ``LabelActor``s, one per GPU (or one on a CPU
   machine). Each loads the encoder, the word matrix and the index once, then labels whole
-  chunks and writes each chunk's shard itself (temp name, rename, done marker), so no label
-  data passes through the driver. The output folder must be one every node can write
-  (a shared filesystem on a multi-node cluster).
+  chunks and writes each chunk's shard itself (temp name, rename, done marker; to a bucket:
+  staged locally, uploaded, verified, marker last), so no label data passes through the
+  driver. The output is a bucket prefix or a folder every node can write.
+- Webdataset tars (``input.tars``) are read and decoded inside the actor that labels them
+  (``run.decode_workers`` threads): a tar is one sequential read from wherever it lives, and
+  spreading its members over decode tasks would ship every image through the object store.
 - The driver only plans chunks, hands them out (at most two per actor), shows progress,
   and writes the manifest. A failed task or a dead actor is retried by Ray; a dead driver is
   simply rerun, which plans only the chunks without a done marker.
@@ -20,9 +23,18 @@ import time
 from collections import deque
 
 from pipeline.config import ExtractConfig
-from pipeline.extract import finish_run, load_records, plan_run, summarize, timeline
-from pipeline.lock import OutputLock
+from pipeline.extract import (
+    finish_run,
+    images_done,
+    load_records,
+    plan_run,
+    prefetch_batches,
+    summarize,
+    timeline,
+)
+from pipeline.lock import output_lock
 from seacore.config import from_dict, to_dict
+from seacore.storage import Location
 
 
 def _ray():
@@ -142,8 +154,9 @@ class LabelActor:
                    else (os.cpu_count() or 1))
         torch.set_num_threads(self.cfg.ray.torch_threads or default)
         self.labeler = Labeler(self.cfg, progress=False)
-        self.decoder_ref = ray.put(Decoder(self.cfg.input.image_root, self.labeler.preprocess,
-                                           self.cfg.input.max_pixels))
+        self.decoder = Decoder(None if self.cfg.input.tars else self.cfg.input.image_root,
+                               self.labeler.preprocess, self.cfg.input.max_pixels)
+        self.decoder_ref = ray.put(self.decoder)
         # the progress counter by name, not by handle: a handle among the constructor's
         # arguments goes through the object store, which Ray warns breaks restarts
         self.progress = ray.get_actor(progress) if progress else None
@@ -157,18 +170,27 @@ class LabelActor:
     def report(self) -> dict:
         return self.labeler.report()
 
-    def label_chunk(self, index: int, records: list, out_dir: str, metadata: dict) -> dict:
+    def label_chunk(self, index: int, records: list | Location, out_dir: Location,
+                    metadata: dict) -> dict:
         from pathlib import Path
 
+        from pipeline import webdataset
         from pipeline.stages import label_batches, write_chunk
 
         ray = _ray()
-        for stale in Path(out_dir).glob(f".shard-{index:06d}.parquet.tmp*"):
-            stale.unlink(missing_ok=True)  # a previous attempt of this chunk died mid-write
+        if out_dir.local:
+            for stale in Path(out_dir.path).glob(f".shard-{index:06d}.parquet.tmp*"):
+                stale.unlink(missing_ok=True)  # a previous attempt of this chunk died mid-write
         bs = self.cfg.run.batch_size
         ahead = max(1, self.cfg.ray.max_tasks_in_flight)
+        errors: list[dict] = []
 
         def decoded():
+            if isinstance(records, Location):  # a tar: read and decoded here
+                for batch in prefetch_batches(self.decoder, webdataset.iter_records(records, errors),
+                                              bs, self.cfg.run.decode_workers):
+                    yield self._count(batch)
+                return
             refs: deque = deque()
             for s in range(0, len(records), bs):
                 refs.append(self.decode.remote(self.decoder_ref, records[s:s + bs]))
@@ -177,10 +199,10 @@ class LabelActor:
             while refs:
                 yield self._count(ray.get(refs.popleft()))
 
-        errors: list[dict] = []
-        return write_chunk(Path(out_dir), index, metadata,
+        return write_chunk(out_dir, index, metadata,
                            label_batches(decoded(), self.labeler, errors), errors,
-                           self.cfg.run.row_group_size, timings=self.labeler.timings)
+                           self.cfg.run.row_group_size, timings=self.labeler.timings,
+                           staging_dir=self.cfg.run.staging_dir)
 
     def _count(self, batch):
         if self.progress is not None:
@@ -209,7 +231,8 @@ def default_actors(cfg: ExtractConfig) -> tuple[int, float]:
 
 def run_ray(cfg: ExtractConfig) -> dict:
     records = load_records(cfg)  # a wrong input path fails here, before Ray starts
-    with OutputLock(cfg.run.output):  # and so does a second driver on the same output
+    # and so does a second driver on the same output
+    with output_lock(cfg.run.output, ttl=cfg.run.lease_ttl_s):
         return _run_ray(cfg, records)
 
 
@@ -240,7 +263,8 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
         metadata = ray.get(actors[0].metadata.remote())  # also: fails fast without weights
         actors_up = time.perf_counter()
         plan = plan_run(cfg, metadata, records)
-        todo_images = sum(len(plan.chunk_records(i)) for i in plan.todo)
+        sizes = [plan.chunk_images(i) for i in plan.todo]
+        todo_images = None if None in sizes else sum(sizes)
         bar = tqdm(total=todo_images, desc=f"labelling ({n_actors} actor(s))", unit="img",
                    disable=not cfg.run.progress)
         queue = deque(plan.todo)
@@ -253,22 +277,23 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
                 while queue and load[a] < 2:
                     index = queue.popleft()
                     recs = plan.chunk_records(index)
-                    ref = actors[a].label_chunk.remote(index, recs, str(plan.out_dir), metadata)
-                    inflight[ref] = (a, len(recs))
+                    ref = actors[a].label_chunk.remote(index, recs, plan.out_dir, metadata)
+                    inflight[ref] = (a, plan.chunk_images(index))
                     load[a] += 1
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             for ref in done:
                 a, n = inflight.pop(ref)
                 load[a] -= 1
-                ray.get(ref)  # re-raises a chunk that failed after Ray's retries
-                finished.append((n, time.perf_counter() - entry))
-            bar.n = min(ray.get(progress.get.remote()), todo_images)
+                marker = ray.get(ref)  # re-raises a chunk that failed after Ray's retries
+                finished.append((marker["rows"] + marker["errors"], time.perf_counter() - entry))
+            count = ray.get(progress.get.remote())
+            bar.n = min(count, todo_images) if todo_images is not None else count
             bar.refresh()
         bar.close()
         seconds = time.perf_counter() - t0
         manifest = finish_run(plan, metadata)
         reports = ray.get([a.report.remote() for a in actors])
-        summary = summarize(plan, manifest, seconds, todo_images, reports,
+        summary = summarize(plan, manifest, seconds, images_done(plan, manifest), reports,
                             timeline(t0 - entry, finished))
         summary.update({"runner": "ray", "actors": n_actors,
                         "ray_init_seconds": round(ray_up - entry, 2),

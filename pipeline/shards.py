@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seacore.files import write_text_atomic
-from wordlist import sha256_file as file_sha256  # the one file-hash helper
+from seacore.files import sha256_file as file_sha256  # noqa: F401 (public: a shard's hash)
+from seacore.storage import Location, resolve
 
 SCHEMA_VERSION = 2
 SENTINEL = 65535
@@ -123,6 +123,7 @@ class ShardWriter:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self.rows = 0
+        self.row_groups: list[int] = []  # rows per row group: the trainer's blocks, from the manifest
 
     def write(self, batch: LabelBatch | pa.RecordBatch) -> None:
         rb = batch.to_arrow() if isinstance(batch, LabelBatch) else batch
@@ -136,6 +137,7 @@ class ShardWriter:
     def _flush(self, rows: int) -> None:
         table = pa.Table.from_batches(self._pending)
         self._writer.write_table(table.slice(0, rows), row_group_size=rows)
+        self.row_groups.append(rows)
         rest = table.slice(rows)
         self._pending = rest.to_batches()
         self._pending_rows = rest.num_rows
@@ -156,8 +158,14 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def read_metadata(path: str | Path) -> dict:
-    md = pq.read_schema(path).metadata or {}
+def _parquet(path: str | Path | Location) -> pq.ParquetFile:
+    if isinstance(path, Location):
+        return pq.ParquetFile(path.path if path.local else path.fs.open_input_file(path.path))
+    return pq.ParquetFile(path)
+
+
+def read_metadata(path: str | Path | Location) -> dict:
+    md = _parquet(path).schema_arrow.metadata or {}
     if META_KEY not in md:
         raise ShardMismatch(f"{path}: not a SEA label shard (no '{META_KEY.decode()}' metadata)")
     return json.loads(md[META_KEY])
@@ -168,7 +176,7 @@ def iter_shard(path: str | Path, expect: dict | None = None, batch_size: int = 2
     """Stream a shard's record batches after checking its metadata against ``expect``."""
     meta = read_metadata(path)
     check_metadata(meta, expect or {}, where=str(path))
-    pf = pq.ParquetFile(path)
+    pf = _parquet(path)
     yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
@@ -182,47 +190,54 @@ def batch_arrays(rb: pa.RecordBatch, top_n: int):
     return rb.column("image_id").to_pylist(), ids, scores
 
 
-# --- the directory level -------------------------------------------------------------
+# --- the directory level (a local folder or a bucket prefix: ``seacore.storage``) ----------
 
 
-def shard_damage(path: Path, entry: dict) -> str | None:
-    """What is wrong with a shard file against its marker/manifest entry (None: intact)."""
-    if not path.is_file():
+def shard_damage(path: str | Path | Location, entry: dict, hash: bool = True) -> str | None:
+    """What is wrong with a shard file against its marker/manifest entry (None: intact).
+    Without ``hash`` only presence and size are checked (a listing, no read)."""
+    loc = resolve(path)
+    size = loc.size()
+    if size is None:
         return "file missing"
     if not entry.get("sha256"):
         return "no sha256 recorded (written before checksums)"
-    size = path.stat().st_size
     if size != entry.get("bytes"):
         return f"size {size} bytes, {entry.get('bytes')} recorded (truncated or replaced)"
-    if file_sha256(path) != entry["sha256"]:
+    if hash and loc.sha256() != entry["sha256"]:
         return "sha256 differs from the recorded one (altered or damaged)"
     return None
 
 
-def list_done(out_dir: str | Path, verify: bool = False) -> dict[int, dict]:
+def list_done(out_dir: str | Path | Location, verify: bool | str = False) -> dict[int, dict]:
     """Completed chunks: index -> done-marker content. Only shards with a readable marker
-    count; with ``verify`` also only those whose size and sha256 match their marker."""
+    and their file present count; ``verify="size"`` also needs the recorded size (a listing),
+    ``verify=True`` / ``"all"`` the recorded sha256 too (reads every shard)."""
+    out = resolve(out_dir)
     done = {}
-    for marker in sorted(Path(out_dir).glob("shard-*.done")):
-        index = int(marker.stem.split("-")[1])
+    present = set(out.names("shard-*.parquet"))
+    for name in out.names("shard-*.done"):
+        index = int(name.split("-")[1].split(".")[0])
         try:
-            content = json.loads(marker.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a marker cut short by a crash: the chunk is redone
-        path = Path(out_dir) / shard_name(index)
-        if verify and shard_damage(path, content):
+            content = json.loads(out.child(name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError):
+            continue  # a marker cut short by a crash (or gone since the listing): redone
+        if shard_name(index) not in present:
             continue
-        if path.is_file():
-            done[index] = content
+        if verify and shard_damage(out.child(shard_name(index)), content,
+                                   hash=verify in (True, "all")):
+            continue
+        done[index] = content
     return done
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+def write_json_atomic(path: str | Path | Location, obj) -> None:
+    resolve(path).write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def write_manifest(out_dir: str | Path, config_hash: str, metadata: dict, num_chunks: int) -> dict:
-    out = Path(out_dir)
+def write_manifest(out_dir: str | Path | Location, config_hash: str, metadata: dict,
+                   num_chunks: int) -> dict:
+    out = resolve(out_dir)
     done = list_done(out)
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -232,37 +247,50 @@ def write_manifest(out_dir: str | Path, config_hash: str, metadata: dict, num_ch
         "complete": len(done) == num_chunks,
         "shards": [{"name": shard_name(i), "rows": d["rows"], "bytes": d["bytes"],
                     "sha256": d.get("sha256"), "errors": d.get("errors", 0), "kept_labels": d.get("kept_labels", 0),
-                    "patches": d.get("patches", 0)} for i, d in sorted(done.items())],
+                    "patches": d.get("patches", 0), "row_groups": d.get("row_groups")}
+                   for i, d in sorted(done.items())],
         "rows": sum(d["rows"] for d in done.values()),
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out.child(MANIFEST), manifest)
     return manifest
 
 
-def read_manifest(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a finished label run")
-    return json.loads(path.read_text())
+def read_manifest(out_dir: str | Path | Location) -> dict:
+    loc = resolve(out_dir).child(MANIFEST)
+    try:
+        return json.loads(loc.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a finished label run") from None
 
 
-def open_label_set(out_dir: str | Path, expect: dict | None = None,
-                   verify: bool = True) -> tuple[dict, list[Path]]:
-    """Check a run directory's manifest against ``expect``; return (metadata, shard paths).
-    With ``verify`` every shard is checked against the manifest (size, sha256) and its own
-    metadata against the run's, so a damaged or foreign shard is refused naming the file."""
+def open_label_set(out_dir: str | Path | Location, expect: dict | None = None,
+                   verify: bool = True) -> tuple[dict, list]:
+    """Check a run directory's manifest against ``expect``; return (metadata, shards): local
+    paths for a local run, ``Location``s for one in a bucket. With ``verify`` every shard is
+    checked against the manifest (size, sha256) and its own metadata against the run's, so a
+    damaged or foreign shard is refused naming the file. The trainer passes ``verify=False``
+    and checks each shard when it first reads it (``trainer.cache``): its start-up does not
+    grow with the label set."""
     manifest = read_manifest(out_dir)
     check_metadata(manifest["metadata"], expect or {}, where=f"{out_dir}/{MANIFEST}")
-    paths = [Path(out_dir) / s["name"] for s in manifest["shards"]]
+    root = resolve(out_dir)
+    paths = [Path(root.child(s["name"]).path) if root.local else root.child(s["name"])
+             for s in manifest["shards"]]
     if verify:
         for path, entry in zip(paths, manifest["shards"], strict=True):
-            why = shard_damage(path, entry)
-            if why:
-                raise ShardMismatch(f"{path}: {why}; rerun the extraction into {out_dir} (it "
-                                    f"verifies every shard and redoes damaged ones)")
-            run_meta = {k: v for k, v in manifest["metadata"].items() if k != "package_version"}
-            check_metadata(read_metadata(path), run_meta, where=str(path))
+            check_shard(path, entry, manifest["metadata"], rerun=out_dir)
     return manifest["metadata"], paths
+
+
+def check_shard(path, entry: dict, run_meta: dict, rerun) -> None:
+    """A shard against its manifest entry (size, sha256) and the run's metadata, or
+    ShardMismatch naming the file and the fix."""
+    why = shard_damage(path, entry)
+    if why:
+        raise ShardMismatch(f"{path}: {why}; rerun the extraction into {rerun} (it "
+                            f"checks every shard and redoes damaged ones)")
+    meta = {k: v for k, v in run_meta.items() if k != "package_version"}
+    check_metadata(read_metadata(path), meta, where=str(path))
 
 
 def check_values(ids: np.ndarray, scores: np.ndarray, wordlist_size: int, where: str) -> None:

@@ -3,11 +3,14 @@
   read    ``Decoder``: record -> preprocessed tensor, or the reason it cannot be used
   encode  ``Labeler.encode``: images -> per-patch joint-space features (normalised)
   search  ``Labeler.search``: features -> top-n word ids and signed scores
-  write   ``write_chunk``: rows of one chunk -> shard (temp name, rename, done marker)
+  write   ``write_chunk``: rows of one chunk -> shard (temp name, rename, done marker;
+          on a bucket: written locally, uploaded, read back and compared, marker last)
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -18,9 +21,10 @@ import torch.nn.functional as F
 
 from pipeline import dense, search, shards
 from pipeline.config import ExtractConfig
-from pipeline.data import BadImage, Record, load_rgb, resolve_inside
+from pipeline.data import BadImage, Record, decode_bytes, load_rgb, resolve_inside
 from pipeline.encoders import preprocess_geometry
 from seacore.device import autocast, pick_device
+from seacore.storage import Location, resolve
 
 
 def package_version() -> str:
@@ -40,8 +44,9 @@ class Decoded:
 class Decoder:
     """Stage ``read``. Holds only the transform: cheap to copy into worker processes."""
 
-    def __init__(self, image_root: str, preprocess, max_pixels: int):
-        self.image_root = image_root
+    def __init__(self, image_root: str | Location | None, preprocess, max_pixels: int):
+        # resolved once: a bucket's client travels (pickled) with the decoder
+        self.image_root = resolve(image_root) if image_root is not None else None
         self.preprocess = preprocess
         self.max_pixels = max_pixels
 
@@ -49,8 +54,10 @@ class Decoder:
         if record.error:
             return Decoded(record, None, record.error)
         try:
-            path = resolve_inside(self.image_root, record.path)
-            img = load_rgb(path, self.max_pixels)
+            if record.data is not None:  # a tar member: the bytes came with the record
+                img = decode_bytes(record.data, self.max_pixels)
+            else:
+                img = load_rgb(resolve_inside(self.image_root, record.path), self.max_pixels)
             return Decoded(record, self.preprocess(img))
         except BadImage as e:
             return Decoded(record, None, str(e))
@@ -167,32 +174,68 @@ class Labeler:
                 "search_backend": self.index.backend if self.index else "torch"}
 
 
-def write_chunk(out_dir: Path, index: int, metadata: dict, batches, errors: list[dict],
-                row_group_size: int, timings: Timings | None = None) -> dict:
-    """Stage ``write``: stream LabelBatches into shard ``index``; done marker last."""
-    path = Path(out_dir) / shards.shard_name(index)
+def write_chunk(out_dir: str | Path | Location, index: int, metadata: dict, batches,
+                errors: list[dict], row_group_size: int, timings: Timings | None = None,
+                staging_dir: str | None = None) -> dict:
+    """Stage ``write``: stream LabelBatches into shard ``index``; done marker last.
+
+    A local output gets the shard under a temporary name, renamed into place. A bucket output
+    gets it written whole in ``staging_dir`` first, then uploaded, then re-read from the
+    bucket and its size and sha256 compared with the local file's: only then is the marker
+    written. A kill at any point leaves a chunk without a marker (redone by the next run:
+    exactly once) and never a marker naming a bad object."""
+    out = resolve(out_dir)
+    stage = None
+    if out.local:
+        path = Path(out.path) / shards.shard_name(index)
+    else:
+        stage = Path(tempfile.mkdtemp(prefix=f"sea-shard-{index:06d}-",
+                                      dir=staging_dir or None))
+        path = stage / shards.shard_name(index)
     writer = shards.ShardWriter(path, metadata, row_group_size)
     kept = patches = 0
     spent = 0.0
     try:
-        for b in batches:
+        try:
+            for b in batches:
+                t0 = time.perf_counter()
+                writer.write(b)
+                kept += int((b.ids != shards.SENTINEL).sum())
+                patches += b.ids.shape[0] * b.ids.shape[1]
+                spent += time.perf_counter() - t0
             t0 = time.perf_counter()
-            writer.write(b)
-            kept += int((b.ids != shards.SENTINEL).sum())
-            patches += b.ids.shape[0] * b.ids.shape[1]
-            spent += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rows = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    done = {"index": index, "rows": rows, "bytes": path.stat().st_size,
-            "sha256": shards.file_sha256(path),
-            "errors": len(errors), "error_list": errors, "kept_labels": kept, "patches": patches}
-    shards.write_json_atomic(Path(out_dir) / shards.done_name(index), done)
+            rows = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        size, sha = path.stat().st_size, shards.file_sha256(path)
+        if stage is not None:
+            _publish(path, out.child(shards.shard_name(index)), size, sha)
+        done = {"index": index, "rows": rows, "bytes": size, "sha256": sha,
+                "row_groups": writer.row_groups, "errors": len(errors), "error_list": errors,
+                "kept_labels": kept, "patches": patches}
+        shards.write_json_atomic(out.child(shards.done_name(index)), done)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     if timings is not None:
         timings.write += spent + time.perf_counter() - t0
     return done
+
+
+class UploadMismatch(OSError):
+    """An uploaded object that does not read back as the file that was sent."""
+
+
+def _publish(local: Path, dest: Location, size: int, sha: str) -> None:
+    dest.upload(local)
+    got = dest.size()
+    if got != size:
+        raise UploadMismatch(f"{dest}: {got} bytes in the bucket after uploading {size}; the "
+                             f"chunk will be redone by a rerun")
+    if dest.sha256() != sha:
+        raise UploadMismatch(f"{dest}: sha256 in the bucket differs from the uploaded file's; "
+                             f"the chunk will be redone by a rerun")
 
 
 def label_batches(decoded_batches, labeler: Labeler, errors: list[dict]):

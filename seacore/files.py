@@ -3,6 +3,7 @@ never half of one: the project's one tmp-file-then-rename idiom."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,3 +29,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_of(f) -> str:
+    """The project's one hash helper: sha256 of a binary stream read to its end (a local
+    file, an object-store stream)."""
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 24), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a local file (word lists, shards, checkpoints, weights)."""
+    with open(path, "rb") as f:
+        return sha256_of(f)

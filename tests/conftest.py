@@ -164,3 +164,63 @@ def finetune_cfg(tiny_clip, tiny_llm, sample, instruct_json, tmp_path):
             "log.report_to=[]", f"log.output={tmp_path / 'ft'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on 127.0.0.1: moto's server mode in a subprocess, reached over HTTP
+    by pyarrow's S3 client (our code) and boto3 (the tests' own setup and checks). Nothing is
+    patched. Started on a free port, stopped (with its whole process group) after the session."""
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    if shutil.which("moto_server", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("moto[server] is not installed (make test installs the dev extras)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
+                             "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # pyarrow's client, and every subprocess (Ray workers too), read these
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moto_server did not start")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket for one test: (name, boto3 client)."""
+    import re
+    import uuid
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    client.create_bucket(Bucket=name)
+    return name, client

@@ -65,10 +65,14 @@ def test_a_json_covering_half_the_labels_is_reported_and_batches_stay_full(pretr
     assert out["samples"] == 8 and out["step"] == 2  # (12 - 4 held out) / batch 4: full batches
 
 
-def test_wrong_image_folder_is_refused_with_the_report(pretrain_cfg, tmp_path):
+def test_wrong_image_folder_is_refused_at_the_first_step(pretrain_cfg, tmp_path):
+    """Images are not looked up at start-up (issue 35: it grew with the dataset): a wrong
+    data.image_root is refused before the first step, naming the files and the key."""
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"0 rows .* image file missing: 24"):
-        build(pretrain_cfg(f"data.image_root={tmp_path / 'empty'}"), "pretrain")
+    cfg = pretrain_cfg(f"data.image_root={tmp_path / 'empty'}", "data.holdout_images=0")
+    with pytest.raises(ValueError, match=r"4 of 4 samples .* file not found.*data.image_root="):
+        train(cfg, "pretrain")
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_holdout_eating_the_set_is_refused_naming_the_key(pretrain_cfg):
@@ -108,8 +112,8 @@ def test_cli_refuses_a_run_with_no_data(pretrain_cfg, tmp_path, capsys):
                f"llm.path={cfg.llm.path}", f"data.json={cfg.data.json}",
                f"data.image_root={tmp_path / 'empty'}", f"data.shards={cfg.data.shards}",
                "log.progress=false", "log.report_to=[]", f"log.output={tmp_path / 'r'}",
-               "optim.global_batch_size=4", "optim.micro_batch_size=2"])
-    assert rc == 2 and "image file missing" in capsys.readouterr().err
+               "optim.global_batch_size=4", "optim.micro_batch_size=2", "data.holdout_images=0"])
+    assert rc == 2 and "file not found" in capsys.readouterr().err
     assert not (tmp_path / "r" / "final").exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import shards
 from pipeline.extract import run_local
-from trainer.train import build, train
+from trainer.train import train
 
 
 def _flip_bit(path, at=None):
@@ -45,9 +45,24 @@ def test_rerun_redoes_a_damaged_shard_only(extract_cfg, tmp_path, damage):
         victim.write_bytes(victim.read_bytes()[:-100])
     else:
         _flip_bit(victim)
+        # same size: a restart finds it only by re-reading the done shards, which it does on
+        # request (run.verify=all); by default it checks sizes (issue 35: start-up cost)
+        cfg.run.verify = "all"
     s = run_local(cfg)  # no crash, and only chunk 1 is labelled again
     assert s["images_processed_this_run"] == 10 and s["complete"]
     assert _bytes(tmp_path / "s") == clean
+
+
+def test_a_default_restart_trusts_done_shards_of_the_right_size(extract_cfg, tmp_path):
+    """run.verify=size (the default) reads no done shard: a same-size alteration passes the
+    restart (the trainer's first read refuses it: test_trainer_refuses_a_bit_flipped_shard),
+    while a size change is its reason to redo the chunk."""
+    cfg = extract_cfg(out=tmp_path / "s")
+    run_local(cfg)
+    _flip_bit(tmp_path / "s" / shards.shard_name(1))
+    assert run_local(cfg)["images_processed_this_run"] == 0
+    cfg.run.verify = "all"
+    assert run_local(cfg)["images_processed_this_run"] == 10
 
 
 def _copy(label_run, tmp_path):
@@ -74,8 +89,11 @@ def _rewrite(out, index, fn):
 def test_trainer_refuses_a_bit_flipped_shard(pretrain_cfg, label_run, tmp_path):
     out = _copy(label_run, tmp_path)
     _flip_bit(out / shards.shard_name(2))
+    # checked when first read (issue 35: not every shard at start-up), before any row of it
+    # reaches a step: the run stops without a final model
     with pytest.raises(shards.ShardMismatch, match=r"shard-000002.parquet.*sha256"):
-        build(pretrain_cfg(f"data.shards={out}"), "pretrain")
+        train(pretrain_cfg(f"data.shards={out}"), "pretrain")
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_trainer_refuses_out_of_range_ids(pretrain_cfg, label_run, tmp_path):
@@ -121,4 +139,4 @@ def test_trainer_refuses_a_shard_from_another_run(pretrain_cfg, label_run, extra
     shutil.copy(other / shards.shard_name(0), out / shards.shard_name(1))
     _rewrite(out, 1, lambda t: t)  # re-sealed: the checksum alone cannot see it
     with pytest.raises(shards.ShardMismatch, match=r"shard-000001.parquet.*'top_n' is 5"):
-        build(pretrain_cfg(f"data.shards={out}"), "pretrain")
+        train(pretrain_cfg(f"data.shards={out}"), "pretrain")

@@ -34,9 +34,16 @@ class LLMConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    json: str = doc("data/blip_laion_cc_sbu_558k.json", "LLaVA-format conversations")
-    image_root: str = doc("data/images", "folder the JSON's image paths are relative to")
-    shards: str | None = doc("shards/llava-pretrain-vitl336", "label run dir (null: no labels, lambda must be 0)")
+    json: str = doc("data/blip_laion_cc_sbu_558k.json", "LLaVA-format conversations (a path or "
+                                                       "a URL: s3://, gs://)")
+    image_root: str = doc("data/images", "folder or bucket prefix the JSON's image paths are "
+                                         "relative to; a path '<name>.tar/<member>' is read from "
+                                         "that webdataset tar under it")
+    shards: str | None = doc("shards/llava-pretrain-vitl336", "label run dir or bucket prefix "
+                                                             "(null: no labels, lambda must be 0)")
+    cache_dir: str | None = doc(None, "local folder for label shards and tars read from a bucket "
+                                      "(default: <system temp>/sea-cache); shared by a node's ranks")
+    cache_limit_gb: float = doc(20.0, "bound on that folder, least recently used evicted first")
     max_length: int = doc(2048, "tokens per sample, image tokens included")
     truncation: str = doc("drop", "when image tokens would not fit: drop (skip, counted) | error")
     num_workers: int = doc(-1, "decode worker processes per rank; -1: from the machine (its cores "

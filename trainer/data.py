@@ -8,9 +8,13 @@ stream's layout follows from the metadata alone, so the data position is one num
 optimizer steps done in the epoch) and a resume, on any world size, is exact. A worker holds
 at most two windows of decoded rows, never the shard set.
 
-Samples whose image cannot be read are dropped from their batch and counted (``bad``).
-The first ``holdout_images`` labelled rows (manifest order) are kept out of training and
-form the alignment-evaluation set.
+Start-up reads the label run's manifest (the layout) and, in stage 1, the shards' path
+column (the join with the JSON); it stats no image and hashes no shard. Each shard is checked
+(size, sha256, metadata) when a process first reads its labels (``trainer.cache``); data in a
+bucket is read from there (images one request each, label shards through a bounded local
+cache). Samples whose image cannot be read (missing, corrupt) are dropped from their batch and
+counted (``bad``) against ``data.max_error_rate``. The first ``holdout_images`` labelled rows
+(manifest order) are kept out of training and form the alignment-evaluation set.
 """
 
 from __future__ import annotations
@@ -22,19 +26,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import (
     MAX_PIXELS,
     BadImage,
+    decode_bytes,
     load_rgb,
     normalize_path,
     read_json_list,
     resolve_inside,
 )
-from pipeline.shards import SENTINEL, check_values, open_label_set
+from pipeline.shards import SENTINEL, ShardMismatch, check_values
+from seacore.storage import resolve
+from trainer.cache import LabelFiles, TarImages
 from trainer.prompts import build_sample
 
 
@@ -58,26 +64,13 @@ def load_conversations(json_path: str) -> tuple[list[dict], dict[str, int]]:
     return data, index
 
 
-def _image_state(root: str, path: str) -> str | None:
-    """Why an image cannot be trained on, checked at start-up without decoding (None: found)."""
-    try:
-        return None if resolve_inside(root, path).is_file() else "image file missing"
-    except BadImage:
-        return "path outside data.image_root"
-
-
-def _states(root: str, paths: list[str]) -> list[str | None]:
-    with ThreadPoolExecutor(max_workers=16) as pool:  # stat calls: I/O bound on network disks
-        return list(pool.map(lambda q: _image_state(root, q), paths, chunksize=256))
-
-
 class SampleSource:
     """Everything a worker needs to turn a block into samples; picklable.
 
-    At start-up the JSON and the labels are joined by normalised image path and every image
-    is looked up on disk (no decoding); rows that cannot train (labelled image absent from
-    the JSON, image missing) leave the stream here, so every batch is full, and are counted in
-    ``report`` (printed by the trainer before it starts)."""
+    At start-up the JSON and the labels are joined by normalised image path (stage 1: the
+    shards' path column); labelled rows absent from the JSON leave the stream here, so every
+    batch is full, and are counted in ``report`` (printed by the trainer before it starts).
+    Images are not looked up: one that cannot be read is found when its batch is made."""
 
     def __init__(self, cfg, tokenizer, preprocess, fmt: str, expect: dict | None = None,
                  max_pixels: int = MAX_PIXELS):
@@ -88,28 +81,32 @@ class SampleSource:
         self.max_pixels = max_pixels
         self.top_n = None
         self.items, self.index = load_conversations(cfg.json)
-        self.meta, self.shards, self.by_path = None, [], None
+        self.image_root = resolve(cfg.image_root)
+        self.tars = TarImages(self.image_root, cfg.cache_dir, cfg.cache_limit_gb)
+        self.meta, self.labels, self.by_path = None, None, None
         self.keep: dict[tuple[int, int], np.ndarray] = {}  # (shard, group) -> rows used
         with_image = sum(1 for it in self.items if it.get("image"))
         self.report: dict = {"json_rows": len(self.items), "json_rows_with_image": with_image}
         dropped: Counter = Counter()
         if cfg.shards:
-            self.meta, self.shards = open_label_set(cfg.shards, expect)
+            self.labels = LabelFiles(cfg.shards, expect, cfg.cache_dir, cfg.cache_limit_gb)
+            self.meta = self.labels.meta
             self.top_n = self.meta["top_n"]
         if cfg.shards and fmt == "plain":
             # stage 1: the stream is the labelled images that join the JSON, in shard order
+            sizes = self.labels.row_groups()
+            with ThreadPoolExecutor(max_workers=8) as pool:  # ranged reads on a bucket
+                columns = list(pool.map(self.labels.paths, range(len(self.labels))))
             groups, paths = [], []
-            for s, path in enumerate(self.shards):
-                pf = pq.ParquetFile(path)
-                for g in range(pf.metadata.num_row_groups):
-                    col = pf.read_row_group(g, columns=["path"]).column(0).to_pylist()
-                    groups.append((s, g, len(col)))
-                    paths.extend(normalize_path(q) for q in col)
+            for s, (col, rgs) in enumerate(zip(columns, sizes)):
+                if sum(rgs) != len(col):
+                    raise ShardMismatch(f"{self.labels.name(s)}: {len(col)} rows, the manifest "
+                                        f"records {sum(rgs)}; rerun the extraction into {cfg.shards}")
+                groups.extend((s, g, n) for g, n in enumerate(rgs))
+                paths.extend(normalize_path(q) for q in col)
             joined = [q in self.index for q in paths]
-            found = iter(_states(cfg.image_root, [q for q, j in zip(paths, joined) if j]))
-            why = [next(found) if j else "labelled image not in data.json" for j in joined]
-            dropped = Counter(w for w in why if w)
-            ok = np.array([w is None for w in why], dtype=bool)
+            dropped = Counter("labelled image not in data.json" for j in joined if not j)
+            ok = np.array(joined, dtype=bool)
             self.blocks, row, at = [], 0, 0
             for s, g, n in groups:
                 rows = np.flatnonzero(ok[at:at + n])
@@ -118,20 +115,14 @@ class SampleSource:
                     self.keep[(s, g)] = rows
                     self.blocks.append(Block(s, g, len(rows), row))
                     row += len(rows)
-            self.report.update({"labelled_rows": len(paths), "joined": int(sum(joined)),
-                                "images_found": int(ok.sum())})
+            self.report.update({"labelled_rows": len(paths), "joined": int(sum(joined))})
         else:
             # stage 2: the stream is the JSON (text-only samples included); labels are looked
             # up by image path where the label run has them
-            imgs = [i for i, it in enumerate(self.items) if it.get("image")]
-            states = _states(cfg.image_root, [normalize_path(self.items[i]["image"]) for i in imgs])
-            bad = {i for i, st in zip(imgs, states) if st}
-            dropped = Counter(st for st in states if st)
-            self.order = [i for i in range(len(self.items)) if i not in bad]
+            self.order = list(range(len(self.items)))
             step = cfg.shuffle_block
             self.blocks = [Block(-1, s, min(step, len(self.order) - s), s)
                            for s in range(0, len(self.order), step)]
-            self.report["images_found"] = len(imgs) - len(bad)
             if cfg.shards:
                 self.by_path = self._path_index()
                 self.report["with_labels"] = sum(
@@ -144,11 +135,12 @@ class SampleSource:
     def _path_index(self) -> dict[str, tuple[int, int, int]]:
         """image path -> (shard, row group, row): reads only the path column, group by group."""
         index = {}
-        for s, path in enumerate(self.shards):
-            pf = pq.ParquetFile(path)
-            for g in range(pf.metadata.num_row_groups):
-                for r, p in enumerate(pf.read_row_group(g, columns=["path"]).column(0).to_pylist()):
+        for s, rgs in enumerate(self.labels.row_groups()):
+            col, at = self.labels.paths(s), 0
+            for g, n in enumerate(rgs):
+                for r, p in enumerate(col[at:at + n]):
                     index.setdefault(normalize_path(p), (s, g, r))
+                at += n
         return index
 
     def _labels_for(self, image: str | None):
@@ -164,14 +156,14 @@ class SampleSource:
         return ids[loc[2]], sc[loc[2]]
 
     def _decode_group(self, shard: int, group: int, rows: np.ndarray | None = None):
-        t = pq.ParquetFile(self.shards[shard]).read_row_group(group)
+        t = self.labels.read_row_group(shard, group)
         if rows is not None:
             t = t.take(rows)
         n = self.top_n
         ids = t.column("label_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
         sc = t.column("scores").combine_chunks().values.to_numpy(zero_copy_only=False)
         check_values(ids, sc, self.meta["wordlist_size"],
-                     where=f"{self.shards[shard]} (row group {group})")
+                     where=f"{self.labels.name(shard)} (row group {group})")
         return (ids.reshape(t.num_rows, -1, n), sc.astype(np.float32).reshape(t.num_rows, -1, n),
                 [normalize_path(q) for q in t.column("path").to_pylist()])
 
@@ -203,7 +195,9 @@ class SampleSource:
         pixel = None
         if item.get("image"):
             try:
-                img = load_rgb(resolve_inside(self.cfg.image_root, item["image"]), self.max_pixels)
+                data = self.tars.read(item["image"])  # a webdataset member: "00000.tar/k.jpg"
+                img = (decode_bytes(data, self.max_pixels) if data is not None else
+                       load_rgb(resolve_inside(self.image_root, item["image"]), self.max_pixels))
                 pixel = self.preprocess(img)
             except BadImage as e:
                 return None, f"{item['image']}: {e}"

@@ -24,7 +24,8 @@ from trainer import distributed as D
 # folder copied or mounted elsewhere continues)
 RESUME_FREE = ("resume", "log.output", "log.progress", "log.every", "log.eval_every", "log.save_every",
                "log.keep_last", "log.report_to", "log.wandb_project", "log.run_name",
-               "log.overwrite", "dist.timeout_s", "data.max_error_rate", "data.num_workers")
+               "log.overwrite", "dist.timeout_s", "data.max_error_rate", "data.num_workers",
+               "data.cache_dir", "data.cache_limit_gb")
 
 
 @dataclass

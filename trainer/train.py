@@ -352,6 +352,9 @@ class _Loop:
         self.watch = (ChanceWatch(p.total_steps, cfg.sea.log_tau_init)
                       if self.sea_on and p.stage == "pretrain" else None)
         self.drops = DropWatch(cfg.data.max_error_rate)
+        # where unreadable images are fixed: images are not looked up before training (issue 35)
+        self.where = (f"{cfg.data.json} (image paths relative to data.image_root="
+                      f"{cfg.data.image_root})")
         self.last_eval = None
         self.history: list[float] = []
         self.t_last, self.samples_last = time.perf_counter(), st.samples
@@ -386,7 +389,7 @@ class _Loop:
         p, st, cfg = self.p, self.st, self.p.cfg
         self.drops.add(micro)  # judged before the step: a batch of unreadable images trains nothing
         problem = self.drops.problem(*all_counts(p, self.drops.seen, self.drops.bad), st.step,
-                                     cfg.data.json)
+                                     self.where)
         if problem:
             raise ValueError(problem)
         metrics = train_step(p, micro, st.step, self.gather)
@@ -441,7 +444,7 @@ class _Loop:
                              f"(unreadable images; see the bad_images metric in "
                              f"{cfg.log.output}/metrics.jsonl)")
         problem = self.drops.problem(*all_counts(p, self.drops.seen, self.drops.bad), st.step,
-                                     cfg.data.json, final=True)
+                                     self.where, final=True)
         if problem:
             raise ValueError(problem)
         final = p.ckpt.save(st)

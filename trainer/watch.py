@@ -121,7 +121,7 @@ class DropWatch:
         when = "at the end of the run" if final else f"stopping before step {step + 1}"
         return (f"{bad} of {seen} samples read have unreadable images ({rate:.1%} > "
                 f"data.max_error_rate={self.max_rate:g}), {when}; first: {first}. Fix or "
-                f"remove them in {json_path} (or its image root), or raise data.max_error_rate "
+                f"remove them in {json_path}, or raise data.max_error_rate "
                 f"to train without them")
 
     def summary(self, samples: int) -> str:

@@ -10,10 +10,11 @@ twice as often by the SEA sampler.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from seacore.files import sha256_file  # noqa: F401  (the one file-hash helper, re-exported)
 
 DEFAULT_NAME = "2of12.txt"
 DEFAULT_SHA256 = "39f915f416469c79aa1fda230584f840d11aa3343681073dd5e97c864985ecca"
@@ -42,15 +43,6 @@ class WordList:
     def identity(self) -> dict:
         """What travels into shard metadata and cache keys."""
         return {"wordlist_sha256": self.sha256, "wordlist_size": len(self.words)}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The project's one file-hash helper (word lists, shards, checkpoints, weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_words(text: str) -> tuple[str, ...]:

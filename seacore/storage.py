@@ -1,0 +1,225 @@
+"""Where data lives: every input and output is a URL (``s3://``, ``gs://``, ``file://``, any
+scheme ``pyarrow.fs`` knows) or a plain path, resolved once by ``resolve`` to a ``Location``:
+a (filesystem, path) pair of ``pyarrow.fs`` plus the text the user wrote (for messages).
+
+pyarrow.fs rather than fsspec: pyarrow is already a dependency (Parquet), its S3 and GCS
+clients ship in its wheel (no s3fs/aiobotocore stack to install on every node), its file
+systems pickle (Ray actors and loader workers receive them), and ``copy_files`` uploads with
+parallel multipart. Credentials and endpoints come from the usual places: ``AWS_*`` variables
+(``AWS_ENDPOINT_URL`` for MinIO, Ceph, R2 or a local test server), ``~/.aws``, instance roles;
+``GOOGLE_APPLICATION_CREDENTIALS`` for GCS; or URL parameters
+(``s3://bucket/x?endpoint_override=host:9000&scheme=http``).
+
+Local paths keep their POSIX guarantees: writes go to a temporary name, are fsynced and
+renamed (``seacore.files``). On an object store a PUT is atomic by itself (the object appears
+whole or not at all) but a stream interrupted by an exception is *completed* with what was
+written so far (pyarrow closes it): so objects are only ever written from whole bytes or whole
+local files (``write_bytes``, ``upload``), never streamed from a computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import posixpath
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from seacore.files import atomic_path, sha256_file, sha256_of
+
+_LOCAL = pafs.LocalFileSystem()
+_FS: dict[tuple[str, str, str], pafs.FileSystem] = {}  # one client per bucket (its pool)
+_FS_LOCK = threading.Lock()
+
+
+class StorageError(OSError):
+    """A location that cannot be used (unknown scheme, no credentials, absent bucket)."""
+
+
+def is_url(target: str | os.PathLike) -> bool:
+    text = str(target)
+    return "://" in text and not text.startswith("file://")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder somewhere: ``fs`` and ``path`` for I/O, ``url`` for messages."""
+
+    fs: pafs.FileSystem
+    path: str
+    url: str
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __truediv__(self, rel: str) -> Location:
+        return self.child(rel)
+
+    def child(self, *parts: str) -> Location:
+        rel = "/".join(p.strip("/") for p in parts if p)
+        if self.local:
+            path = os.path.join(self.path, rel)
+            return Location(self.fs, path, os.path.join(self.url, rel))
+        return Location(self.fs, posixpath.join(self.path.rstrip("/"), rel),
+                        self.url.rstrip("/") + "/" + rel)
+
+    def as_path(self) -> Path:
+        if not self.local:
+            raise StorageError(f"{self.url} is not on a local filesystem")
+        return Path(self.path)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def info(self) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(self.path)
+        except OSError as e:
+            raise StorageError(f"{self.url}: {e}") from None
+
+    def exists(self) -> bool:
+        return self.info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        if self.local:
+            return os.path.isdir(self.path)
+        # an object-store "folder" exists once any key lies under it
+        return self.info().type == pafs.FileType.Directory
+
+    def size(self) -> int | None:
+        info = self.info()
+        return info.size if info.type == pafs.FileType.File else None
+
+    def read_bytes(self) -> bytes:
+        if self.local:
+            return Path(self.path).read_bytes()
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def open(self):
+        """A seekable reader (``pyarrow.NativeFile``; Parquet and PIL read it directly)."""
+        if self.local:
+            return open(self.path, "rb")
+        return self.fs.open_input_file(self.path)
+
+    def sha256(self) -> str:
+        if self.local:
+            return sha256_file(self.path)
+        with self.fs.open_input_stream(self.path) as f:
+            return sha256_of(f)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Names directly in this folder matching ``pattern`` (sorted; none if it is absent)."""
+        if self.local:
+            if not os.path.isdir(self.path):
+                return []
+            return sorted(n for n in os.listdir(self.path) if fnmatch.fnmatchcase(n, pattern))
+        sel = pafs.FileSelector(self.path.rstrip("/"), recursive=False, allow_not_found=True)
+        found = [posixpath.basename(i.path) for i in self.fs.get_file_info(sel)
+                 if i.type == pafs.FileType.File]
+        return sorted(n for n in found if fnmatch.fnmatchcase(n, pattern))
+
+    def walk(self) -> list[str]:
+        """Every file below this folder, as sorted paths relative to it."""
+        if self.local:
+            out = []
+            for dirpath, dirnames, filenames in os.walk(self.path):
+                dirnames.sort()
+                out.extend(os.path.relpath(os.path.join(dirpath, n), self.path)
+                           for n in sorted(filenames))
+            return out
+        base = self.path.rstrip("/") + "/"
+        sel = pafs.FileSelector(self.path.rstrip("/"), recursive=True, allow_not_found=True)
+        return sorted(i.path[len(base):] for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.File and i.path.startswith(base))
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def write_bytes(self, data: bytes) -> None:
+        """All or nothing: a reader sees the old content or the new, never part of it."""
+        if self.local:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(data)
+            return
+        with self.fs.open_output_stream(self.path) as f:  # one PUT of whole bytes
+            f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def upload(self, src: str | os.PathLike) -> None:
+        """Copy a whole local file here (parallel multipart on object stores). A kill midway
+        leaves no object (an unfinished multipart upload is not one); the caller verifies the
+        result before anything refers to it."""
+        if self.local:
+            with atomic_path(self.path) as tmp:
+                import shutil
+
+                shutil.copyfile(src, tmp)
+            return
+        pafs.copy_files(os.fspath(src), self.path, source_filesystem=_LOCAL,
+                        destination_filesystem=self.fs)
+
+    def download(self, dst: str | os.PathLike) -> None:
+        pafs.copy_files(self.path, os.fspath(dst), source_filesystem=self.fs,
+                        destination_filesystem=_LOCAL)
+
+    def delete(self) -> None:
+        if self.local:
+            Path(self.path).unlink(missing_ok=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path)
+
+    def mkdir(self) -> None:
+        if self.local:
+            os.makedirs(self.path, exist_ok=True)
+        # object stores have no folders: a key's prefix is one
+
+
+def _remote_fs(url: str) -> tuple[pafs.FileSystem, str]:
+    parts = urlsplit(url)
+    key = (parts.scheme, parts.netloc, parts.query)
+    with _FS_LOCK:
+        fs = _FS.get(key)
+        if fs is None:
+            try:
+                fs, path = pafs.FileSystem.from_uri(url)
+            except (OSError, ValueError) as e:
+                raise StorageError(f"{url}: {e} (credentials and endpoint: AWS_* / "
+                                   f"GOOGLE_APPLICATION_CREDENTIALS, docs/cloud.md)") from None
+            _FS[key] = fs
+            return fs, path.rstrip("/")
+    return fs, (parts.netloc + parts.path).rstrip("/")
+
+
+def resolve(target: str | os.PathLike | Location) -> Location:
+    """A URL or path -> Location. Plain and ``file://`` paths become absolute local paths."""
+    if isinstance(target, Location):
+        return target
+    text = os.fspath(target)
+    if text.startswith("file://"):
+        text = urlsplit(text).path
+    if "://" not in text:
+        return Location(_LOCAL, os.path.abspath(text), text)
+    fs, path = _remote_fs(text)
+    return Location(fs, path, text.rstrip("/"))
