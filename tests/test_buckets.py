@@ -285,3 +285,26 @@ def test_training_reads_images_from_tars_in_a_bucket(pretrain_cfg, sample, bucke
     out = train(cfg, "pretrain")
     assert out["samples"] == 20 and out["dropped"]["unreadable"] == 0
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*.tar")) == ["00000.tar", "00001.tar"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_ray_runner_reads_and_writes_the_bucket(extract_cfg, sample, bucket, tmp_path):
+    """The Ray runner's actors upload their own shards and read the images from the bucket
+    (no shared filesystem); a tar chunk is decoded inside its actor. Its own local Ray,
+    started after the endpoint's variables are set (its workers inherit them)."""
+    from pipeline.ray_runner import run_ray
+
+    name, client = bucket
+    local = run_local(extract_cfg(out=tmp_path / "local"))
+    _make_tars(sample, tmp_path / "tars")
+    _upload(client, name, "tars", tmp_path / "tars")
+    s = run_ray(extract_cfg(*_in_bucket(sample, bucket), "run.runner=ray",
+                            out=f"s3://{name}/labels/ray"))
+    assert s["runner"] == "ray" and s["images_labelled"] == local["images_labelled"] == 24
+    got = _objects(client, name, "labels/ray")
+    assert {k: v for k, v in got.items() if k.endswith(".parquet")} == _local_shards(tmp_path / "local")
+    t = run_ray(extract_cfg(f"input.tars=s3://{name}/tars", "input.json=null",
+                            "run.max_error_rate=0.5", "run.runner=ray", out=f"s3://{name}/labels/tars"))
+    assert t["chunks"] == 3 and t["complete"] and 24 < t["images_labelled"] < 36
+    assert t["images_failed"] == 3 and ".lock" not in _objects(client, name, "labels/tars")

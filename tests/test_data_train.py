@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.data import SampleSource, StreamDataset
+from trainer.data import StreamDataset
+from trainer.sources import open_source
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def source(pretrain_cfg, tiny_llm):
     cfg = pretrain_cfg()
     enc = load_encoder(cfg.vision.model)
     tok = AutoTokenizer.from_pretrained(tiny_llm)
-    return SampleSource(cfg.data, tok, enc.preprocess, "plain")
+    return open_source(cfg.data, tok, enc.preprocess, "plain")
 
 
 def _rows(ds, workers=0):
@@ -141,7 +142,7 @@ def test_batches_carry_labels_and_plain_prompt(source, tiny_llm):
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     assert ids[0] == tok.bos_token_id and ids[1] == IMAGE_TOKEN_INDEX and ids[-1] == tok.eos_token_id
     assert (labels[:2] == IGNORE_INDEX).all() and torch.equal(labels[2:], ids[2:])
-    item = source.items[source.index[source.rows(source.blocks[0])[0]["image"]]]
+    item = source.conv.item(int(source.conv.find([source.rows(source.blocks[0])[0]["image"]])[0]))
     assert "background" in item["conversations"][1]["value"]
 
 

@@ -196,7 +196,7 @@ def test_stage2_reads_labels_where_they_exist(finetune_cfg, label_run, tiny_llm)
     from trainer.train import build, train_step
 
     p = build(finetune_cfg(f"data.shards={label_run}", "sea.weight=1"), "finetune")
-    assert p.source.total_rows == len(p.source.items)  # the JSON, not the shard rows
+    assert p.source.total_rows == len(p.source.conv)  # the JSON, not the shard rows
     seen_text_only = seen_labels = 0
     p.dataset.set_position(0, 0)
     batches = list(p.dataset)

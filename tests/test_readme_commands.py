@@ -105,7 +105,7 @@ def _config_class(line: str):
     from pipeline.config import ExtractConfig
     from trainer.config import FinetuneConfig, PretrainConfig
 
-    for key, cls in (("pipeline extract", ExtractConfig), ("labels", ExtractConfig),
+    for key, cls in (("pipeline extract", ExtractConfig), ("make labels", ExtractConfig),
                      ("trainer pretrain", PretrainConfig), ("train-pretrain", PretrainConfig),
                      ("trainer finetune", FinetuneConfig), ("train-finetune", FinetuneConfig)):
         if key in line:

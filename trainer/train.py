@@ -26,7 +26,7 @@ from seacore.device import autocast, pick_device
 from trainer import checkpoint
 from trainer import distributed as D
 from trainer.align_eval import evaluate_alignment
-from trainer.data import SampleSource, StreamDataset, data_problem, format_report, holdout_rows
+from trainer.data import StreamDataset, data_problem, format_report, holdout_rows
 from trainer.faults import Preempted, Signals, all_counts, stop_requested
 from trainer.final import init_adapter, write_final
 from trainer.llm import load_llm
@@ -36,6 +36,7 @@ from trainer.prompts import use_chat_template
 from trainer.runlog import Logger
 from trainer.s2 import tower_transform
 from trainer.sea_loss import AlignmentLoss, StepSample, load_word_tokens
+from trainer.sources import Source, open_source
 from trainer.task import SEATask
 from trainer.watch import ChanceWatch, DropWatch
 
@@ -52,7 +53,7 @@ class Parts:
     word_tokens: object
     task: SEATask  # the module itself (weights, eval, export)
     model: torch.nn.Module  # what forward goes through: task, or task under DDP/FSDP
-    source: SampleSource
+    source: Source
     dataset: StreamDataset
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -105,7 +106,7 @@ def build(cfg, stage: str = "pretrain") -> Parts:
         enable()
         llm.config.use_cache = False
     wl = load_wordlist(cfg.sea.wordlist)
-    source = SampleSource(cfg.data, tok, tower_transform(enc.preprocess, cfg.vision.s2_scales), "plain" if stage == "pretrain" else "chat",
+    source = open_source(cfg.data, tok, tower_transform(enc.preprocess, cfg.vision.s2_scales), "plain" if stage == "pretrain" else "chat",
                           expected_label_metadata(enc, wl))
     mllm = MLLM(enc.model.visual, llm, cfg.vision.feature_layer, cfg.vision.s2_scales).to(device)
     if cfg.data.shards and list(mllm.grid) != list(source.meta["grid"]):
