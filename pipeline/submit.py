@@ -11,6 +11,7 @@ Token authentication (Ray >= 2.52; on by default for local clusters from 2.59): 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -18,6 +19,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# where the bucket is (not who may read it): passed on to the job so that a run.output or an
+# input on an S3-compatible store resolves the same on the cluster. Credentials are not sent:
+# nodes get them from their role or environment (docs/cloud.md).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def storage_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
 
 
 def submit_command(address: str, config: str | None, overrides: list[str], wait: bool = True,
@@ -43,6 +52,6 @@ def submit_command(address: str, config: str | None, overrides: list[str], wait:
 
 def submit(address: str, config: str | None, overrides: list[str], wait: bool = True,
            python: str = "python") -> int:
-    cmd = submit_command(address, config, overrides, wait, python)
+    cmd = submit_command(address, config, overrides, wait, python, env_vars=storage_env())
     print("+", shlex.join(cmd), flush=True)
     return subprocess.call(cmd)

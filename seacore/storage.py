@@ -196,6 +196,19 @@ class Location:
         # object stores have no folders: a key's prefix is one
 
 
+def cache_folder(folder: str | None) -> Path:
+    """Where copies of remote data and converted inputs go: ``folder`` when given, else
+    ``$SEA_CACHE/data``, else the system temp folder's ``sea-cache`` (local disk on most
+    cluster nodes, where home directories are often small network mounts)."""
+    if folder:
+        return Path(folder)
+    if os.environ.get("SEA_CACHE"):
+        return Path(os.environ["SEA_CACHE"]) / "data"
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "sea-cache"
+
+
 def _remote_fs(url: str) -> tuple[pafs.FileSystem, str]:
     parts = urlsplit(url)
     key = (parts.scheme, parts.netloc, parts.query)

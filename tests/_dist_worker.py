@@ -1,5 +1,6 @@
-"""Run under torchrun by tests/test_finetune.py: one gradient computation on a fixed global
-batch, saved for comparison with a single process. Not a test module itself.
+"""Run under torchrun by tests/test_finetune.py (and in its process, for the one-process
+reference: ``main(argv)``): one gradient computation on a fixed global batch, saved for
+comparison with a single process. Not a test module itself.
 
 argv: stage out_file [config overrides...]
 """
@@ -15,8 +16,8 @@ from trainer.data import StreamDataset
 from trainer.train import build, forward_backward
 
 
-def main():
-    stage, out_file, *overrides = sys.argv[1:]
+def main(argv: list[str] | None = None):
+    stage, out_file, *overrides = sys.argv[1:] if argv is None else argv
     cls = PretrainConfig if stage == "pretrain" else FinetuneConfig
     cfg = load_config(cls, None, overrides)
     p = build(cfg, stage)

@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_dist_faults.py, not a test module itself.
+"""Run under torchrun by tests/test_dist_faults.py (in its process for the one-process
+reference: ``main(argv)``), not a test module itself.
 
 argv: mode out_file [config overrides...]
 - ``empty``: one optimizer step's gradients where rank 1's only micro-batch is empty (every
@@ -19,8 +20,8 @@ from trainer.data import StreamDataset, collate
 from trainer.train import build, forward_backward
 
 
-def main():
-    mode, out_file, *overrides = sys.argv[1:]
+def main(argv: list[str] | None = None):
+    mode, out_file, *overrides = sys.argv[1:] if argv is None else argv
     cfg = load_config(PretrainConfig, None, overrides)
     p = build(cfg, "pretrain")
     if mode == "stuck":

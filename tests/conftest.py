@@ -224,3 +224,16 @@ def bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     client.create_bucket(Bucket=name)
     return name, client
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_caches(tmp_path_factory):
+    """The project's caches (the trainer's conversation store and bucket cache default under
+    $SEA_CACHE) in the session's temp folder, not in the machine's."""
+    saved = os.environ.get("SEA_CACHE")
+    os.environ["SEA_CACHE"] = str(tmp_path_factory.mktemp("sea-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("SEA_CACHE", None)
+    else:
+        os.environ["SEA_CACHE"] = saved

@@ -308,3 +308,16 @@ def test_the_ray_runner_reads_and_writes_the_bucket(extract_cfg, sample, bucket,
                             "run.max_error_rate=0.5", "run.runner=ray", out=f"s3://{name}/labels/tars"))
     assert t["chunks"] == 3 and t["complete"] and 24 < t["images_labelled"] < 36
     assert t["images_failed"] == 3 and ".lock" not in _objects(client, name, "labels/tars")
+
+
+def test_submit_passes_the_bucket_endpoint_and_never_the_keys(monkeypatch):
+    from pipeline.submit import storage_env, submit_command
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    env = storage_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and "AWS_SECRET_ACCESS_KEY" not in env
+    cmd = submit_command("http://head:8265", None, ["run.output=s3://b/x"], env_vars=env)
+    runtime = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
+    assert runtime["env_vars"] == env and "secret" not in " ".join(cmd)

@@ -124,6 +124,11 @@ def test_half_written_or_corrupted_checkpoint_is_never_latest(tmp_path):
 
 
 def _torchrun(nproc, stage, out, overrides):
+    if nproc == 1:  # the reference: one plain process, this one (no torchrun start-up)
+        import _dist_worker
+
+        _dist_worker.main([stage, str(out), *overrides])
+        return torch.load(out, weights_only=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # --standalone: torchrun picks its own free rendezvous port (no race with a port we pick)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

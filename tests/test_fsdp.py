@@ -35,14 +35,17 @@ def _overrides(tiny_clip, tiny_llm, sample, instruct_json, label_run, out) -> li
 
 
 def _cmd(nproc: int, args: list[str]) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "trainer", "finetune", *args]
     # --standalone: torchrun picks its own free rendezvous port
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={nproc}", "-m", "trainer", "finetune", *args]
 
 
 def _run(nproc: int, args: list[str]) -> None:
+    if nproc == 1:  # one plain process: this one, through the same CLI entry (no start-up)
+        from trainer.__main__ import main
+
+        assert main(["finetune", *args]) == 0
+        return
     r = subprocess.run(_cmd(nproc, args), cwd=REPO, env=ENV, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-5000:]

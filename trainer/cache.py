@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.data import BadImage
 from pipeline.shards import ShardMismatch, check_metadata, check_shard, read_manifest
 from seacore.files import atomic_path
-from seacore.storage import Location, resolve
+from seacore.storage import Location, cache_folder, resolve
 
 
 class FileCache:
@@ -34,7 +33,7 @@ class FileCache:
     (each copy is written under a temporary name and renamed, so readers never see half)."""
 
     def __init__(self, folder: str | None, limit_gb: float, key: str):
-        base = Path(folder) if folder else Path(tempfile.gettempdir()) / "sea-cache"
+        base = cache_folder(folder)
         # one subfolder per source (a label run, a tar folder): names cannot collide
         self.dir = base / hashlib.sha256(key.encode()).hexdigest()[:16]
         self.limit = int(limit_gb * (1 << 30))

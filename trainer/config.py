@@ -42,7 +42,8 @@ class DataConfig:
     shards: str | None = doc("shards/llava-pretrain-vitl336", "label run dir or bucket prefix "
                                                              "(null: no labels, lambda must be 0)")
     cache_dir: str | None = doc(None, "local folder for label shards and tars read from a bucket "
-                                      "(default: <system temp>/sea-cache); shared by a node's ranks")
+                                      "and the JSON converted for reading (default: $SEA_CACHE/data, else "
+                                      "<system temp>/sea-cache); shared by a node's ranks")
     cache_limit_gb: float = doc(20.0, "bound on that folder, least recently used evicted first")
     max_length: int = doc(2048, "tokens per sample, image tokens included")
     truncation: str = doc("drop", "when image tokens would not fit: drop (skip, counted) | error")

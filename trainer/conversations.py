@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pyarrow as pa
 
 from pipeline.data import normalize_path, read_json_list
 from seacore.files import atomic_path
-from seacore.storage import resolve
+from seacore.storage import cache_folder, resolve
 
 VERSION = 1
 
@@ -41,8 +40,7 @@ def _cache_file(url: str, cache_dir: str | None) -> Path:
     info = resolve(url).info()
     mtime = info.mtime_ns if info.mtime_ns is not None else 0
     key = hashlib.sha256(f"{VERSION}|{url}|{info.size}|{mtime}".encode()).hexdigest()[:16]
-    base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "sea-cache"
-    return base / f"conversations-{key}.arrow"
+    return cache_folder(cache_dir) / f"conversations-{key}.arrow"
 
 
 def _convert(url: str, dst: Path) -> None:
