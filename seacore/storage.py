@@ -23,6 +23,7 @@ import contextlib
 import fnmatch
 import os
 import posixpath
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,6 @@ class Location:
         result before anything refers to it."""
         if self.local:
             with atomic_path(self.path) as tmp:
-                import shutil
-
                 shutil.copyfile(src, tmp)
             return
         pafs.copy_files(os.fspath(src), self.path, source_filesystem=_LOCAL,
@@ -185,7 +184,10 @@ class Location:
 
     def delete(self) -> None:
         if self.local:
-            Path(self.path).unlink(missing_ok=True)
+            if os.path.isdir(self.path):
+                shutil.rmtree(self.path)
+            else:
+                Path(self.path).unlink(missing_ok=True)
             return
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self.path)

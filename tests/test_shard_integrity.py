@@ -140,3 +140,26 @@ def test_trainer_refuses_a_shard_from_another_run(pretrain_cfg, label_run, extra
     _rewrite(out, 1, lambda t: t)  # re-sealed: the checksum alone cannot see it
     with pytest.raises(shards.ShardMismatch, match=r"shard-000001.parquet.*'top_n' is 5"):
         train(pretrain_cfg(f"data.shards={out}"), "pretrain")
+
+
+def test_a_node_hashes_each_shard_once_and_again_when_the_file_changes(label_run, tmp_path):
+    """The trainer's first read of a shard hashes it and leaves a marker in the node's cache
+    folder (by path, size, mtime): the node's other processes trust it; a file rewritten since
+    (another mtime) is hashed again, and an altered one refused."""
+    import os
+
+    from trainer.cache import LabelFiles
+
+    out = _copy(label_run, tmp_path)
+    cache = tmp_path / "cache"
+    LabelFiles(str(out), cache_dir=str(cache)).read_row_group(1, 0)
+    assert len(list((cache / "verified").iterdir())) == 1
+    victim = out / shards.shard_name(1)
+    st = victim.stat()
+    _flip_bit(victim)
+    with pytest.raises(shards.ShardMismatch, match=r"shard-000001.parquet.*sha256"):
+        LabelFiles(str(out), cache_dir=str(cache)).read_row_group(1, 0)
+    # the same bytes with the old mtime restored pass for the file the node already hashed:
+    # the documented trade (a node hashes once; run.verify-style rereads are the extractor's)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert LabelFiles(str(out), cache_dir=str(cache)).read_row_group(1, 0).num_rows > 0

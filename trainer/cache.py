@@ -90,6 +90,9 @@ class LabelFiles:
         self.entries = manifest["shards"]
         self.cache = None if self.root.local else FileCache(cache_dir, cache_limit_gb, shards)
         self._checked: set[int] = set()  # shards this process has verified
+        # shards this node has verified, by (file, size, mtime, recorded sha256): a node's
+        # ranks and loader workers hash each shard once, not once each
+        self._verified = cache_folder(cache_dir) / "verified"
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -117,6 +120,18 @@ class LabelFiles:
     def read_row_group(self, i: int, g: int) -> pa.Table:
         return self._parquet(i, check=True).read_row_group(g)
 
+    def _check(self, local: Path, entry: dict) -> None:
+        """``check_shard`` once per node: a marker named by the file's path, size, mtime and
+        recorded sha256 says this node hashed it (a file rewritten since has another mtime)."""
+        st = local.stat()
+        key = f"{os.path.realpath(local)}|{st.st_size}|{st.st_mtime_ns}|{entry.get('sha256')}"
+        marker = self._verified / hashlib.sha256(key.encode()).hexdigest()[:32]
+        if marker.exists():
+            return
+        check_shard(local, entry, self.meta, rerun=self.url)
+        self._verified.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
     def _parquet(self, i: int, check: bool) -> pq.ParquetFile:
         entry = self.entries[i]
         loc = self.root.child(entry["name"])
@@ -128,7 +143,7 @@ class LabelFiles:
             return pq.ParquetFile(loc.fs.open_input_file(loc.path))
         if check and i not in self._checked:
             try:
-                check_shard(local, entry, self.meta, rerun=self.url)
+                self._check(local, entry)
             except ShardMismatch as e:
                 if self.cache is None:
                     raise
