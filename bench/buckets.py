@@ -1,8 +1,8 @@
 """Issue 35's figures: extraction reading from and writing to a local S3 endpoint against
 local disk, and the trainer's start-up for 1x and 10x the label shards.
 
-The S3 endpoint is moto's server mode on 127.0.0.1 (as in the tests; the bench starts its
-own and stops it): it measures our storage path (requests, uploads, read-back), not a
+The S3 endpoint is moto's server mode on 127.0.0.1 (tests/s3server.py, as in the tests; the
+bench starts its own and stops it): it measures our storage path (requests, uploads, read-back), not a
 cloud's network, which is said beside the figure.
 """
 
@@ -12,48 +12,15 @@ import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-
-@contextmanager
-def moto_endpoint():
-    """moto's S3 server on a free local port, the AWS_* variables pointing at it."""
-    moto = Path(sys.executable).with_name("moto_server")
-    if not moto.exists():
-        raise RuntimeError("moto_server not found: pip install -e '.[dev]' (make bench does)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from s3server import moto_endpoint  # noqa: E402  (test-only: moto is a dev extra)
 
 
 def _upload(client, bucket: str, prefix: str, folder: Path) -> None:

@@ -168,48 +168,14 @@ def finetune_cfg(tiny_clip, tiny_llm, sample, instruct_json, tmp_path):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 endpoint on 127.0.0.1: moto's server mode in a subprocess, reached over HTTP
-    by pyarrow's S3 client (our code) and boto3 (the tests' own setup and checks). Nothing is
-    patched. Started on a free port, stopped (with its whole process group) after the session."""
-    import shutil
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
+    """A real S3 endpoint on 127.0.0.1 (tests/s3server.py), reached over HTTP by pyarrow's S3
+    client (our code) and boto3 (the tests' own setup and checks), for the whole session."""
+    from s3server import moto_endpoint, moto_server_path
 
-    if shutil.which("moto_server", path=os.path.dirname(sys.executable)) is None:
+    if moto_server_path() is None:
         pytest.skip("moto[server] is not installed (make test installs the dev extras)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
-                             "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # pyarrow's client, and every subprocess (Ray workers too), read these
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("moto_server did not start")
+    with moto_endpoint() as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
