@@ -321,3 +321,27 @@ def test_submit_passes_the_bucket_endpoint_and_never_the_keys(monkeypatch):
     cmd = submit_command("http://head:8265", None, ["run.output=s3://b/x"], env_vars=env)
     runtime = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
     assert runtime["env_vars"] == env and "secret" not in " ".join(cmd)
+
+
+def test_the_cache_evicts_the_least_recently_used_and_keeps_each_copys_mtime(tmp_path):
+    """The bucket cache's LRU runs on access times; a copy's mtime stays its download's, since
+    it names the node's verification marker (a touched copy is not hashed again)."""
+    from seacore.storage import resolve
+    from trainer.cache import FileCache
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in "abc":
+        (src / name).write_bytes(name.encode() * 100)
+    cache = FileCache(str(tmp_path / "cache"), 250 / (1 << 30), "key")
+    a = cache.get(resolve(str(src / "a")), 100)
+    mtime = a.stat().st_mtime_ns
+    time.sleep(0.01)
+    cache.get(resolve(str(src / "b")), 100)
+    time.sleep(0.01)
+    assert cache.get(resolve(str(src / "a")), 100) == a and a.stat().st_mtime_ns == mtime
+    time.sleep(0.01)
+    cache.get(resolve(str(src / "c")), 100)  # 300 bytes > 250: the least recently used goes
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["a", "c"]
+    with pytest.raises(ValueError, match="data.cache_limit_gb"):
+        FileCache(str(tmp_path / "small"), 50 / (1 << 30), "k").get(resolve(str(src / "a")), 100)

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import shards
 from pipeline.extract import run_local
-from trainer.train import train
+from trainer.train import build, train
 
 
 def _flip_bit(path, at=None):
@@ -163,3 +163,10 @@ def test_a_node_hashes_each_shard_once_and_again_when_the_file_changes(label_run
     # the documented trade (a node hashes once; run.verify-style rereads are the extractor's)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert LabelFiles(str(out), cache_dir=str(cache)).read_row_group(1, 0).num_rows > 0
+
+
+def test_a_shard_missing_from_the_run_is_named_at_start_up(pretrain_cfg, label_run, tmp_path):
+    out = _copy(label_run, tmp_path)
+    (out / shards.shard_name(1)).unlink()
+    with pytest.raises(shards.ShardMismatch, match=r"shard-000001.parquet: file missing.*rerun"):
+        build(pretrain_cfg(f"data.shards={out}"), "pretrain")

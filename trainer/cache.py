@@ -16,6 +16,7 @@ import hashlib
 import os
 import tarfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -44,8 +45,11 @@ class FileCache:
         dst = self.dir / loc.name
         with self._lock:
             try:
-                if size is None or dst.stat().st_size == size:
-                    os.utime(dst)  # recently used: evicted last
+                st = dst.stat()
+                if size is None or st.st_size == size:
+                    # recently used: evicted last. The access time carries it; the mtime stays
+                    # the download's (it keys the node's verification marker, LabelFiles._check)
+                    os.utime(dst, ns=(time.time_ns(), st.st_mtime_ns))
                     return dst
             except FileNotFoundError:
                 pass
@@ -68,7 +72,7 @@ class FileCache:
                 st = p.stat()
             except FileNotFoundError:
                 continue  # evicted by another process meanwhile
-            files.append((st.st_mtime, st.st_size, p))
+            files.append((st.st_atime, st.st_size, p))
         used = sum(s for _, s, _ in files)
         for _, s, p in sorted(files):
             if used + need <= self.limit:
@@ -120,6 +124,10 @@ class LabelFiles:
     def read_row_group(self, i: int, g: int) -> pa.Table:
         return self._parquet(i, check=True).read_row_group(g)
 
+    def _missing(self, i: int) -> ShardMismatch:
+        return ShardMismatch(f"{self.name(i)}: file missing (the manifest lists it); rerun the "
+                             f"extraction into {self.url} (it redoes missing shards)")
+
     def _check(self, local: Path, entry: dict) -> None:
         """``check_shard`` once per node: a marker named by the file's path, size, mtime and
         recorded sha256 says this node hashed it (a file rewritten since has another mtime)."""
@@ -135,27 +143,33 @@ class LabelFiles:
     def _parquet(self, i: int, check: bool) -> pq.ParquetFile:
         entry = self.entries[i]
         loc = self.root.child(entry["name"])
-        if self.cache is None:
-            local = Path(loc.path)
-        elif check or i in self._checked:
-            local = self.cache.get(loc, entry.get("bytes"))
-        else:  # layout only: a ranged read of the object, no copy
-            return pq.ParquetFile(loc.fs.open_input_file(loc.path))
-        if check and i not in self._checked:
+        if self.cache is not None and not check and i not in self._checked:
+            try:  # layout only: ranged reads of the object
+                return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+            except FileNotFoundError:
+                raise self._missing(i) from None
+        for attempt in range(3):  # another process of the node may evict the copy meanwhile
+            local = Path(loc.path) if self.cache is None else self.cache.get(loc, entry.get("bytes"))
             try:
-                self._check(local, entry)
-            except ShardMismatch as e:
+                if check and i not in self._checked:
+                    try:
+                        self._check(local, entry)
+                    except ShardMismatch as e:
+                        if self.cache is None:
+                            raise
+                        local.unlink(missing_ok=True)  # fetched again by the next try
+                        raise ShardMismatch(f"{loc} (as copied to {local}): {e}") from None
+                    self._checked.add(i)
+                # opened now: a copy evicted after this keeps reading through the open handle
+                return pq.ParquetFile(local)
+            except FileNotFoundError:
                 if self.cache is None:
+                    raise self._missing(i) from None
+                if attempt == 2:
                     raise
-                local.unlink(missing_ok=True)  # fetched again by the next try
-                raise ShardMismatch(f"{loc} (as copied to {local}): {e}") from None
-            self._checked.add(i)
-        try:
-            return pq.ParquetFile(local)
-        except FileNotFoundError:  # evicted by another worker between the check and the open
-            return pq.ParquetFile(self.cache.get(loc, entry.get("bytes")))
-        except (OSError, pa.ArrowInvalid) as e:
-            raise ShardMismatch(f"{self.name(i)}: not readable as Parquet: {e}") from None
+            except (OSError, pa.ArrowInvalid) as e:
+                raise ShardMismatch(f"{self.name(i)}: not readable as Parquet: {e}") from None
+        raise AssertionError("unreachable")
 
 
 class TarImages:
