@@ -28,7 +28,8 @@ class EncoderConfig:
     model: str = doc("ViT-L-14-336", "open_clip model name, local-dir:/path, hf-hub:org/repo, or "
                                      "hf-clip:<transformers CLIP id or folder>")
     pretrained: str | None = doc("openai", "pretrained tag (looked up in the HF cache) or a "
-                                           "checkpoint file path")
+                                           "checkpoint file: a path, or a URL (copied once per "
+                                           "node into $SEA_CACHE/data or <tmp>/sea-cache)")
     allow_download: bool = doc(False, "let open_clip download missing weights")
     cache_dir: str | None = doc(None, "Hugging Face cache dir for weights (default: HF_HOME)")
 

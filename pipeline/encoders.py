@@ -15,6 +15,7 @@ import torch
 
 from pipeline.dense import image_size_of
 from pipeline.weights import WeightsNotFound, file_sha256  # noqa: F401 (the public names)
+from seacore.storage import fetch, is_url
 
 
 @dataclass
@@ -97,6 +98,11 @@ def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
         return None, "hf-hub", {}
     if not pretrained:
         return None, "random", {}
+    if is_url(pretrained):  # a checkpoint file in a bucket: copied once per node, then a file
+        try:
+            return str(fetch(pretrained)), "file", {}
+        except FileNotFoundError:
+            raise WeightsNotFound(f"{section}.pretrained: {pretrained} does not exist") from None
     if os.path.isfile(pretrained):
         return pretrained, "file", {}
     cfg = open_clip.get_pretrained_cfg(model, pretrained)

@@ -211,6 +211,26 @@ def cache_folder(folder: str | None) -> Path:
     return Path(tempfile.gettempdir()) / "sea-cache"
 
 
+def fetch(url: str, folder: str | None = None) -> Path:
+    """A local copy of the file at ``url`` (a tower checkpoint in a bucket, say), downloaded
+    once into ``cache_folder(folder)/files`` and reused while the object keeps its size; a
+    local path is returned as it is."""
+    loc = resolve(url)
+    if loc.local:
+        return Path(loc.path)
+    size = loc.size()
+    if size is None:
+        raise FileNotFoundError(f"{url} does not exist")
+    import hashlib
+
+    dst = cache_folder(folder) / "files" / hashlib.sha256(loc.url.encode()).hexdigest()[:16] / loc.name
+    if not (dst.is_file() and dst.stat().st_size == size):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            loc.download(tmp)
+    return dst
+
+
 def _remote_fs(url: str) -> tuple[pafs.FileSystem, str]:
     parts = urlsplit(url)
     key = (parts.scheme, parts.netloc, parts.query)

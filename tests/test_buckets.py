@@ -345,3 +345,33 @@ def test_the_cache_evicts_the_least_recently_used_and_keeps_each_copys_mtime(tmp
     assert sorted(p.name for p in cache.dir.iterdir()) == ["a", "c"]
     with pytest.raises(ValueError, match="data.cache_limit_gb"):
         FileCache(str(tmp_path / "small"), 50 / (1 << 30), "k").get(resolve(str(src / "a")), 100)
+
+
+def test_a_tower_checkpoint_in_a_bucket_loads_like_the_file(bucket, tiny_clip, tmp_path, monkeypatch):
+    """encoder.pretrained / vision.pretrained as a URL: copied once into the node's cache,
+    then loaded as the file (same weights, same recorded sha256); a missing object is
+    WeightsNotFound naming the key. The tiny CLIP's architecture is registered with open_clip
+    under a name of its own (as a built-in one is), its weights file put in the bucket."""
+    import open_clip
+    import torch
+
+    from pipeline.encoders import load_encoder
+    from pipeline.weights import WeightsNotFound
+
+    name, client = bucket
+    monkeypatch.setenv("SEA_CACHE", str(tmp_path / "cache"))
+    folder = Path(tiny_clip.split(":", 1)[1])
+    arch = tmp_path / "sea-tiny-bucket-test.json"
+    arch.write_text(json.dumps(json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]))
+    open_clip.add_model_config(arch)
+    weights = folder / "open_clip_model.safetensors"
+    client.upload_file(str(weights), name, "weights/tiny.safetensors")
+    remote = load_encoder("sea-tiny-bucket-test", f"s3://{name}/weights/tiny.safetensors")
+    local = load_encoder("sea-tiny-bucket-test", str(weights))
+    assert remote.weights_tag == local.weights_tag == "file"
+    assert remote.identity()["weights_sha256"] == local.identity()["weights_sha256"]
+    for a, b in zip(remote.model.state_dict().values(), local.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert len(list((tmp_path / "cache").rglob("tiny.safetensors"))) == 1
+    with pytest.raises(WeightsNotFound, match=r"encoder.pretrained: s3://.*/nothing.pt does not exist"):
+        load_encoder("sea-tiny-bucket-test", f"s3://{name}/weights/nothing.pt")

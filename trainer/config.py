@@ -11,7 +11,8 @@ from seacore.config import ConfigError, doc
 class VisionConfig:
     model: str = doc("ViT-L-14-336", "the tower that made the labels: open_clip name, local-dir:/path "
                                      "or hf-clip:<transformers CLIP id or folder>")
-    pretrained: str | None = doc("openai", "pretrained tag or checkpoint file")
+    pretrained: str | None = doc("openai", "pretrained tag or checkpoint file (a path or a URL, as "
+                                           "encoder.pretrained)")
     cache_dir: str | None = doc(None, "Hugging Face cache dir for the weights")
     feature_layer: int = doc(-2, "hidden layer fed to the adapter (-2: LLaVA's penultimate)")
     s2_scales: list[int] = doc([], "S2-Wrapper image sizes, base first (e.g. [336, 672, 1008]); "
