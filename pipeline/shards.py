@@ -215,8 +215,9 @@ def list_done(out_dir: str | Path | Location, verify: bool | str = False) -> dic
     ``verify=True`` / ``"all"`` the recorded sha256 too (reads every shard)."""
     out = resolve(out_dir)
     done = {}
-    present = set(out.names("shard-*.parquet"))
-    for name in out.names("shard-*.done"):
+    names = out.names("shard-*")  # one listing
+    present = {n for n in names if n.endswith(".parquet")}
+    for name in (n for n in names if n.endswith(".done")):
         index = int(name.split("-")[1].split(".")[0])
         try:
             content = json.loads(out.child(name).read_text())

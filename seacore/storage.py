@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import os
 import posixpath
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -211,24 +213,70 @@ def cache_folder(folder: str | None) -> Path:
     return Path(tempfile.gettempdir()) / "sea-cache"
 
 
+class FileCache:
+    """A folder of whole copies of remote files, shared by the processes of a node (each copy
+    written under a temporary name and renamed, so readers never see half), bounded to
+    ``limit_gb`` by evicting the least recently used (unbounded with None)."""
+
+    def __init__(self, folder: str | None, limit_gb: float | None, key: str):
+        # one subfolder per source (a label run, a tar folder, a weights URL): no collisions
+        self.dir = cache_folder(folder) / hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.limit = None if limit_gb is None else int(limit_gb * (1 << 30))
+        self._lock = threading.Lock()
+
+    def get(self, loc: Location, size: int | None) -> Path:
+        """A local copy of ``loc`` (downloaded when absent or of another size)."""
+        dst = self.dir / loc.name
+        with self._lock:
+            try:
+                st = dst.stat()
+                if size is None or st.st_size == size:
+                    # recently used: evicted last. The access time carries it; the mtime stays
+                    # the download's (it keys the node's verification marker, LabelFiles._check)
+                    os.utime(dst, ns=(time.time_ns(), st.st_mtime_ns))
+                    return dst
+            except FileNotFoundError:
+                pass
+            if self.limit is not None and size is not None and size > self.limit:
+                raise ValueError(f"{loc} is {size / (1 << 30):.2f} GB, more than "
+                                 f"data.cache_limit_gb={self.limit / (1 << 30):g} holds; raise it "
+                                 f"(two shards or tars per loader worker is ample)")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.limit is not None:
+                self._evict(need=size or 0, keep=dst.name)
+            with atomic_path(dst) as tmp:
+                loc.download(tmp)
+            return dst
+
+    def _evict(self, need: int, keep: str) -> None:
+        files = []
+        for p in self.dir.iterdir():
+            if p.name.startswith(".") or p.name == keep:
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue  # evicted by another process meanwhile
+            files.append((st.st_atime, st.st_size, p))
+        used = sum(s for _, s, _ in files)
+        for _, s, p in sorted(files):
+            if used + need <= self.limit:
+                break
+            p.unlink(missing_ok=True)  # a reader holding it open keeps reading (POSIX)
+            used -= s
+
+
 def fetch(url: str, folder: str | None = None) -> Path:
     """A local copy of the file at ``url`` (a tower checkpoint in a bucket, say), downloaded
-    once into ``cache_folder(folder)/files`` and reused while the object keeps its size; a
-    local path is returned as it is."""
+    once into the cache folder and reused while the object keeps its size; a local path is
+    returned as it is."""
     loc = resolve(url)
     if loc.local:
         return Path(loc.path)
     size = loc.size()
     if size is None:
         raise FileNotFoundError(f"{url} does not exist")
-    import hashlib
-
-    dst = cache_folder(folder) / "files" / hashlib.sha256(loc.url.encode()).hexdigest()[:16] / loc.name
-    if not (dst.is_file() and dst.stat().st_size == size):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dst) as tmp:
-            loc.download(tmp)
-    return dst
+    return FileCache(folder, None, loc.url).get(loc, size)
 
 
 def _remote_fs(url: str) -> tuple[pafs.FileSystem, str]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,60 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data import BadImage
 from pipeline.shards import ShardMismatch, check_metadata, check_shard, read_manifest
-from seacore.files import atomic_path
-from seacore.storage import Location, cache_folder, resolve
-
-
-class FileCache:
-    """A bounded folder of whole copies of remote files, shared by the processes of a node
-    (each copy is written under a temporary name and renamed, so readers never see half)."""
-
-    def __init__(self, folder: str | None, limit_gb: float, key: str):
-        base = cache_folder(folder)
-        # one subfolder per source (a label run, a tar folder): names cannot collide
-        self.dir = base / hashlib.sha256(key.encode()).hexdigest()[:16]
-        self.limit = int(limit_gb * (1 << 30))
-        self._lock = threading.Lock()
-
-    def get(self, loc: Location, size: int | None) -> Path:
-        """A local copy of ``loc`` (downloaded when absent or of another size)."""
-        dst = self.dir / loc.name
-        with self._lock:
-            try:
-                st = dst.stat()
-                if size is None or st.st_size == size:
-                    # recently used: evicted last. The access time carries it; the mtime stays
-                    # the download's (it keys the node's verification marker, LabelFiles._check)
-                    os.utime(dst, ns=(time.time_ns(), st.st_mtime_ns))
-                    return dst
-            except FileNotFoundError:
-                pass
-            if size is not None and size > self.limit:
-                raise ValueError(f"{loc} is {size / (1 << 30):.2f} GB, more than "
-                                 f"data.cache_limit_gb={self.limit / (1 << 30):g} holds; raise it "
-                                 f"(two shards or tars per loader worker is ample)")
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._evict(need=size or 0, keep=dst.name)
-            with atomic_path(dst) as tmp:
-                loc.download(tmp)
-            return dst
-
-    def _evict(self, need: int, keep: str) -> None:
-        files = []
-        for p in self.dir.iterdir():
-            if p.name.startswith(".") or p.name == keep:
-                continue
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue  # evicted by another process meanwhile
-            files.append((st.st_atime, st.st_size, p))
-        used = sum(s for _, s, _ in files)
-        for _, s, p in sorted(files):
-            if used + need <= self.limit:
-                break
-            p.unlink(missing_ok=True)  # a reader holding it open keeps reading (POSIX)
-            used -= s
+from seacore.storage import FileCache, Location, cache_folder, resolve
 
 
 class LabelFiles:
