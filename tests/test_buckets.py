@@ -326,8 +326,7 @@ def test_submit_passes_the_bucket_endpoint_and_never_the_keys(monkeypatch):
 def test_the_cache_evicts_the_least_recently_used_and_keeps_each_copys_mtime(tmp_path):
     """The bucket cache's LRU runs on access times; a copy's mtime stays its download's, since
     it names the node's verification marker (a touched copy is not hashed again)."""
-    from seacore.storage import resolve
-    from seacore.storage import FileCache
+    from seacore.storage import FileCache, resolve
 
     src = tmp_path / "src"
     src.mkdir()
