@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     ga.add_argument("--image-root", default=None, help="default: the run's input.image_root")
     ga.add_argument("--wordlist", default=None, help="the run's word list (default: found by hash)")
     tiny = sub.add_parser("tiny", help="save a tiny random encoder as an open_clip local dir")
-    tiny.add_argument("kind", choices=["clip", "siglip", "vitb16"])
+    tiny.add_argument("kind", choices=["clip", "vitb16"])
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     return p

@@ -86,9 +86,6 @@ def resolve_checkpoint(model: str, pretrained: str | None, allow_download: bool,
     built-in config says GELU; we build the model the way its weights were trained."""
     import open_clip
 
-    from pipeline import tiny
-
-    tiny.register_if_needed(model)  # a local dir naming the tiny timm trunk needs it registered
     if model.startswith("local-dir:"):
         return None, "local-dir", {}
     if model.startswith("hf-hub:"):

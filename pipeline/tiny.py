@@ -43,19 +43,12 @@ CONFIGS = {
 }
 
 
-def register_if_needed(model: str) -> None:
-    """Register the tiny timm trunk with timm before open_clip asks for it by name.
-
-    Done lazily (not at import) so importing the package has no side effects.
-    """
-    if not model.startswith("local-dir:"):
-        return
-    cfg_path = Path(model[len("local-dir:"):]) / "open_clip_config.json"
-    if cfg_path.is_file() and TINY_TIMM_NAME in cfg_path.read_text():
-        _register_timm()
-
-
-def _register_timm() -> None:
+def register_tiny_siglip() -> None:
+    """Register the tiny SigLIP-style timm trunk with timm, in this process, before open_clip
+    asks for it by name. Test-only: the tests call it where they build or load that model
+    (tests/conftest.py); the product's weight resolver knows nothing of it (issue 36), so the
+    tiny SigLIP is not offered by ``python -m pipeline tiny``. Not done at import: importing
+    the package has no side effects."""
     import timm
     from timm.models import register_model
     from timm.models.vision_transformer import VisionTransformer
@@ -91,7 +84,7 @@ def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> str:
         return spec
     cfg = json.loads(json.dumps(CONFIGS[kind]))
     if kind == "siglip":
-        _register_timm()
+        register_tiny_siglip()
     out.mkdir(parents=True, exist_ok=True)
     name = f"tiny-{kind}-seed{seed}"
     (out / "open_clip_config.json").write_text(json.dumps({

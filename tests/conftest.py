@@ -28,9 +28,13 @@ def tiny_clip(workdir):
 
 @pytest.fixture(scope="session")
 def tiny_siglip(workdir):
-    from pipeline.tiny import save_tiny
+    """The tiny SigLIP-style tower; its timm trunk is registered in this process (test-only:
+    the product's resolver does not know it)."""
+    from pipeline.tiny import register_tiny_siglip, save_tiny
 
-    return save_tiny("siglip", workdir / "tiny-siglip", seed=0)
+    spec = save_tiny("siglip", workdir / "tiny-siglip", seed=0)
+    register_tiny_siglip()  # save_tiny reuses an existing folder without building
+    return spec
 
 
 @pytest.fixture(scope="session")

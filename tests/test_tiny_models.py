@@ -90,3 +90,18 @@ def test_pretrained_tag_loads_from_hf_cache_with_the_tags_settings(tiny_clip, tm
     assert tuple(norm.mean) == (0.5, 0.5, 0.5) and tuple(norm.std) == (0.25, 0.25, 0.25)
     with pytest.raises(WeightsNotFound, match="sea-test/tiny-tagged"):
         load_encoder("sea-tiny-tagged", "faketag", cache_dir=str(tmp_path / "empty"))
+
+
+def test_the_weight_resolver_carries_no_test_models():
+    """Issue 36: the product's resolver does not import the tiny test models (it used to
+    register the tiny SigLIP trunk on every load); only the tests register it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.encoders import resolve_checkpoint; "
+            "resolve_checkpoint('local-dir:/nonexistent', None, False); "
+            "resolve_checkpoint('ViT-B-32', None, False); "
+            "print('pipeline.tiny' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
