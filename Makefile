@@ -74,7 +74,7 @@ paper: $(STAMP) ## one row of the paper (Tables 1-3): ROW=... DATA=/datasets NPR
 	@test -n "$(ROW)" || { $(PY) -m paper list; echo "set ROW=<one of the rows above>"; exit 2; }
 	$(PY) -m paper run $(ROW) --data-root $(or $(DATA),data) --nproc $(NPROC) $(ARGS)
 
-bench: $(DEV) ## benchmarks (about 25 min on 2 cores) -> BENCHMARKS.md and bench/results.json
+bench: $(DEV) ## benchmarks (about 16 + 8 min on 2 cores) -> BENCHMARKS.md and bench/results.json
 	$(PY) bench/bench.py
 
 clean: ## remove demo output and caches (keeps .venv)

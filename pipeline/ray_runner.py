@@ -268,7 +268,7 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
         bar = tqdm(total=todo_images, desc=f"labelling ({n_actors} actor(s))", unit="img",
                    disable=not cfg.run.progress)
         queue = deque(plan.todo)
-        inflight: dict = {}  # ref -> (actor index, images)
+        inflight: dict = {}  # ref -> actor index
         load = [0] * n_actors
         finished: list[tuple[int, float]] = []
         t0 = time.perf_counter()
@@ -278,11 +278,11 @@ def _run_ray(cfg: ExtractConfig, records: list) -> dict:
                     index = queue.popleft()
                     recs = plan.chunk_records(index)
                     ref = actors[a].label_chunk.remote(index, recs, plan.out_dir, metadata)
-                    inflight[ref] = (a, plan.chunk_images(index))
+                    inflight[ref] = a
                     load[a] += 1
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             for ref in done:
-                a, n = inflight.pop(ref)
+                a = inflight.pop(ref)
                 load[a] -= 1
                 marker = ray.get(ref)  # re-raises a chunk that failed after Ray's retries
                 finished.append((marker["rows"] + marker["errors"], time.perf_counter() - entry))

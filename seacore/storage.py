@@ -68,9 +68,6 @@ class Location:
     def __str__(self) -> str:
         return self.url
 
-    def __truediv__(self, rel: str) -> Location:
-        return self.child(rel)
-
     def child(self, *parts: str) -> Location:
         rel = "/".join(p.strip("/") for p in parts if p)
         if self.local:
@@ -79,11 +76,6 @@ class Location:
         return Location(self.fs, posixpath.join(self.path.rstrip("/"), rel),
                         self.url.rstrip("/") + "/" + rel)
 
-    def as_path(self) -> Path:
-        if not self.local:
-            raise StorageError(f"{self.url} is not on a local filesystem")
-        return Path(self.path)
-
     # --- reading -----------------------------------------------------------------------------
 
     def info(self) -> pafs.FileInfo:
@@ -91,9 +83,6 @@ class Location:
             return self.fs.get_file_info(self.path)
         except OSError as e:
             raise StorageError(f"{self.url}: {e}") from None
-
-    def exists(self) -> bool:
-        return self.info().type != pafs.FileType.NotFound
 
     def is_file(self) -> bool:
         return self.info().type == pafs.FileType.File

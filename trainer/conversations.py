@@ -102,9 +102,6 @@ class Conversations:
     def item(self, i: int) -> dict:
         return json.loads(self._json[i].as_py())
 
-    def image(self, i: int) -> str | None:
-        return self._image[i].as_py() or None
-
     def images(self) -> list[str]:
         """Every entry's normalised image path ("" for a text-only entry)."""
         return self._image.to_pylist()
